@@ -1,0 +1,155 @@
+"""The config schema every experiment file fills in, and its validation.
+
+Experiment files under `configs/` build on `base_config()` and change values;
+`validate` rejects any key the schema does not know, naming it, so a typo in a
+config file or a `--config.x.y=` override never passes silently.
+"""
+
+import ml_collections
+
+DEFAULT_STRENGTHS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def parse_arg(arg, **defaults):
+  """Returns a ConfigDict of `defaults` updated from "k=v,k2=v2" in `arg`.
+
+  Values are converted to the type of the default; a bare key sets a boolean
+  default to True (so `:runlocal` works like `:runlocal=True`).
+  """
+  parsed = ml_collections.ConfigDict(dict(defaults))
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(
+          f"unknown config argument {key!r}; known: {sorted(defaults)}")
+    default = defaults[key]
+    if isinstance(default, bool):
+      parsed[key] = value.lower() in ("", "1", "true", "yes")
+    elif default is None:
+      parsed[key] = value
+    else:
+      parsed[key] = type(default)(value)
+  return parsed
+
+
+def base_config():
+  """Returns the full schema with defaults: every key a config may set."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.mesh = dict(shape=(-1,), multi_host=False)
+
+  c.data = dict(
+      name="digits_lt",        # digits_lt | cifar100_lt | tfds | imagenet_lt | iwildcam
+      tfds_name="",            # for name=tfds (imagenet2012, i_naturalist2018, ...)
+      data_dir="",             # TFDS data_dir
+      manual_dir="",           # TFDS manual_dir (imagenet2012)
+      root="",                 # image root for file-list datasets
+      train_list="",           # ImageNet-LT style "path label" files
+      val_list="",
+      test_list="",
+      metadata_csv="",         # WILDS iWildCam metadata.csv
+      class_names_file="",     # optional: one class name per line
+      imbalance_ratio=100.0,   # n_max / n_min of the exponential profile
+      max_per_class=0,         # n_max for the LT profile; 0: the largest class
+      val_per_class=0,         # held-out validation images per class
+      image_size=32,           # classifier input size
+      many_threshold=100,      # >= this: Many
+      few_threshold=20,        # < this: Few
+      on_bad_image="error",    # error | skip (skipped files are counted and listed)
+      augment=True,
+      num_workers=0,           # grain worker processes (0: in-process)
+  )
+  c.hard = dict(
+      rule="few_classes",      # few_classes | misclassified
+      classes=(),              # explicit class names; overrides the rule's split
+      prob_quantile=0.0,       # misclassified: also mark true-class prob below this quantile
+  )
+  c.prompts = dict(
+      source="templates",      # templates | file
+      templates=("a photo of a {c}",),
+      descriptions_file="",    # JSON {class: [descriptions]}
+      description_format="a 8k real photo: {d}",
+  )
+  c.diffusion = dict(
+      model="",                # local dir or hub id; "" with tiny=True builds one
+      tiny=False,              # build a tiny random SD checkpoint into the workdir
+      dtype="float32",         # float32 | bfloat16
+      scheduler="ddim",        # ddim | euler
+      strengths=DEFAULT_STRENGTHS,
+      seeds_per_level=8,
+      num_inference_steps=50,
+      guidance_scale=10.0,
+      negative_prompt="",
+      resolution=0,            # shorter side; 0 keeps the input's own size
+      slots=16,                # jobs in flight per sampler step (global)
+      grid_sources=4,          # sources per class in the spectrum grid
+  )
+  c.score = dict(
+      model="openai/clip-vit-base-patch32",
+      tiny=False,
+      text_template="a photo of {c}",
+      threshold=0.30,
+      batch_size=64,
+      regenerate=False,
+      max_regenerations=3,
+  )
+  c.train = dict(
+      model="resnet32",        # resnet10 | resnet32 | resnet50 | tiny | clip
+      loss="ce",               # ce | balanced_softmax | flyp
+      optimizer="adam",        # adam | adamw | sgd
+      learning_rate=1e-3,
+      weight_decay=1e-5,
+      momentum=0.9,
+      warmup_steps=0,
+      batch_size=128,
+      epochs=65,
+      init_checkpoint="",
+      log_every_steps=50,
+      keep_checkpoints=2,
+  )
+  c.curriculum = dict(
+      schedule="syn_to_real",  # none | syn_to_real | real_to_syn | fixed | all_levels | text_only | random | adaptive
+      levels=(0.1, 0.3, 0.5),  # image guidance lambda = 1 - strength
+      curriculum_epochs=60,
+      nontail_fraction=0.3,
+      signal="prob_gain",      # adaptive: prob_gain | loss_decrease
+      val_sources_per_class=1,
+      phase_epochs=1,
+  )
+  c.eval = dict(batch_size=256)
+  return c
+
+
+def validate(config):
+  """Returns `config` after checking every key against `base_config()`.
+
+  Raises KeyError naming the first unknown key by its full dotted path.
+  """
+  _check_keys(config, base_config(), prefix="")
+  return config
+
+
+def _check_keys(config, schema, prefix):
+  for key in config.keys():
+    path = f"{prefix}{key}"
+    if key not in schema:
+      raise KeyError(
+          f"unknown config key {path!r}; valid keys here: {sorted(schema.keys())}")
+    if isinstance(schema[key], ml_collections.ConfigDict):
+      if not isinstance(config[key], ml_collections.ConfigDict):
+        raise TypeError(f"config key {path!r} must be a section, got {config[key]!r}")
+      _check_keys(config[key], schema[key], prefix=path + ".")
+
+
+def smoke_sized(config):
+  """Returns `config` shrunk in place to a smoke-test size (the `runlocal` arg)."""
+  config.diffusion.seeds_per_level = 1
+  config.diffusion.num_inference_steps = min(config.diffusion.num_inference_steps, 4)
+  config.diffusion.strengths = (0.3, 0.7, 1.0)
+  config.diffusion.slots = 8
+  config.train.epochs = 2
+  config.train.batch_size = 32
+  config.curriculum.curriculum_epochs = 1
+  config.curriculum.levels = (0.3,)
+  config.eval.batch_size = 64
+  return config

@@ -1,0 +1,1 @@
+"""Datasets, long-tail construction, the input pipeline and the spectrum store."""

@@ -1,0 +1,46 @@
+"""Command line: `discl --config=configs/demo.py:ARG --workdir=DIR --stage=all`.
+
+Parses flags and dispatches to the stages; nothing else lives here.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from discl_jax import config as config_lib
+from discl_jax import parallel
+from discl_jax import pipeline
+from discl_jax import stages
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/demo.py:runlocal.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every stage's files.")
+_STAGE = flags.DEFINE_enum(
+    "stage", "all", ("all",) + stages.ORDER, "Which stage to run; all runs them in order.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = config_lib.validate(_CONFIG.value)
+  parallel.initialize(config)
+  names = stages.ORDER if _STAGE.value == "all" else (_STAGE.value,)
+  try:
+    pipeline.run_stages(config, _WORKDIR.value, names)
+  except stages.StageNotImplemented as e:
+    logging.error("%s", e)
+    sys.exit(f"discl: {e}")
+
+
+def run():
+  """Console-script entry point."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
