@@ -153,3 +153,26 @@ def smoke_sized(config):
   config.curriculum.levels = (0.3,)
   config.eval.batch_size = 64
   return config
+
+
+def check_override_flags(argv):
+  """Returns `argv` after checking each `--config.a.b=v` names a schema key.
+
+  Raises KeyError naming the flag and the unknown key, before absl's parser
+  would fail on it with a traceback.
+  """
+  schema = base_config()
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    dotted = arg[len("--config."):].split("=", 1)[0]
+    node, walked = schema, []
+    for part in dotted.split("."):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        where = ".".join(walked) or "the top level"
+        valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        raise KeyError(
+            f"unknown config key {dotted!r} in flag {arg!r}; valid keys at {where}: {valid}")
+      node = node[part]
+      walked.append(part)
+  return argv

@@ -27,7 +27,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = config_lib.validate(_CONFIG.value)
+  try:
+    config = config_lib.validate(_CONFIG.value)
+  except (KeyError, TypeError) as e:
+    filename = config_flags.get_config_filename(flags.FLAGS["config"])
+    sys.exit(f"discl: bad config {filename!r}: {e.args[0]}")
   parallel.initialize(config)
   names = stages.ORDER if _STAGE.value == "all" else (_STAGE.value,)
   try:
@@ -39,6 +43,10 @@ def main(argv):
 
 def run():
   """Console-script entry point."""
+  try:
+    config_lib.check_override_flags(sys.argv[1:])
+  except KeyError as e:
+    sys.exit(f"discl: {e.args[0]}")
   app.run(main)
 
 

@@ -1,0 +1,42 @@
+# CIFAR100-LT with ResNet-32 (DESIGN.md 1.6). Variants pick imbalance, schedule and loss:
+#   discl --config=configs/cifar100_lt.py:ir=100 --workdir=runs/c100lt_ir100
+#   discl --config=configs/cifar100_lt.py:ir=50,schedule=none,loss=balanced_softmax --workdir=runs/c100lt_bs
+#   discl --config=configs/cifar100_lt.py:ir=100,runlocal --workdir=/tmp/smoke
+"""CIFAR100-LT (TFDS cifar100, exponential profile) with a DisCL curriculum."""
+
+from discl_jax import config as config_lib
+
+
+def get_config(arg=None):
+  """Returns the CIFAR100-LT ConfigDict; arg: ir, schedule, loss, sd, runlocal."""
+  arg = config_lib.parse_arg(
+      arg, ir=100, schedule="syn_to_real", loss="ce",
+      sd="stable-diffusion-v1-5/stable-diffusion-v1-5", runlocal=False)
+  c = config_lib.base_config()
+  c.data.name = "cifar100_lt"
+  c.data.imbalance_ratio = float(arg.ir)
+  c.data.max_per_class = 500
+  c.data.val_per_class = 10
+  c.data.image_size = 32
+
+  c.prompts.templates = ("a photo of a {c}", "a blurry photo of a {c}", "a {c} in a natural scene")
+  c.diffusion.model = arg.sd
+  c.diffusion.dtype = "bfloat16"
+  c.diffusion.resolution = 512
+  c.diffusion.slots = 64
+  c.score.threshold = 0.30
+
+  c.train.model = "resnet32"
+  c.train.loss = arg.loss
+  c.train.optimizer = "adam"
+  c.train.learning_rate = 1e-3
+  c.train.weight_decay = 1e-5
+  c.train.batch_size = 128
+  c.train.epochs = 65
+  c.curriculum.schedule = arg.schedule
+  c.curriculum.curriculum_epochs = 60
+
+  if arg.runlocal:
+    config_lib.smoke_sized(c)
+    c.data.max_per_class = 50
+  return c

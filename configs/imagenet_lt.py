@@ -1,0 +1,46 @@
+# ImageNet-LT with ResNet-10, the paper's main long-tail table (DESIGN.md 1.5-1.7).
+# Needs ImageNet images under data.root and the ImageNet-LT split files:
+#   discl --config=configs/imagenet_lt.py --workdir=runs/inlt \
+#     --config.data.root=/data/imagenet --config.data.train_list=/data/ImageNet_LT_train.txt \
+#     --config.data.val_list=/data/ImageNet_LT_val.txt --config.data.test_list=/data/ImageNet_LT_test.txt
+#   variants: :schedule=none (CE baseline), :loss=balanced_softmax, :schedule=adaptive, ...
+"""ImageNet-LT (file lists) with ResNet-10, Adam 1e-3, 65 epochs, 60 curriculum epochs."""
+
+from discl_jax import config as config_lib
+
+
+def get_config(arg=None):
+  """Returns the ImageNet-LT ConfigDict; arg: schedule, loss, sd, runlocal."""
+  arg = config_lib.parse_arg(
+      arg, schedule="syn_to_real", loss="ce",
+      sd="stable-diffusion-v1-5/stable-diffusion-v1-5", runlocal=False)
+  c = config_lib.base_config()
+  c.data.name = "imagenet_lt"
+  c.data.image_size = 224
+  c.data.on_bad_image = "skip"
+  c.data.num_workers = 8
+
+  c.prompts.source = "file"
+  c.prompts.descriptions_file = "prompts/imagenet_lt_descriptions.json"
+  c.prompts.description_format = "a 8k real photo: {d}"
+  c.diffusion.model = arg.sd
+  c.diffusion.dtype = "bfloat16"
+  c.diffusion.resolution = 512
+  c.diffusion.slots = 64
+  c.score.threshold = 0.30
+
+  c.train.model = "resnet10"
+  c.train.loss = arg.loss
+  c.train.optimizer = "adam"
+  c.train.learning_rate = 1e-3
+  c.train.weight_decay = 1e-5
+  c.train.batch_size = 128
+  c.train.epochs = 65
+  c.curriculum.schedule = arg.schedule
+  c.curriculum.levels = (0.1, 0.3, 0.5)
+  c.curriculum.curriculum_epochs = 60
+  c.curriculum.nontail_fraction = 0.3
+
+  if arg.runlocal:
+    config_lib.smoke_sized(c)
+  return c

@@ -1,0 +1,44 @@
+# WILDS iWildCam, the paper's low-quality task (DESIGN.md 1.1, 1.5, 1.6): CLIP ViT-B/16,
+# FLYP fine-tuning, adaptive curriculum. Needs the WILDS layout under data.root:
+#   discl --config=configs/iwildcam.py --workdir=runs/iwildcam \
+#     --config.data.root=/data/iwildcam_v2.0 --config.data.metadata_csv=/data/iwildcam_v2.0/metadata.csv
+"""iWildCam with FLYP-style CLIP fine-tuning and the adaptive (DoCL-style) curriculum."""
+
+from discl_jax import config as config_lib
+
+
+def get_config(arg=None):
+  """Returns the iWildCam ConfigDict; arg: schedule, runlocal."""
+  arg = config_lib.parse_arg(arg, schedule="adaptive", runlocal=False)
+  c = config_lib.base_config()
+  c.data.name = "iwildcam"
+  c.data.image_size = 224
+  c.data.num_workers = 8
+
+  c.hard.rule = "misclassified"
+  c.prompts.templates = ("a photo of {c} in the wild",)
+  c.diffusion.model = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+  c.diffusion.dtype = "bfloat16"
+  c.diffusion.resolution = 272
+  # The reference kept image guidance >= 0.5 for iWildCam.
+  c.diffusion.strengths = (0.1, 0.2, 0.3, 0.4, 0.5)
+  c.diffusion.slots = 64
+  c.score.model = "openai/clip-vit-base-patch32"
+  c.score.text_template = "a photo of {c} in the wild"
+  c.score.threshold = 0.25
+
+  c.train.model = "clip"
+  c.train.loss = "flyp"
+  c.train.optimizer = "adamw"
+  c.train.learning_rate = 1e-5
+  c.train.weight_decay = 0.2
+  c.train.warmup_steps = 500
+  c.train.batch_size = 256
+  c.train.epochs = 20
+  c.curriculum.schedule = arg.schedule
+  c.curriculum.levels = (0.5, 0.6, 0.7, 0.8, 0.9)
+  c.curriculum.curriculum_epochs = 15
+
+  if arg.runlocal:
+    config_lib.smoke_sized(c)
+  return c
