@@ -41,6 +41,7 @@ def base_config():
   c.data = dict(
       name="digits_lt",        # digits_lt | cifar100_lt | tfds | imagenet_lt | iwildcam
       tfds_name="",            # for name=tfds (imagenet2012, i_naturalist2018, ...)
+      tfds_test_split="",      # for name=tfds; "": validation if the dataset has it, else test
       data_dir="",             # TFDS data_dir
       manual_dir="",           # TFDS manual_dir (imagenet2012)
       root="",                 # image root for file-list datasets
@@ -52,10 +53,12 @@ def base_config():
       imbalance_ratio=100.0,   # n_max / n_min of the exponential profile
       max_per_class=0,         # n_max for the LT profile; 0: the largest class
       val_per_class=0,         # held-out validation images per class
+      test_per_class=50,       # digits_lt: held-out balanced test images per class
       image_size=32,           # classifier input size
       many_threshold=100,      # >= this: Many
       few_threshold=20,        # < this: Few
       on_bad_image="error",    # error | skip (skipped files are counted and listed)
+      verify_images="exists",  # file lists at load: exists | header | decode
       augment=True,
       num_workers=0,           # grain worker processes (0: in-process)
   )
@@ -112,6 +115,7 @@ def base_config():
       levels=(0.1, 0.3, 0.5),  # image guidance lambda = 1 - strength
       curriculum_epochs=60,
       nontail_fraction=0.3,
+      tail_share=0.0,          # tail share of each epoch; 0: tail classes / all classes (13.6 % on ImageNet-LT)
       signal="prob_gain",      # adaptive: prob_gain | loss_decrease
       val_sources_per_class=1,
       phase_epochs=1,

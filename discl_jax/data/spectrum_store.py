@@ -1,0 +1,275 @@
+"""The spectrum store: generated images on disk plus append-only manifest shards.
+
+Layout under `root` (= workdir/spectrum):
+
+  {class}/{source}/lambda{L:.2f}_seed{S}.png   one image (L = 1 - strength)
+  manifest-{process:05d}.jsonl                  one row per image, per process
+  scores-{process:05d}.jsonl                    CLIP scores, per process
+  generation.json                               the generation config fingerprint
+
+Each process writes only its own shards and its own image files; readers merge
+all shards. Images are written atomically before their manifest row, so after a
+kill the only possible damage is a file without a row (re-added or removed by
+`reconcile`), a torn last manifest line, or a leftover temp file.
+"""
+
+import io
+import json
+import pathlib
+import re
+
+import jax
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from discl_jax import seeding
+from discl_jax import workdir as wd
+from discl_jax.data import records
+
+GENERATION = "generation.json"
+MANIFEST_GLOB = "manifest-*.jsonl"
+SCORES_GLOB = "scores-*.jsonl"
+ROW_KEYS = ("job_id", "source_id", "label", "class_name", "strength",
+            "image_guidance", "seed", "prompt", "path")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def job_id(source_id, strength, seed):
+  """Returns the id of the job making `source_id` at `strength` with `seed`."""
+  return f"{source_id}|s{float(strength):.3f}|seed{int(seed)}"
+
+
+def image_guidance(strength):
+  """Returns lambda = 1 - strength, rounded to 6 decimals."""
+  return round(1.0 - float(strength), 6)
+
+
+def safe_component(name):
+  """Returns `name` as one safe path component (unsafe characters become "_")."""
+  safe = _UNSAFE.sub("_", str(name)).strip(".")
+  return safe or "_"
+
+
+def relative_path(class_name, source_id, guidance, seed):
+  """Returns the image path of one job, relative to the store root (a str)."""
+  return (f"{safe_component(class_name)}/{safe_component(source_id)}/"
+          f"lambda{float(guidance):.2f}_seed{int(seed)}.png")
+
+
+def make_row(*, source_id, label, class_name, strength, seed, prompt):
+  """Returns the manifest row (dict) of one job, path included."""
+  guidance = image_guidance(strength)
+  return dict(
+      job_id=job_id(source_id, strength, seed), source_id=str(source_id),
+      label=int(label), class_name=str(class_name), strength=float(strength),
+      image_guidance=guidance, seed=int(seed), prompt=str(prompt),
+      path=relative_path(class_name, source_id, guidance, seed))
+
+
+def encode_png(image_uint8):
+  """Returns PNG bytes of a uint8 H x W x 3 array."""
+  image = np.asarray(image_uint8)
+  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+    raise ValueError(
+        f"spectrum images must be uint8 H x W x 3, got {image.dtype} {image.shape}")
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def _canonical(obj):
+  """Returns `obj` as it reads back from JSON (tuples become lists, ...)."""
+  return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def _flatten(obj, prefix=""):
+  if isinstance(obj, dict):
+    flat = {}
+    for key, value in obj.items():
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+  return {prefix[:-1]: obj}
+
+
+class SpectrumStore:
+  """Generated images and their manifest under `root`, seen from one process."""
+
+  def __init__(self, root, process_index=None, process_count=None):
+    self.root = pathlib.Path(root)
+    self.process_index = jax.process_index() if process_index is None else process_index
+    self.process_count = jax.process_count() if process_count is None else process_count
+    self.manifest_path = self.root / f"manifest-{self.process_index:05d}.jsonl"
+    self.scores_path = self.root / f"scores-{self.process_index:05d}.jsonl"
+    self._done = None
+
+  def check_fingerprint(self, generation_config):
+    """Records `generation_config` on first use; returns None.
+
+    Raises ValueError naming every differing key when the store was made by a
+    different generation config.
+    """
+    current = _canonical(generation_config)
+    target = self.root / GENERATION
+    if not target.exists():
+      wd.atomic_write_json(target, current)
+      return
+    try:
+      stored = json.loads(target.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{target} is not valid JSON: {e}") from e
+    old, new = _flatten(stored), _flatten(current)
+    unset = "<unset>"
+    differing = sorted(k for k in old.keys() | new.keys() if old.get(k, unset) != new.get(k, unset))
+    if differing:
+      details = "; ".join(
+          f"{k}: stored {old.get(k, unset)!r}, now {new.get(k, unset)!r}"
+          for k in differing)
+      raise ValueError(
+          f"{self.root} was made by a different generation config "
+          f"(differing key(s): {', '.join(differing)}). {details}. "
+          f"Use a fresh workdir, or restore the config recorded in {target}.")
+
+  def reconcile(self, expected_rows=None):
+    """Makes this process's manifest shard agree with the files; returns counts.
+
+    Drops rows whose image is missing and duplicate rows, repairs a torn last
+    line, re-adds image files without a row when `expected_rows` (rows from
+    `make_row`) names their job and this process owns it, removes other
+    row-less images and leftover temp files that are this process's (all of
+    them when it is the only process). Returns a dict of counts.
+    """
+    self.root.mkdir(parents=True, exist_ok=True)
+    counts = dict(kept=0, dropped_missing=0, dropped_duplicate=0, readded=0,
+                  removed_orphans=0, removed_temp=0, left_foreign=0)
+    raw = self.manifest_path.read_text(encoding="utf-8") if self.manifest_path.exists() else ""
+    own_rows = wd.read_jsonl(self.manifest_path)
+    kept, seen = [], set()
+    for number, row in enumerate(own_rows, start=1):
+      missing = [k for k in ROW_KEYS if k not in row]
+      if missing:
+        raise ValueError(f"{self.manifest_path}: row {number} lacks key(s) {missing}")
+      if row["job_id"] in seen:
+        counts["dropped_duplicate"] += 1
+      elif not (self.root / row["path"]).is_file():
+        counts["dropped_missing"] += 1
+      else:
+        seen.add(row["job_id"])
+        kept.append(row)
+    other_paths = {row["path"] for row in self._other_shard_rows()}
+    expected = {row["path"]: row for row in (expected_rows or ())}
+    recorded = {row["path"] for row in kept} | other_paths
+    for file in sorted(self.root.rglob("*")):
+      if not file.is_file():
+        continue
+      rel = file.relative_to(self.root).as_posix()
+      if file.name.startswith(".") and file.name.endswith(".tmp"):
+        target = file.parent / file.name[1:].rsplit(".", 2)[0]
+        if target in (self.manifest_path, self.scores_path) or self._owns_path(
+            target.relative_to(self.root).as_posix(), expected):
+          file.unlink()
+          counts["removed_temp"] += 1
+        else:
+          counts["left_foreign"] += 1
+        continue
+      if not file.name.endswith(".png") or rel in recorded:
+        continue
+      row = expected.get(rel)
+      if row is not None and self._owns(row["job_id"]) and row["job_id"] not in seen:
+        kept.append(dict(row))
+        seen.add(row["job_id"])
+        counts["readded"] += 1
+      elif self._owns_path(rel, expected):
+        file.unlink()
+        counts["removed_orphans"] += 1
+      else:
+        counts["left_foreign"] += 1
+    counts["kept"] = len(kept)
+    text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in kept)
+    if text != raw:
+      wd.atomic_write_text(self.manifest_path, text)
+    self._done = None
+    if any(counts[k] for k in counts if k != "kept"):
+      logging.info("spectrum store %s reconciled: %s", self.root, counts)
+    return counts
+
+  def done_job_ids(self):
+    """Returns the set of job ids with an image, over every process's shard."""
+    if self._done is None:
+      self._done = {row["job_id"] for row in self._all_manifest_rows()}
+    return set(self._done)
+
+  def add(self, row, image_uint8):
+    """Writes the image atomically, then appends `row` to this process's shard."""
+    missing = [k for k in ROW_KEYS if k not in row]
+    if missing:
+      raise ValueError(f"spectrum row for {row.get('job_id')!r} lacks key(s) {missing}")
+    wd.atomic_write_bytes(self.root / row["path"], encode_png(image_uint8))
+    wd.append_jsonl(self.manifest_path, [row])
+    if self._done is not None:
+      self._done.add(row["job_id"])
+
+  def rows(self):
+    """Returns every manifest row (all shards, one per job id) with scores merged.
+
+    Each row gains clip_text, clip_source and score_error (None when unscored;
+    the last score row of a job wins).
+    """
+    scores = {}
+    for shard in sorted(self.root.glob(SCORES_GLOB)):
+      for score in wd.read_jsonl(shard):
+        scores[score["job_id"]] = score
+    merged = []
+    for row in self._all_manifest_rows():
+      score = scores.get(row["job_id"], {})
+      merged.append(dict(row, clip_text=score.get("clip_text"),
+                         clip_source=score.get("clip_source"),
+                         score_error=score.get("error")))
+    return merged
+
+  def add_scores(self, score_rows):
+    """Appends `score_rows` ({job_id, clip_text, clip_source, error}) to this process's shard."""
+    score_rows = list(score_rows)
+    for row in score_rows:
+      if "job_id" not in row:
+        raise ValueError(f"score row without job_id: {row!r}")
+    if score_rows:
+      wd.append_jsonl(self.scores_path, score_rows)
+
+  def image_path(self, row):
+    """Returns the absolute pathlib.Path of the image of manifest `row`."""
+    return self.root / row["path"]
+
+  def _owns(self, job):
+    return self.process_count == 1 or seeding.process_owns(
+        job, self.process_index, self.process_count)
+
+  def _owns_path(self, rel, expected):
+    row = expected.get(rel)
+    if row is not None:
+      return self._owns(row["job_id"])
+    return self.process_count == 1
+
+  def _all_manifest_rows(self):
+    rows, seen = [], set()
+    for shard in sorted(self.root.glob(MANIFEST_GLOB)):
+      for row in wd.read_jsonl(shard):
+        if row.get("job_id") not in seen:
+          seen.add(row.get("job_id"))
+          rows.append(row)
+    return rows
+
+  def _other_shard_rows(self):
+    return [row for shard in sorted(self.root.glob(MANIFEST_GLOB))
+            if shard != self.manifest_path for row in wd.read_jsonl(shard)]
+
+
+def to_labeled_images(rows, class_names, root):
+  """Returns the rows' images as path-backed LabeledImages (ids are job ids)."""
+  root = pathlib.Path(root)
+  rows = list(rows)
+  return records.LabeledImages(
+      ids=np.asarray([row["job_id"] for row in rows], dtype=object),
+      labels=np.asarray([row["label"] for row in rows], dtype=np.int32),
+      class_names=tuple(class_names),
+      paths=np.asarray([str(root / row["path"]) for row in rows], dtype=object))

@@ -1,0 +1,182 @@
+"""TFDS datasets through `tfds.data_source` (ArrayRecord, no TensorFlow at read time).
+
+- `cifar100_lt`: CIFAR-100 in memory; val = `val_per_class` per class from the
+  TFDS train split, train = the rest subsampled to the exponential profile,
+  test = the TFDS test split.
+- `tfds`: any TFDS image classification set (`data.tfds_name`, e.g.
+  imagenet2012, i_naturalist2018), read lazily (`TfdsImages`): labels in
+  memory, images decoded when asked for. val = `val_per_class` per class from
+  train (none when 0), test = `data.tfds_test_split` (default: "validation"
+  when the dataset has one, else "test").
+
+Datasets must be prepared in the ArrayRecord format under `data.data_dir`;
+downloadable ones (cifar100) are prepared on first use, manual ones
+(imagenet2012) from `data.manual_dir`. Preparing needs TensorFlow; reading
+does not. Ids are "{tfds name}/{split}/{record index}".
+"""
+
+import logging
+
+import numpy as np
+
+from discl_jax.data import longtail
+from discl_jax.data.records import LabeledImages
+
+
+def _tfds():
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds
+
+
+def builder(name, data_dir="", manual_dir=""):
+  """Returns the prepared TFDS builder of `name` (prepares it if it is not yet)."""
+  tfds = _tfds()
+  try:
+    b = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"data.tfds_name {name!r}: no such TFDS dataset ({e})") from e
+  try:
+    b.download_and_prepare(
+        file_format="array_record",
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None))
+  except Exception as e:  # pylint: disable=broad-except
+    raise RuntimeError(
+        f"TFDS dataset {name!r} is not prepared in data_dir "
+        f"{data_dir or tfds.core.constants.DATA_DIR!r} and preparing it failed "
+        f"(manual_dir={manual_dir!r}): {type(e).__name__}: {e}. Prepare it once "
+        f"with `tfds build {name} --file_format=array_record"
+        + (f" --manual_dir={manual_dir}" if manual_dir else "")
+        + "` (needs tensorflow) and point data.data_dir at it.") from e
+  return b
+
+
+def _source(b, split):
+  return b.as_data_source(split=split)
+
+
+def _rgb(image):
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[..., None]
+  return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+
+
+def class_names(b):
+  """Returns the names of the `label` ClassLabel feature of builder `b`."""
+  return tuple(b.info.features["label"].names)
+
+
+def in_memory_split(b, split):
+  """Returns TFDS split `split` decoded into LabeledImages (pixels in memory)."""
+  source = _source(b, split)
+  images, labels = [], []
+  for i in range(len(source)):
+    example = source[i]
+    images.append(_rgb(example["image"]))
+    labels.append(int(example["label"]))
+  ids = np.array([f"{b.name}/{split}/{i:07d}" for i in range(len(labels))])
+  return LabeledImages(ids=ids, labels=np.asarray(labels, np.int64),
+                       class_names=class_names(b), pixels=np.stack(images))
+
+
+class TfdsImages:
+  """A TFDS split read lazily, with the `LabeledImages` interface.
+
+  `labels`, `ids` and the record `indices` are in memory; `image(i)` decodes
+  record `indices[i]`. Pickles without its open data source (grain workers
+  reopen it).
+  """
+
+  def __init__(self, name, split, data_dir, labels, class_names_, indices=None):
+    self.name, self.split, self.data_dir = name, split, data_dir
+    self.labels = np.asarray(labels, np.int64)
+    self.class_names = tuple(class_names_)
+    self.indices = (np.arange(len(self.labels)) if indices is None
+                    else np.asarray(indices, np.int64))
+    self.ids = np.array([f"{name}/{split}/{i:07d}" for i in self.indices], dtype=str)
+    self._source = None
+
+  def __len__(self):
+    return len(self.labels)
+
+  def __getstate__(self):
+    return {**self.__dict__, "_source": None}
+
+  @property
+  def num_classes(self):
+    """Returns the number of classes of the dataset."""
+    return len(self.class_names)
+
+  def class_counts(self):
+    """Returns an int array: images per class, indexed by label."""
+    return np.bincount(self.labels, minlength=self.num_classes)
+
+  def image(self, index):
+    """Returns image `index` decoded as uint8 H x W x 3."""
+    if self._source is None:
+      b = _tfds().builder(self.name, data_dir=self.data_dir or None,
+                          file_format="array_record")
+      self._source = _source(b, self.split)
+    return _rgb(self._source[int(self.indices[index])]["image"])
+
+  def subset(self, indices):
+    """Returns the split restricted to `indices`."""
+    indices = np.asarray(indices)
+    return TfdsImages(self.name, self.split, self.data_dir, self.labels[indices],
+                      self.class_names, self.indices[indices])
+
+
+def scan_labels(b, split):
+  """Returns int64 [N]: the label of every record of `split`.
+
+  Reads serialized records and parses only the tf.Example (no image decoding);
+  falls back to full decoding where raw records cannot be read.
+  """
+  tfds = _tfds()
+  source = _source(b, split)
+  try:
+    raw = tfds.data_source(
+        b.name, split=split, data_dir=b.data_dir_root, download=False,
+        deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES,
+        builder_kwargs={"file_format": "array_record"})
+    parser = b.info.features._example_parser_np  # pylint: disable=protected-access
+    parse = lambda i: parser.parse_example(raw[i])["label"]
+    parse(0)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.info("label scan of %s/%s decodes whole records: %s", b.name, split, e)
+    parse = lambda i: source[i]["label"]
+  return np.fromiter((int(parse(i)) for i in range(len(source))), np.int64,
+                     count=len(source))
+
+
+def _test_split(b, requested):
+  if requested:
+    return requested
+  return "validation" if "validation" in b.info.splits else "test"
+
+
+def load(data_config, seed):
+  """Returns {"train", "val", "test"} for data.name cifar100_lt or tfds."""
+  if data_config.name == "cifar100_lt":
+    b = builder("cifar100", data_config.data_dir, data_config.manual_dir)
+    full = in_memory_split(b, "train")
+    test = in_memory_split(b, "test")
+    val_idx, rest_idx = longtail.take_per_class(
+        full.labels, data_config.val_per_class, seed, "cifar100/val")
+    rest = full.subset(rest_idx)
+    n_max = data_config.max_per_class or int(rest.class_counts()[0])
+    counts = longtail.longtail_counts(full.num_classes, n_max,
+                                      data_config.imbalance_ratio)
+    return {"train": longtail.subsample_longtail(rest, counts, seed),
+            "val": full.subset(val_idx), "test": test}
+  if not data_config.tfds_name:
+    raise ValueError("data.name='tfds' needs data.tfds_name (e.g. imagenet2012)")
+  b = builder(data_config.tfds_name, data_config.data_dir, data_config.manual_dir)
+  names = class_names(b)
+  data_dir = data_config.data_dir
+  train = TfdsImages(b.name, "train", data_dir, scan_labels(b, "train"), names)
+  test_split = _test_split(b, data_config.tfds_test_split)
+  test = TfdsImages(b.name, test_split, data_dir, scan_labels(b, test_split), names)
+  val_idx, rest_idx = longtail.take_per_class(
+      train.labels, data_config.val_per_class, seed, f"{b.name}/val")
+  return {"train": train.subset(rest_idx), "val": train.subset(val_idx), "test": test}

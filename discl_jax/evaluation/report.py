@@ -1,0 +1,211 @@
+"""The run report: `report.md` (tables) and `curves.png` (accuracy and curriculum per epoch).
+
+Inputs are the rows of metrics.jsonl, one per epoch, as the train loop writes
+them: "epoch", accuracy keys "{split}/{many|medium|few|all|macro_f1}" (fractions),
+and the curriculum keys of `EpochPlan.summary()` ("curriculum_phase",
+"curriculum_level", "curriculum_levels", "num_real", "num_synthetic").
+Keys a row lacks are shown as "-", so older or partial logs still render.
+"""
+
+import io
+import math
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from discl_jax import workdir as wd
+from discl_jax.evaluation import metrics as metrics_lib
+
+CURVES = "curves.png"
+COLUMNS = ("many", "medium", "few", "all", "macro_f1")
+_HEADERS = {"many": "Many", "medium": "Medium", "few": "Few", "all": "All", "macro_f1": "macro-F1"}
+_COLORS = {"all": "black", "many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
+_STYLES = ("-", "--", ":", "-.")
+REAL_LEVEL = 1.0  # where real images sit on the level axis (lambda = 1: the image itself)
+
+
+def splits_in(rows):
+  """Returns the split names that have accuracy keys in `rows`, in first-seen order."""
+  seen = []
+  for row in rows:
+    for key in row:
+      split, sep, metric = key.rpartition("/")
+      if sep and metric in COLUMNS and split not in seen:
+        seen.append(split)
+  return seen
+
+
+def best_row(rows, best_epoch=None, split="val", metric="all"):
+  """Returns the row of `best_epoch`, else the row with the highest `{split}/{metric}`."""
+  if best_epoch is not None:
+    for row in rows:
+      if row.get("epoch") == best_epoch:
+        return row
+  scored = [r for r in rows if _finite(r.get(f"{split}/{metric}"))]
+  return max(scored, key=lambda r: r[f"{split}/{metric}"]) if scored else None
+
+
+def results_table(values, splits):
+  """Returns markdown: one line per split, Many/Medium/Few/All/macro-F1 in percent."""
+  lines = ["| split | " + " | ".join(_HEADERS[c] for c in COLUMNS) + " |",
+           "|---|" + "---:|" * len(COLUMNS)]
+  for split in splits:
+    lines.append(f"| {split} | " + " | ".join(_pct(values.get(f"{split}/{c}")) for c in COLUMNS) + " |")
+  return "\n".join(lines)
+
+
+def epoch_table(rows, splits):
+  """Returns markdown: per epoch the curriculum (phase, level, counts), loss and All top-1."""
+  head = ["epoch", "phase", "level", "real", "synthetic", "loss"] + [f"{s} All" for s in splits] + [
+      f"{s} Few" for s in splits]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for row in rows:
+    cells = [str(row.get("epoch", "-")), str(row.get("curriculum_phase", "-")), level_label(row),
+             _int(row.get("num_real")), _int(row.get("num_synthetic")), _num(row.get("loss"))]
+    cells += [_pct(row.get(f"{s}/all")) for s in splits]
+    cells += [_pct(row.get(f"{s}/few")) for s in splits]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def per_class_table(preds, labels, class_names, groups, train_counts):
+  """Returns markdown: per class its group, train images, evaluated images and top-1."""
+  num_classes = len(class_names)
+  acc = metrics_lib.per_class_accuracy(preds, labels, num_classes)
+  evaluated = np.bincount(np.asarray(labels, np.int64), minlength=num_classes)
+  lines = ["| class | group | train images | eval images | top-1 |", "|---|---|---:|---:|---:|"]
+  for c in range(num_classes):
+    lines.append(f"| {class_names[c]} | {groups[c]} | {int(train_counts[c])} | "
+                 f"{int(evaluated[c])} | {_pct(acc[c])} |")
+  return "\n".join(lines)
+
+
+def level_label(row):
+  """Returns the curriculum level(s) of a metrics row as text ("real", "0.30", "0.10+0.30")."""
+  levels = row.get("curriculum_levels")
+  if levels is None:
+    level = row.get("curriculum_level")
+    if level is None:
+      return "real" if "curriculum_level" in row else "-"
+    levels = [level]
+  return "+".join(f"{v:.2f}" for v in levels) if levels else "real"
+
+
+def render_markdown(rows, *, final=None, config=None, per_class=None):
+  """Returns the text of report.md.
+
+  `final` is the train loop's result dict (its "best_epoch" and best-epoch
+  metrics); `per_class` a dict with preds, labels, class_names, groups,
+  train_counts (the best epoch's test predictions).
+  """
+  splits = splits_in(rows)
+  out = ["# DisCL run report", ""]
+  if config is not None:
+    out += [_config_summary(config), ""]
+  best = best_row(rows, (final or {}).get("best_epoch"))
+  if best is not None:
+    values = dict(best)
+    values.update({k: v for k, v in (final or {}).items() if "/" in k})
+    out += [f"## Result at the best validation epoch ({best.get('epoch')})", "",
+            "Top-1 accuracy (%) per class group; the epoch is chosen on the validation "
+            "split, never on test.", "", results_table(values, splits), ""]
+  if rows:
+    out += [f"## Last epoch ({rows[-1].get('epoch')})", "", results_table(rows[-1], splits), ""]
+  out += ["## Curves", "", f"![accuracy and curriculum level per epoch]({CURVES})", ""]
+  if per_class is not None:
+    out += ["## Per-class accuracy (test, best epoch)", "",
+            per_class_table(**per_class), ""]
+  out += ["## Epochs", "", epoch_table(rows, splits), ""]
+  return "\n".join(out)
+
+
+def render_curves(rows, best_epoch=None):
+  """Returns PNG bytes: top, accuracy per split and group; bottom, the curriculum level."""
+  fig = Figure(figsize=(9, 7), dpi=100)
+  FigureCanvasAgg(fig)
+  acc_ax, level_ax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+  epochs = np.asarray([r.get("epoch", i) for i, r in enumerate(rows)], np.float64)
+  for split, style in zip(splits_in(rows), _STYLES * 4):
+    for group, color in _COLORS.items():
+      values = np.asarray([_float(r.get(f"{split}/{group}")) for r in rows])
+      if np.all(np.isnan(values)):
+        continue
+      acc_ax.plot(epochs, 100 * values, style, color=color, marker=".",
+                  linewidth=2.0 if group == "all" else 1.2, label=f"{split} {group}")
+  acc_ax.set_ylabel("top-1 accuracy (%)")
+  acc_ax.grid(alpha=0.3)
+  if acc_ax.lines:
+    acc_ax.legend(fontsize=7, ncol=2, loc="best")
+
+  uniform = False
+  for epoch, row in zip(epochs, rows):
+    if row.get("curriculum_phase") == "uniform":
+      uniform = True
+      level_ax.axvspan(epoch - 0.5, epoch + 0.5, color="0.9", linewidth=0)
+    levels = row.get("curriculum_levels")
+    if levels is None:
+      levels = [] if row.get("curriculum_level") is None else [row["curriculum_level"]]
+    if levels:
+      level_ax.scatter([epoch] * len(levels), levels, color="tab:green", s=18, zorder=3)
+    else:
+      level_ax.scatter([epoch], [REAL_LEVEL], color="tab:gray", marker="s", s=14, zorder=3)
+  level_ax.set_ylim(-0.05, 1.1)
+  level_ax.set_yticks([0.0, 0.25, 0.5, 0.75, 1.0], ["0", "0.25", "0.5", "0.75", "real"])
+  level_ax.set_ylabel("image guidance λ")
+  level_ax.set_xlabel("epoch (grey bands: adaptive uniform phases)" if uniform else "epoch")
+  level_ax.grid(alpha=0.3)
+  if best_epoch is not None and best_epoch >= 0:
+    for ax in (acc_ax, level_ax):
+      ax.axvline(best_epoch, color="tab:purple", linestyle=":", linewidth=1)
+    acc_ax.set_title(f"best validation epoch: {best_epoch}", fontsize=9)
+  fig.tight_layout()
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png")
+  return buffer.getvalue()
+
+
+def write_report(workdir, rows, *, final=None, config=None, per_class=None):
+  """Writes workdir/report.md and workdir/curves.png atomically; returns their paths."""
+  if not rows:
+    raise ValueError(f"{wd.path(workdir, wd.METRICS)}: no epoch rows to report on")
+  best = best_row(rows, (final or {}).get("best_epoch"))
+  best_epoch = None if best is None else best.get("epoch")
+  curves = wd.atomic_write_bytes(wd.path(workdir, CURVES), render_curves(rows, best_epoch))
+  report = wd.atomic_write_text(
+      wd.path(workdir, wd.REPORT),
+      render_markdown(rows, final=final, config=config, per_class=per_class))
+  return report, curves
+
+
+def _config_summary(config):
+  c = config
+  parts = [
+      f"data `{c.data.name}`", f"model `{c.train.model}`", f"loss `{c.train.loss}`",
+      f"{c.train.epochs} epochs", f"schedule `{c.curriculum.schedule}`"]
+  if c.curriculum.schedule != "none":
+    parts += [f"levels {tuple(c.curriculum.levels)}",
+              f"{c.curriculum.curriculum_epochs} curriculum epochs",
+              f"non-tail fraction {c.curriculum.nontail_fraction}"]
+  parts.append(f"seed {c.seed}")
+  return "Run: " + ", ".join(parts) + "."
+
+
+def _float(value):
+  return float(value) if _finite(value) else float("nan")
+
+
+def _finite(value):
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _pct(value):
+  return f"{100 * value:.2f}" if _finite(value) else "-"
+
+
+def _num(value):
+  return f"{value:.4f}" if _finite(value) else "-"
+
+
+def _int(value):
+  return str(int(value)) if _finite(value) else "-"

@@ -1,0 +1,196 @@
+"""Stage `generate`: the guidance spectrum of every hard image, into the spectrum store.
+
+Reads workdir/hard.jsonl and workdir/prompts.json; jobs are hard image x
+strength x per-level seed. Each process runs the jobs it owns (stable hash of
+the job id) that the store does not have yet, and stores each image as it
+comes, so a killed run resumes where it stopped. Process 0 then draws
+workdir/spectrum_grid_{class}.png.
+"""
+
+import collections
+import json
+import math
+import os
+import shutil
+import time
+
+import jax
+from absl import logging
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from discl_jax import parallel
+from discl_jax import seeding
+from discl_jax import workdir as wd
+from discl_jax.data import datasets
+from discl_jax.data import records
+from discl_jax.data import spectrum_store
+from discl_jax.diffusion import jobs
+from discl_jax.diffusion import models
+from discl_jax.diffusion import sampler as sampler_lib
+from discl_jax.evaluation import spectrum_grid
+
+def _read_inputs(workdir):
+  """Returns (hard rows, prompts document) written by the earlier stages."""
+  hard = wd.path(workdir, wd.HARD)
+  prompts = wd.path(workdir, wd.PROMPTS)
+  for target, stage in ((hard, "hard"), (prompts, "prompts")):
+    if not target.exists():
+      raise FileNotFoundError(f"{target} not found: run the `{stage}` stage first")
+  try:
+    document = json.loads(prompts.read_text(encoding="utf-8"))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{prompts} is not valid JSON: {e}") from e
+  return wd.read_jsonl(hard), document
+
+
+def model_dir(config, workdir):
+  """Returns the checkpoint to load: the configured one, or the tiny one (built once).
+
+  Every process must call it (it waits for process 0 to build the tiny model).
+  """
+  if not config.diffusion.tiny:
+    if not config.diffusion.model:
+      raise ValueError("diffusion.model is empty: set a checkpoint directory or hub id, "
+                       "or diffusion.tiny=True for a tiny random model")
+    return config.diffusion.model
+  target = wd.path(workdir, wd.MODELS, "sd")
+  if wd.is_main_process() and not (target / "model_index.json").exists():
+    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    models.build_tiny(staging, seed=config.seed)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    logging.info("generate: built a tiny SD checkpoint at %s", target)
+  _barrier("tiny_model")
+  return str(target)
+
+
+def _barrier(name):
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"discl_jax.stages.generate.{name}")
+
+
+def _source_index(train, hard_rows):
+  """Returns {source_id: row in train}; ValueError names a hard id not in train."""
+  index = {str(s): i for i, s in enumerate(train.ids)}
+  unknown = sorted({r["source_id"] for r in hard_rows} - index.keys())
+  if unknown:
+    raise ValueError(f"hard.jsonl names {len(unknown)} image(s) not in the train split, "
+                     f"e.g. {unknown[:5]}: rerun the `hard` stage for this data config")
+  return index
+
+
+def _check_sources(train, index, todo, on_bad_image):
+  """Returns (todo without unreadable sources, {source_id: (h, w)})."""
+  sources = sorted({r["source_id"] for r in todo}, key=lambda s: index[s])
+  sizes, bad = jobs.source_sizes(train, [index[s] for s in sources])
+  if bad:
+    listing = "\n  ".join(bad)
+    if on_bad_image != "skip":
+      raise records.BadImageError(
+          f"{len(bad)} unreadable source image(s) for generate (set data.on_bad_image="
+          f"skip to leave them out):\n  {listing}")
+    logging.warning("generate: skipping %d unreadable source image(s):\n  %s",
+                    len(bad), listing)
+  by_id = {s: sizes[index[s]] for s in sources if index[s] in sizes}
+  return [r for r in todo if r["source_id"] in by_id], by_id
+
+
+def _sampler_jobs(rows, train, index, size, seed):
+  """Yields sampler Jobs for `rows` (grouped by source), images resized to `size`."""
+  cached_id, cached = None, None
+  for row in rows:
+    if row["source_id"] != cached_id:
+      cached_id = row["source_id"]
+      cached = jobs.resize(train.image(index[cached_id]), size)
+    yield sampler_lib.Job(job_id=row["job_id"], image=cached, prompt=row["prompt"],
+                          strength=row["strength"], seed=seed)
+
+
+def _generate(config, checkpoint, store, train, index, owned, todo):
+  """Runs the sampler over `todo`, storing each image; returns the number made."""
+  todo, sizes = _check_sources(train, index, todo, config.data.on_bad_image)
+  if not todo:
+    return 0
+  sd = models.load_sd(checkpoint, dtype=config.diffusion.dtype)
+  multiple = math.lcm(8, sd.size_multiple)
+  groups = collections.defaultdict(list)
+  for row in todo:
+    h, w = sizes[row["source_id"]]
+    groups[jobs.target_size(h, w, config.diffusion.resolution, multiple)].append(row)
+  sampler = sampler_lib.SpectrumSampler(
+      sd, num_inference_steps=config.diffusion.num_inference_steps,
+      guidance_scale=config.diffusion.guidance_scale,
+      negative_prompt=config.diffusion.negative_prompt,
+      scheduler=config.diffusion.scheduler, slots=config.diffusion.slots,
+      mesh=parallel.make_mesh(config.mesh.shape), dtype=config.diffusion.dtype)
+  by_id = {row["job_id"]: row for row in todo}
+  made, start = 0, time.perf_counter()
+  with tqdm(total=len(owned), initial=len(owned) - len(todo), unit="img",
+            desc="generate", dynamic_ncols=True) as bar:
+    for size in sorted(groups):
+      group = sorted(groups[size], key=lambda r: (index[r["source_id"]], r["strength"], r["seed"]))
+      for job, image in sampler.run(_sampler_jobs(group, train, index, size, config.seed)):
+        store.add(by_id[job.job_id], image)
+        made += 1
+        bar.update(1)
+  seconds = time.perf_counter() - start
+  logging.info("generate: %d images in %.1f s (%.2f images/s)", made, seconds,
+               made / max(seconds, 1e-9))
+  return made
+
+
+def write_grids(config, workdir, store, train, index, hard_rows):
+  """Writes workdir/spectrum_grid_{class}.png per hard class; returns their paths."""
+  if config.diffusion.grid_sources <= 0:
+    return []
+  levels = sorted({spectrum_store.image_guidance(s) for s in config.diffusion.strengths},
+                  reverse=True)
+  rows = store.rows()
+  by_class = collections.defaultdict(list)
+  for hard in hard_rows:
+    if len(by_class[hard["class_name"]]) < config.diffusion.grid_sources:
+      by_class[hard["class_name"]].append(hard["source_id"])
+  titles = ["real"] + [f"lambda {level:.2f}" for level in levels]
+  load = lambda row: records.read_rgb(store.image_path(row))
+  written = []
+  for class_name, sources in by_class.items():
+    real = []
+    for source in sources:
+      try:
+        real.append((source, train.image(index[source])))
+      except records.BadImageError:
+        real.append((source, None))
+    cells = spectrum_grid.spectrum_cells(real, rows, levels, load)
+    grid = spectrum_grid.make_grid(cells, titles)
+    target = wd.path(workdir, f"spectrum_grid_{spectrum_store.safe_component(class_name)}.png")
+    wd.atomic_write_bytes(target, spectrum_store.encode_png(grid))
+    written.append(target)
+  logging.info("generate: wrote %d spectrum grid(s) to %s", len(written), workdir)
+  return written
+
+
+def run(config, workdir):
+  """Generates every missing spectrum image of this process, then (process 0) the grids."""
+  strengths = jobs.validate_strengths(config.diffusion.strengths)
+  hard_rows, prompt_doc = _read_inputs(workdir)
+  expected = jobs.build_rows(hard_rows, prompt_doc.get("sources", {}), strengths,
+                             config.diffusion.seeds_per_level)
+  store = spectrum_store.SpectrumStore(wd.path(workdir, wd.SPECTRUM))
+  store.check_fingerprint(jobs.generation_fingerprint(config))
+  counts = store.reconcile(expected)
+  logging.info("generate: store reconciled: %s", counts)
+  done = store.done_job_ids()
+  owned = [r for r in expected if seeding.process_owns(
+      r["job_id"], store.process_index, store.process_count)]
+  todo = [r for r in owned if r["job_id"] not in done]
+  logging.info("generate: %d jobs in all, %d for this process, %d still to do",
+               len(expected), len(owned), len(todo))
+  train = datasets.load(config.data, config.seed)["train"]
+  index = _source_index(train, hard_rows)
+  checkpoint = model_dir(config, workdir)
+  _generate(config, checkpoint, store, train, index, owned, todo)
+  _barrier("generated")
+  if wd.is_main_process():
+    write_grids(config, workdir, store, train, index, hard_rows)

@@ -1,0 +1,302 @@
+"""The training loop: curriculum epochs, evaluation, metrics and checkpoints.
+
+`train_and_evaluate(config, workdir)` loads the data and the accepted synthetic
+images, builds the curriculum, and per epoch: plans the epoch's samples, trains
+on them with the jitted step, evaluates on val and test, appends a row to
+`metrics.jsonl` (and TensorBoard under `tb/`) and checkpoints. A killed run
+resumes from the latest checkpoint to the same result as an uninterrupted one.
+The best epoch is chosen on validation accuracy; its test numbers are reported.
+"""
+
+import dataclasses
+import io
+import json
+import math
+import pathlib
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from discl_jax import config as config_lib
+from discl_jax import parallel
+from discl_jax import workdir as wd
+from discl_jax import curriculum
+from discl_jax.data import datasets
+from discl_jax.data import longtail
+from discl_jax.data import pipeline
+from discl_jax.data import spectrum_store
+from discl_jax.evaluation import metrics as metrics_lib
+from discl_jax.models import resnet
+from discl_jax.train import checkpoint as checkpoint_lib
+from discl_jax.train import losses
+from discl_jax.train import optim
+from discl_jax.train import state as state_lib
+from discl_jax.train import steps as steps_lib
+
+TB = "tb"
+PREDICTIONS = "predictions.npz"   # val/test predictions of the best-val epoch
+FINAL = "train_result.json"
+_STRIDE = 1_000_000  # checkpoint ids: end of epoch e-1 = e * _STRIDE, mid-epoch e after batch i = that + i
+
+
+@dataclasses.dataclass
+class Data:
+  """Everything the loop reads from the workdir and the dataset."""
+  train: object
+  val: object
+  test: object
+  synthetic: object
+  groups: np.ndarray
+  spec: object
+
+
+def accepted_rows(config, workdir):
+  """Returns the spectrum rows whose CLIP text score is >= `score.threshold`.
+
+  A missing spectrum directory gives [] (real data only).
+  """
+  root = wd.path(workdir, wd.SPECTRUM)
+  if not root.is_dir():
+    return []
+  threshold = config.score.threshold
+  return [row for row in spectrum_store.SpectrumStore(root).rows()
+          if row.get("clip_text") is not None and row["clip_text"] >= threshold]
+
+
+def load_data(config, workdir):
+  """Returns the loop's `Data`: splits, synthetic images, class groups, curriculum spec."""
+  splits = datasets.load(config.data, config.seed)
+  train = splits["train"]
+  groups = longtail.class_groups(train.class_counts(), config.data.many_threshold,
+                                 config.data.few_threshold)
+  rows = accepted_rows(config, workdir) if config.curriculum.schedule != "none" else []
+  synthetic = (spectrum_store.to_labeled_images(
+      rows, train.class_names, wd.path(workdir, wd.SPECTRUM)) if rows else None)
+  spec = curriculum.CurriculumSpec.from_config(
+      config.curriculum, train=train, groups=groups, synthetic_rows=rows,
+      seed=config.seed)
+  return Data(train=train, val=splits["val"], test=splits["test"],
+              synthetic=synthetic, groups=groups, spec=spec)
+
+
+class Trainer:
+  """The model, optimizer, jitted steps and mesh of one run."""
+
+  def __init__(self, config, class_counts, mesh):
+    self.config = config
+    self.mesh = mesh
+    tc = config.train
+    n_dev = parallel.data_size(mesh)
+    if tc.batch_size % (n_dev * jax.process_count()):
+      raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the "
+                       f"{n_dev} devices of the mesh and {jax.process_count()} processes")
+    self.model = resnet.get_model(tc.model, len(class_counts))
+    self.loss_fn = losses.get_loss(tc.loss, class_counts)
+    self.tx = optim.make_optimizer(tc)
+    self.train_step = steps_lib.make_train_step(self.model, self.tx, self.loss_fn, mesh)
+    self.eval_step = steps_lib.make_eval_step(self.model, mesh)
+    self.eval_batch = parallel.pad_to_multiple(config.eval.batch_size, n_dev * jax.process_count())
+
+  def initial_state(self):
+    """Returns the replicated initial TrainState (from `train.init_checkpoint` if set)."""
+    rng = jax.random.fold_in(jax.random.key(self.config.seed), 0)
+    state = state_lib.create(self.model, self.tx, rng, self.config.data.image_size)
+    if self.config.train.init_checkpoint:
+      variables = checkpoint_lib.load_variables(self.config.train.init_checkpoint, state)
+      state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
+                            opt_state=self.tx.init(variables["params"]))
+      logging.info("initialised from %s", self.config.train.init_checkpoint)
+    return parallel.put_replicated(state, self.mesh)
+
+  def predict(self, state, split):
+    """Returns host dict "pred", "prob_true", "loss", "label" [len(split)], in split order.
+
+    Every process reads the whole split in the same order and feeds its own
+    slice of each global batch, so the gathered outputs keep that order.
+    """
+    loader = pipeline.eval_loader(split, image_size=self.config.data.image_size,
+                                  batch_size=self.eval_batch, shard=(0, 1),
+                                  on_bad_image=self.config.data.on_bad_image)
+    pc, pi = jax.process_count(), jax.process_index()
+    local = self.eval_batch // pc
+    outputs = []
+    for batch in loader:
+      part = {k: np.asarray(batch[k])[pi * local:(pi + 1) * local] for k in ("image", "label")}
+      out = self.eval_step(state, parallel.put_batch(part, self.mesh))
+      out = multihost_utils.process_allgather(out, tiled=True) if pc > 1 else jax.device_get(out)
+      out["label"] = np.asarray(batch["label"])
+      out["mask"] = np.asarray(batch["mask"])
+      outputs.append(out)
+    if not outputs:
+      return {k: np.zeros([0]) for k in ("pred", "prob_true", "loss", "label")}
+    merged = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+    keep = merged.pop("mask") > 0
+    return {k: v[keep] for k, v in merged.items()}
+
+
+def evaluate(trainer, state, split, groups, prefix):
+  """Returns ({f"{prefix}/{many|medium|few|all|macro_f1|loss}": value}, predictions).
+
+  Accuracies are fractions in [0, 1] (`evaluation.metrics.split_metrics`).
+  """
+  out = trainer.predict(state, split)
+  row = metrics_lib.split_metrics(prefix, out["pred"], out["label"], groups)
+  row[f"{prefix}/loss"] = float(np.mean(out["loss"])) if len(out["loss"]) else float("nan")
+  return {k: float(v) for k, v in row.items()}, out
+
+
+def validation_probs(trainer, state, data):
+  """Returns float32 [len(levels) + 1, V]: true-class probabilities of the curriculum
+  validation images at each level (rows of the synthetic split) and real (last row)."""
+  real_rows, syn_rows = data.spec.validation()
+  probs = [trainer.predict(state, data.synthetic.subset(rows))["prob_true"] for rows in syn_rows]
+  probs.append(trainer.predict(state, data.train.subset(real_rows))["prob_true"])
+  return np.stack(probs).astype(np.float32)
+
+
+def train_and_evaluate(config, workdir):
+  """Trains with the configured curriculum; returns the final metrics dict.
+
+  Writes workdir/ckpt (orbax), workdir/metrics.jsonl, workdir/tb (TensorBoard),
+  workdir/predictions.npz (best-val epoch) and workdir/train_result.json.
+  Returns {"preempted": True, ...} early when asked to stop (SIGTERM or a
+  multi-host preemption notice) after saving a mid-epoch checkpoint.
+  """
+  config = config_lib.validate(config)
+  workdir = pathlib.Path(workdir)
+  tc = config.train
+  mesh = parallel.make_mesh(config.mesh.shape)
+  data = load_data(config, workdir)
+  sources = [data.train] + ([data.synthetic] if data.synthetic is not None else [])
+  trainer = Trainer(config, data.train.class_counts(), mesh)
+  ckpt = checkpoint_lib.Checkpointer(wd.path(workdir, wd.CKPT), tc.keep_checkpoints).watch_sigterm()
+  main = wd.is_main_process()
+
+  state = trainer.initial_state()
+  cstate = data.spec.initial_state()
+  meta = {"epoch": 0, "batches_done": 0, "mid_epoch": False, "best_epoch": -1, "best_val": -1.0,
+          "best": {}, "plan": None, "epoch_loss_sum": 0.0, "epoch_acc_sum": 0.0}
+  resume_picks = None
+  latest = ckpt.latest_step()
+  if latest is not None:
+    meta, resume_picks = ckpt.restore_meta(latest)
+    state, cstate = ckpt.restore_states(latest, state, cstate)
+    logging.info("resumed from checkpoint %d: epoch %d, batch %d", latest,
+                 meta["epoch"], meta["batches_done"])
+  metrics_path = wd.path(workdir, wd.METRICS)
+  if main:
+    kept = [r for r in wd.read_jsonl(metrics_path) if r["epoch"] < meta["epoch"]]
+    wd.atomic_write_text(metrics_path, "".join(_json_line(r) for r in kept))
+  writer = _tb_writer(workdir, int(state.step) if latest is not None else None) if main else None
+
+  shard = (jax.process_index(), jax.process_count())
+  try:
+    for epoch in range(meta["epoch"], tc.epochs):
+      mid_epoch = bool(meta["mid_epoch"]) and resume_picks is not None
+      if mid_epoch:
+        picks, plan_summary = resume_picks, meta["plan"]
+      else:
+        signals = {}
+        if curriculum.needs_signals(data.spec, epoch):
+          signals["val_probs"] = validation_probs(trainer, state, data)
+        cstate, plan = curriculum.plan_epoch(data.spec, cstate, epoch, signals)
+        picks, plan_summary = plan.picks, plan.summary()
+        meta.update(batches_done=0, epoch_loss_sum=0.0, epoch_acc_sum=0.0)
+      resume_picks = None
+      num_steps = len(picks) // tc.batch_size
+      if num_steps == 0:
+        logging.warning("epoch %d: %d samples < train.batch_size=%d, no step taken",
+                        epoch, len(picks), tc.batch_size)
+        iterator = None
+      else:
+        iterator = iter(pipeline.train_loader(
+            sources, picks, image_size=config.data.image_size, batch_size=tc.batch_size,
+            seed=config.seed, epoch=epoch, augment=config.data.augment, shard=shard,
+            num_workers=config.data.num_workers, on_bad_image=config.data.on_bad_image))
+      if mid_epoch:
+        iterator = ckpt.restore_iterator(latest, iterator)
+      batch_index = meta["batches_done"]
+      lr = optim.learning_rate(tc, int(state.step), epoch / tc.epochs)
+      started = time.time()
+      for batch in iterator if iterator is not None else ():
+        if batch_index >= num_steps:
+          break
+        step = int(state.step)
+        lr = optim.learning_rate(tc, step, (epoch + batch_index / num_steps) / tc.epochs)
+        images = {"image": batch["image"], "label": batch["label"]}
+        state, step_metrics = trainer.train_step(state, parallel.put_batch(images, mesh), lr)
+        batch_index += 1
+        meta["epoch_loss_sum"] += float(step_metrics["loss"])
+        meta["epoch_acc_sum"] += float(step_metrics["accuracy"])
+        if writer is not None and step % tc.log_every_steps == 0:
+          writer.add_scalar("train/step_loss", float(step_metrics["loss"]), step)
+          writer.add_scalar("train/lr", lr, step)
+        if batch_index < num_steps and ckpt.preempted(step + 1):
+          meta.update(epoch=epoch, batches_done=batch_index, mid_epoch=True, plan=plan_summary)
+          ckpt.save(epoch * _STRIDE + batch_index, state=state, curriculum=cstate,
+                    data_iter=iterator, picks=picks, meta=meta)
+          logging.warning("preempted: saved epoch %d after batch %d", epoch, batch_index)
+          return {"preempted": True, "epoch": epoch, "batches_done": batch_index}
+      meta["batches_done"] = batch_index
+      row = {"epoch": epoch, "step": int(state.step), "lr": lr,
+             "loss": meta["epoch_loss_sum"] / max(batch_index, 1),
+             "train_accuracy": meta["epoch_acc_sum"] / max(batch_index, 1),
+             "epoch_seconds": time.time() - started}
+      row.update(plan_summary)
+      val_row, val_out = evaluate(trainer, state, data.val, data.groups, "val")
+      test_row, test_out = evaluate(trainer, state, data.test, data.groups, "test")
+      row.update(val_row)
+      row.update(test_row)
+      if row["val/all"] > meta["best_val"]:
+        meta.update(best_val=row["val/all"], best_epoch=epoch,
+                    best={k: v for k, v in row.items() if k.startswith(("val/", "test/"))})
+        if main:
+          _save_predictions(wd.path(workdir, PREDICTIONS), epoch, val_out, test_out)
+      row["best_epoch"] = meta["best_epoch"]
+      if main:
+        wd.append_jsonl(metrics_path, [row])
+        _log_tb(writer, row)
+      logging.info("epoch %d: loss %.4f val/all %.2f test/all %.2f level %s", epoch,
+                   row["loss"], row["val/all"], row["test/all"], row.get("curriculum_level"))
+      meta.update(epoch=epoch + 1, batches_done=0, mid_epoch=False, plan=None,
+                  epoch_loss_sum=0.0, epoch_acc_sum=0.0)
+      ckpt.save((epoch + 1) * _STRIDE, state=state, curriculum=cstate,
+                data_iter=iterator, picks=picks, meta=meta)
+    result = {"epochs": tc.epochs, "best_epoch": meta["best_epoch"], **meta["best"]}
+    if main:
+      wd.atomic_write_json(wd.path(workdir, FINAL), result)
+    return result
+  finally:
+    ckpt.close()
+    if writer is not None:
+      writer.close()
+
+
+def _json_line(row):
+  return json.dumps(row, sort_keys=True) + "\n"
+
+
+def _tb_writer(workdir, purge_step):
+  import tensorboardX  # pylint: disable=g-import-not-at-top
+  return tensorboardX.SummaryWriter(str(wd.path(workdir, TB)), purge_step=purge_step)
+
+
+def _log_tb(writer, row):
+  step = row["step"]
+  for key, value in row.items():
+    if key in ("epoch", "step") or isinstance(value, (str, list)) or value is None:
+      continue
+    if isinstance(value, (int, float)) and math.isfinite(value):
+      writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
+  writer.flush()
+
+
+def _save_predictions(target, epoch, val_out, test_out):
+  buffer = io.BytesIO()
+  np.savez(buffer, epoch=epoch,
+           **{f"{split}_{k}": out[k] for split, out in (("val", val_out), ("test", test_out))
+              for k in ("pred", "label", "prob_true")})
+  wd.atomic_write_bytes(target, buffer.getvalue())

@@ -1,0 +1,116 @@
+"""digits-LT and the TFDS sources (tfds.testing.mock_data: nothing is downloaded)."""
+
+import numpy as np
+import pytest
+
+from discl_jax import config as config_lib
+from discl_jax.data import datasets, digits, longtail
+
+
+def _data_config(**overrides):
+  c = config_lib.base_config().data
+  for key, value in overrides.items():
+    c[key] = value
+  return c
+
+
+@pytest.fixture(scope="module")
+def digits_lt():
+  return datasets.load(_data_config(imbalance_ratio=20.0, max_per_class=120,
+                                    val_per_class=5, test_per_class=50), seed=0)
+
+
+def test_digits_lt_shapes_labels_and_ids(digits_lt):
+  assert set(digits_lt) == {"train", "val", "test"}
+  for split in digits_lt.values():
+    assert split.pixels.dtype == np.uint8 and split.pixels.shape[1:] == (32, 32, 3)
+    assert split.class_names == ("zero", "one", "two", "three", "four", "five",
+                                 "six", "seven", "eight", "nine")
+    assert all(i.startswith("digits/") and len(i) == len("digits/0000") for i in split.ids)
+    assert split.labels.min() >= 0 and split.labels.max() <= 9
+  # Channels are equal (grey digits in RGB) and the images are not blank.
+  test = digits_lt["test"].pixels
+  assert np.array_equal(test[..., 0], test[..., 2]) and test.std() > 30
+
+
+def test_digits_lt_is_long_tailed_and_splits_are_balanced_and_disjoint(digits_lt):
+  np.testing.assert_array_equal(digits_lt["train"].class_counts(),
+                                longtail.longtail_counts(10, 120, 20.0))
+  np.testing.assert_array_equal(digits_lt["val"].class_counts(), [5] * 10)
+  np.testing.assert_array_equal(digits_lt["test"].class_counts(), [50] * 10)
+  ids = [set(s.ids) for s in digits_lt.values()]
+  assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+  groups = longtail.class_groups(digits_lt["train"].class_counts(), 60, 15)
+  assert list(groups[:3]) == ["many", "many", "many"] and groups[-1] == "few"
+
+
+def test_digits_lt_is_deterministic_and_seed_dependent(digits_lt):
+  again = datasets.load(_data_config(imbalance_ratio=20.0, max_per_class=120,
+                                     val_per_class=5, test_per_class=50), seed=0)
+  other = datasets.load(_data_config(imbalance_ratio=20.0, max_per_class=120,
+                                     val_per_class=5, test_per_class=50), seed=1)
+  for name in ("train", "val", "test"):
+    np.testing.assert_array_equal(again[name].ids, digits_lt[name].ids)
+    np.testing.assert_array_equal(again[name].pixels, digits_lt[name].pixels)
+  assert not np.array_equal(other["train"].ids, digits_lt["train"].ids)
+
+
+def test_digits_partition_keeps_test_out_of_everything_else(digits_lt):
+  parts = digits.partition(0, test_per_class=50)
+  assert len(parts["test"]) + len(parts["pool"]) == digits.NUM_IMAGES
+  assert not set(parts["test"]) & set(parts["pool"])
+  test_ids = {f"digits/{i:04d}" for i in parts["test"]}
+  pool_ids = {f"digits/{i:04d}" for i in parts["pool"]}
+  assert set(digits_lt["test"].ids) == test_ids
+  assert set(digits_lt["train"].ids) | set(digits_lt["val"].ids) <= pool_ids
+  # The partition does not depend on the long-tail settings.
+  other = datasets.load(_data_config(imbalance_ratio=5.0, max_per_class=0,
+                                     val_per_class=2, test_per_class=50), seed=0)
+  np.testing.assert_array_equal(other["test"].ids, digits_lt["test"].ids)
+  assert other["train"].class_counts()[0] == 178 - 50 - 2   # 0: the head's remaining count
+
+
+def test_unknown_dataset_name_is_named():
+  with pytest.raises(ValueError, match="unknown data.name 'mnist'"):
+    datasets.load(_data_config(name="mnist"), seed=0)
+
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+
+def test_cifar100_lt_through_tfds_mock_data():
+  c = _data_config(name="cifar100_lt", imbalance_ratio=4.0, max_per_class=4,
+                   val_per_class=1)
+  with tfds.testing.mock_data(num_examples=1500):
+    splits = datasets.load(c, seed=0)
+  train, val, test = splits["train"], splits["val"], splits["test"]
+  assert train.num_classes == 100
+  np.testing.assert_array_equal(train.class_counts(), longtail.longtail_counts(100, 4, 4.0))
+  np.testing.assert_array_equal(val.class_counts(), np.ones(100))
+  assert len(test) == 1500 and test.pixels.shape == (1500, 32, 32, 3)
+  assert train.pixels.dtype == np.uint8
+  assert not set(train.ids) & set(val.ids)
+  assert train.ids[0].startswith("cifar100/train/") and test.ids[0].startswith("cifar100/test/")
+
+
+def test_generic_tfds_is_lazy_and_keeps_labels():
+  c = _data_config(name="tfds", tfds_name="imagenet2012", tfds_test_split="validation",
+                   val_per_class=0)
+  with tfds.testing.mock_data(num_examples=12):
+    splits = datasets.load(c, seed=0)
+    train, test = splits["train"], splits["test"]
+    full = tfds.data_source("imagenet2012", split="train")
+    assert len(train) == 12 and len(splits["val"]) == 0 and len(test) == 12
+    assert train.num_classes == 1000 and train.class_names[0] == "n01440764"
+    for i in (0, 5):
+      np.testing.assert_array_equal(train.image(i), full[i]["image"])
+      assert train.labels[i] == full[i]["label"]
+    sub = train.subset([5, 0])
+    np.testing.assert_array_equal(sub.image(0), full[5]["image"])
+    assert list(sub.ids) == ["imagenet2012/train/0000005", "imagenet2012/train/0000000"]
+    assert test.ids[0] == "imagenet2012/validation/0000000"
+
+
+def test_missing_tfds_name_is_named():
+  with pytest.raises(ValueError, match="data.tfds_name"):
+    datasets.load(_data_config(name="tfds"), seed=0)

@@ -1,0 +1,97 @@
+"""Prompt sources, the deterministic choice per image, and the `prompts` stage."""
+
+import json
+
+import ml_collections
+import pytest
+
+from discl_jax import config as config_lib
+from discl_jax import workdir as wd
+from discl_jax.diffusion import prompts
+from discl_jax.stages import prompts_stage
+
+HARD = [dict(source_id=f"digits/{i:04d}", label=9, class_name="nine", reason="few_class",
+             class_count=6) for i in range(6)] + [
+    dict(source_id="digits/0100", label=8, class_name="great_white", reason="few_class",
+         class_count=8)]
+
+
+def _prompts_config(**overrides):
+  c = config_lib.base_config().prompts
+  c.update(overrides)
+  return c
+
+
+def test_templates_and_builtin_sets():
+  c = _prompts_config(templates=("a photo of a {c}", "wild"))
+  classes = prompts.class_prompts(c, ["nine", "great_white"])
+  assert classes["great_white"][0] == "a photo of a great white"
+  assert "a great white in the wild" in classes["great_white"]
+  assert len(classes["nine"]) == 1 + len(prompts.BUILTIN_TEMPLATES["wild"])
+  with pytest.raises(ValueError, match="'a photo'.*built-in sets"):
+    prompts.class_prompts(_prompts_config(templates=("a photo",)), ["nine"])
+  with pytest.raises(ValueError, match="prompts.source"):
+    prompts.class_prompts(_prompts_config(source="llm"), ["nine"])
+
+
+def test_choice_is_deterministic_and_spreads_over_candidates():
+  candidates = [f"p{i}" for i in range(5)]
+  picks = [prompts.choose_prompt(candidates, "nine", f"img{i}", seed=0) for i in range(50)]
+  again = [prompts.choose_prompt(candidates, "nine", f"img{i}", seed=0) for i in range(50)]
+  assert picks == again
+  assert len(set(picks)) == 5
+  other_seed = [prompts.choose_prompt(candidates, "nine", f"img{i}", seed=1) for i in range(50)]
+  assert other_seed != picks
+
+
+def test_description_file_with_format(tmp_path):
+  path = tmp_path / "descriptions.json"
+  path.write_text(json.dumps({
+      "nine": ["a nine painted on a red barn door", "a nine on a football shirt"],
+      "great_white": ["a shark under a fishing boat"], "unused": ["x"]}))
+  c = _prompts_config(source="file", descriptions_file=str(path),
+                      description_format="a 8k real photo: {d}")
+  document = prompts.build_prompts(c, HARD, seed=0)
+  assert document["classes"]["nine"] == [
+      "a 8k real photo: a nine painted on a red barn door",
+      "a 8k real photo: a nine on a football shirt"]
+  assert set(document["classes"]) == {"nine", "great_white"}
+  assert document["sources"]["digits/0100"] == "a 8k real photo: a shark under a fishing boat"
+  assert set(document["sources"]) == {r["source_id"] for r in HARD}
+
+
+def test_description_file_errors_name_class_and_file(tmp_path):
+  path = tmp_path / "descriptions.json"
+  path.write_text(json.dumps({"nine": ["a nine on a wall"]}))
+  c = _prompts_config(source="file", descriptions_file=str(path))
+  with pytest.raises(ValueError) as e:
+    prompts.build_prompts(c, HARD, seed=0)
+  assert "great_white" in str(e.value) and str(path) in str(e.value)
+  path.write_text(json.dumps({"nine": [], "great_white": ["x"]}))
+  with pytest.raises(ValueError, match="'nine' must map to a non-empty list"):
+    prompts.build_prompts(c, HARD, seed=0)
+  path.write_text("{not json")
+  with pytest.raises(ValueError, match="not valid JSON"):
+    prompts.build_prompts(c, HARD, seed=0)
+  missing = _prompts_config(source="file", descriptions_file=str(tmp_path / "nope.json"))
+  with pytest.raises(FileNotFoundError, match="nope.json"):
+    prompts.build_prompts(missing, HARD, seed=0)
+  with pytest.raises(ValueError, match="description_format"):
+    prompts.build_prompts(_prompts_config(source="file", descriptions_file=str(path),
+                                          description_format="no slot"), HARD, seed=0)
+
+
+def test_prompts_stage_writes_prompts_json(tmp_path):
+  config = config_lib.base_config()
+  config.prompts.templates = ("photo",)
+  with pytest.raises(FileNotFoundError, match="hard"):
+    prompts_stage.run(config, tmp_path)
+  wd.append_jsonl(wd.path(tmp_path, wd.HARD), HARD)
+  prompts_stage.run(config, tmp_path)
+  document = json.loads(wd.path(tmp_path, wd.PROMPTS).read_text())
+  assert set(document["sources"]) == {r["source_id"] for r in HARD}
+  assert all(p in document["classes"]["nine"] for s, p in document["sources"].items()
+             if s != "digits/0100")
+  first = wd.path(tmp_path, wd.PROMPTS).read_bytes()
+  prompts_stage.run(ml_collections.ConfigDict(config), tmp_path)
+  assert wd.path(tmp_path, wd.PROMPTS).read_bytes() == first

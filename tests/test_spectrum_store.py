@@ -1,0 +1,160 @@
+"""The spectrum store: atomic images, manifest shards, reconcile, fingerprints, scores."""
+
+import json
+
+import numpy as np
+import pytest
+
+from discl_jax import seeding
+from discl_jax.data import records
+from discl_jax.data import spectrum_store as ss
+
+
+def _row(source="img7", strength=0.3, seed=0, label=2, class_name="two"):
+  return ss.make_row(source_id=source, label=label, class_name=class_name,
+                     strength=strength, seed=seed, prompt=f"a photo of a {class_name}")
+
+
+def _image(value=0, size=8):
+  return np.full((size, size, 3), value, np.uint8)
+
+
+def test_row_fields_and_paths_follow_the_interface():
+  row = _row(strength=0.3, seed=5)
+  assert row["job_id"] == "img7|s0.300|seed5"
+  assert row["image_guidance"] == 0.7
+  assert row["path"] == "two/img7/lambda0.70_seed5.png"
+  assert set(row) == set(ss.ROW_KEYS)
+  odd = _row(source="dir/a b.jpg", class_name="great white/shark")
+  assert odd["path"] == "great_white_shark/dir_a_b.jpg/lambda0.70_seed0.png"
+
+
+def test_add_writes_png_and_manifest_and_rows_read_back(tmp_path):
+  store = ss.SpectrumStore(tmp_path, 0, 1)
+  store.reconcile()
+  row = _row()
+  store.add(row, _image(9))
+  assert store.done_job_ids() == {row["job_id"]}
+  path = store.image_path(row)
+  assert path == tmp_path / "two/img7/lambda0.70_seed0.png"
+  np.testing.assert_array_equal(records.read_rgb(path), _image(9))
+  (got,) = ss.SpectrumStore(tmp_path, 0, 1).rows()
+  assert got == dict(row, clip_text=None, clip_source=None, score_error=None)
+  assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_add_rejects_bad_images_and_rows(tmp_path):
+  store = ss.SpectrumStore(tmp_path, 0, 1)
+  with pytest.raises(ValueError, match="uint8 H x W x 3"):
+    store.add(_row(), np.zeros((4, 4), np.uint8))
+  with pytest.raises(ValueError, match="lacks key"):
+    store.add({"job_id": "x"}, _image())
+
+
+def test_reconcile_drops_missing_files_duplicates_and_torn_line(tmp_path):
+  store = ss.SpectrumStore(tmp_path, 0, 1)
+  a, b, c = _row(seed=0), _row(seed=1), _row(seed=2)
+  for r in (a, b, c):
+    store.add(r, _image())
+  store.image_path(b).unlink()
+  with open(store.manifest_path, "a", encoding="utf-8") as f:
+    f.write(json.dumps(a) + "\n")           # a duplicate row
+    f.write('{"job_id": "img7|s0.300|se')   # torn by a kill mid-write
+  counts = ss.SpectrumStore(tmp_path, 0, 1).reconcile()
+  assert counts["kept"] == 2
+  assert counts["dropped_missing"] == 1
+  assert counts["dropped_duplicate"] == 1
+  lines = store.manifest_path.read_text().splitlines()
+  assert [json.loads(l)["job_id"] for l in lines] == [a["job_id"], c["job_id"]]
+  store = ss.SpectrumStore(tmp_path, 0, 1)
+  assert store.done_job_ids() == {a["job_id"], c["job_id"]}
+  store.add(b, _image())                    # appends cleanly after the repair
+  assert len(store.manifest_path.read_text().splitlines()) == 3
+  assert ss.SpectrumStore(tmp_path, 0, 1).reconcile()["kept"] == 3
+
+
+def test_reconcile_readds_known_orphans_and_removes_unknown_and_temp(tmp_path):
+  store = ss.SpectrumStore(tmp_path, 0, 1)
+  known, unknown = _row(seed=0), _row(seed=1)
+  # Files written just before a kill, with no manifest row.
+  for r in (known, unknown):
+    path = store.image_path(r)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(ss.encode_png(_image(3)))
+  temp = store.image_path(known).parent / ".lambda0.70_seed2.png.k2j4x9_a.tmp"
+  temp.write_bytes(b"half a png")
+  counts = store.reconcile(expected_rows=[known])
+  assert counts["readded"] == 1 and counts["removed_orphans"] == 1
+  assert counts["removed_temp"] == 1
+  assert not temp.exists() and not store.image_path(unknown).exists()
+  assert store.done_job_ids() == {known["job_id"]}
+  assert [r["job_id"] for r in ss.SpectrumStore(tmp_path, 0, 1).rows()] == [known["job_id"]]
+  # A second reconcile changes nothing.
+  again = store.reconcile(expected_rows=[known])
+  assert again == dict(counts, readded=0, removed_orphans=0, removed_temp=0)
+
+
+def test_processes_write_own_shards_and_leave_foreign_files(tmp_path):
+  rows = [_row(seed=s) for s in range(12)]
+  stores = [ss.SpectrumStore(tmp_path, p, 2) for p in range(2)]
+  for r in rows:
+    owner = next(p for p in range(2) if seeding.process_owns(r["job_id"], p, 2))
+    stores[owner].add(r, _image())
+  assert (tmp_path / "manifest-00000.jsonl").exists()
+  assert (tmp_path / "manifest-00001.jsonl").exists()
+  merged = ss.SpectrumStore(tmp_path, 0, 2)
+  assert {r["job_id"] for r in merged.rows()} == {r["job_id"] for r in rows}
+  assert merged.done_job_ids() == {r["job_id"] for r in rows}
+  # An unknown file with no row is another process's business when there are several.
+  stray = tmp_path / "two/img7/lambda0.10_seed99.png"
+  stray.write_bytes(ss.encode_png(_image()))
+  counts = merged.reconcile()
+  assert counts["left_foreign"] == 1 and stray.exists()
+  assert counts["kept"] + ss.SpectrumStore(tmp_path, 1, 2).reconcile()["kept"] == 12
+
+
+def test_fingerprint_written_once_then_checked(tmp_path):
+  store = ss.SpectrumStore(tmp_path, 0, 1)
+  config = {"diffusion": {"guidance_scale": 10.0, "scheduler": "ddim"},
+            "seed": 0, "strengths": (0.1, 0.2)}
+  store.check_fingerprint(config)
+  assert json.loads((tmp_path / "generation.json").read_text())["seed"] == 0
+  store.check_fingerprint(config)  # tuples vs lists do not count as a change
+  changed = {"diffusion": {"guidance_scale": 7.5, "scheduler": "ddim"},
+             "seed": 1, "strengths": (0.1, 0.2)}
+  with pytest.raises(ValueError) as e:
+    ss.SpectrumStore(tmp_path, 0, 1).check_fingerprint(changed)
+  message = str(e.value)
+  assert "diffusion.guidance_scale" in message and "seed" in message
+  assert "scheduler" not in message
+  assert "10.0" in message and "7.5" in message
+
+
+def test_scores_merge_into_rows(tmp_path):
+  store = ss.SpectrumStore(tmp_path, 0, 1)
+  a, b = _row(seed=0), _row(seed=1)
+  store.add(a, _image())
+  store.add(b, _image())
+  store.add_scores([{"job_id": a["job_id"], "clip_text": 0.31, "clip_source": 0.8, "error": None}])
+  ss.SpectrumStore(tmp_path, 1, 2).add_scores(
+      [{"job_id": b["job_id"], "clip_text": None, "clip_source": None, "error": "bad"}])
+  rows = {r["job_id"]: r for r in ss.SpectrumStore(tmp_path, 0, 1).rows()}
+  assert rows[a["job_id"]]["clip_text"] == 0.31
+  assert rows[a["job_id"]]["clip_source"] == 0.8
+  assert rows[a["job_id"]]["score_error"] is None
+  assert rows[b["job_id"]]["score_error"] == "bad"
+  assert rows[b["job_id"]]["clip_text"] is None
+  with pytest.raises(ValueError, match="job_id"):
+    store.add_scores([{"clip_text": 0.1}])
+
+
+def test_to_labeled_images(tmp_path):
+  store = ss.SpectrumStore(tmp_path, 0, 1)
+  rows = [_row(seed=0, label=1), _row(seed=1, label=1, strength=0.5)]
+  for v, r in enumerate(rows):
+    store.add(r, _image(v * 50))
+  images = ss.to_labeled_images(store.rows(), ("zero", "one", "two"), tmp_path)
+  assert list(images.ids) == [r["job_id"] for r in rows]
+  assert list(images.labels) == [1, 1]
+  assert images.class_names == ("zero", "one", "two")
+  np.testing.assert_array_equal(images.image(1), _image(50))
