@@ -88,11 +88,12 @@ def base_config():
       grid_sources=4,          # sources per class in the spectrum grid
   )
   c.score = dict(
-      model="openai/clip-vit-base-patch32",
-      tiny=False,
+      model="openai/clip-vit-base-patch32",  # local dir or hub id (Flax msgpack or PyTorch safetensors)
+      tiny=False,              # build a tiny random CLIP into workdir/models/clip
+      dtype="float32",         # float32 | bfloat16
       text_template="a photo of {c}",
-      threshold=0.30,
-      batch_size=64,
+      threshold=0.30,          # keep clip_text >= threshold; a cosine in [-1, 1]
+      batch_size=64,           # global images per jitted batch
       regenerate=False,
       max_regenerations=3,
   )

@@ -1,4 +1,4 @@
-"""A tiny iWildCam-shaped dataset (WILDS v2.0 layout) and a tiny CLIP, written into a test's tmp dir.
+"""A tiny iWildCam-shaped dataset (WILDS v2.0 layout), written into a test's tmp dir.
 
 Layout, as `wilds.datasets.IWildCamDataset` (v2.0) reads it:
   ROOT/metadata.csv    one row per image; columns METADATA_COLUMNS (WILDS
@@ -106,24 +106,3 @@ def _class_image(y, image_size, rng):
   image += rng.normal(0.0, 0.08, image.shape)
   return Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8))
 
-
-def build_tiny_clip(path, seed=0):
-  """Writes a tiny random FlaxCLIPModel (+ tiny CLIP tokenizer) at `path` with save_pretrained.
-
-  Loads back with `FlaxCLIPModel.from_pretrained(path)` and
-  `CLIPTokenizer.from_pretrained(path)`, the path real weights take.
-  """
-  from transformers import CLIPConfig, FlaxCLIPModel  # pylint: disable=g-import-not-at-top
-  from discl_jax.diffusion.models import write_tiny_tokenizer  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(path)
-  tokenizer = write_tiny_tokenizer(path, model_max_length=32)
-  config = CLIPConfig(
-      text_config=dict(vocab_size=len(tokenizer.encoder), hidden_size=32, intermediate_size=37,
-                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.eos_token_id),
-      vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
-                         num_hidden_layers=2, num_attention_heads=4),
-      projection_dim=16)
-  FlaxCLIPModel(config, seed=seed).save_pretrained(str(path))
-  return path

@@ -326,3 +326,45 @@ def test_all_classes_tail_trains_on_the_real_tail(caplog):
   assert any("every training image is hard" in r.message for r in caplog.records)
   _, plans = _plans(spec, 2)
   assert len(plans[0].picks) == len(train) and plans[0].num_synthetic == 0
+
+
+def test_hard_ids_mark_single_images_as_tail():
+  # iWildCam-style: the hard images are chosen per image (hard.jsonl), not per class.
+  train = _train()
+  hard_rows = [0, 1, 250, 251, 252]  # two of class 0, three of class 1
+  rows = [{"label": int(train.labels[i]), "image_guidance": 0.3, "source_id": train.ids[i]}
+          for i in hard_rows]
+  c = config_lib.base_config().curriculum
+  c.levels, c.curriculum_epochs = (0.3,), 2
+  spec = CurriculumSpec.from_config(c, train=train, groups=GROUPS, synthetic_rows=rows,
+                                    seed=0, hard_ids=[train.ids[i] for i in hard_rows])
+  assert np.flatnonzero(spec.hard).tolist() == hard_rows
+  assert spec.tail_classes.tolist() == [0, 1] and spec.tail_share == pytest.approx(0.2)
+  _, plans = _plans(spec, 1)
+  nontail = len(train) - len(hard_rows)
+  assert _tail_count(spec, plans[0]) == int(0.2 / 0.8 * int(0.3 * nontail))
+  syn = plans[0].picks[plans[0].picks[:, 0] == SYNTHETIC, 1]
+  assert set(spec.syn_labels[syn].tolist()) == {0, 1}
+
+
+def test_adaptive_resumes_from_a_checkpointed_state(tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  spec = _spec("adaptive", levels=(0.1, 0.3, 0.5), curriculum_epochs=8)
+  rng = np.random.default_rng(0)
+  probs = {e: rng.uniform(size=(4, len(spec.val_real_rows))).astype(np.float32) for e in range(8)}
+  _, straight = _plans(spec, 8, probs.get)
+
+  state = spec.initial_state()
+  for epoch in range(5):
+    signals = {"val_probs": probs[epoch]} if needs_signals(spec, epoch) else None
+    state, _ = plan_epoch(spec, state, epoch, signals)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "curriculum", state)
+  checkpointer.wait_until_finished()
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, spec.initial_state())
+  state = checkpointer.restore(tmp_path / "curriculum", target)
+  for epoch in range(5, 8):
+    signals = {"val_probs": probs[epoch]} if needs_signals(spec, epoch) else None
+    state, plan = plan_epoch(spec, state, epoch, signals)
+    assert plan.level == straight[epoch].level
+    np.testing.assert_array_equal(plan.picks, straight[epoch].picks)

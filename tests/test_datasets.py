@@ -1,10 +1,12 @@
 """digits-LT and the TFDS sources (tfds.testing.mock_data: nothing is downloaded)."""
 
+import pickle
+
 import numpy as np
 import pytest
 
 from discl_jax import config as config_lib
-from discl_jax.data import datasets, digits, longtail
+from discl_jax.data import datasets, digits, longtail, pipeline
 
 
 def _data_config(**overrides):
@@ -109,6 +111,13 @@ def test_generic_tfds_is_lazy_and_keeps_labels():
     np.testing.assert_array_equal(sub.image(0), full[5]["image"])
     assert list(sub.ids) == ["imagenet2012/train/0000005", "imagenet2012/train/0000000"]
     assert test.ids[0] == "imagenet2012/validation/0000000"
+    copy = pickle.loads(pickle.dumps(sub))      # what grain workers receive
+    np.testing.assert_array_equal(copy.image(1), full[0]["image"])
+    picks = np.stack([np.zeros(4, np.int64), np.arange(4)], 1)
+    batch = next(iter(pipeline.train_loader([train], picks, image_size=16, batch_size=4,
+                                            seed=0, epoch=0, shard=(0, 1))))
+    assert batch["image"].shape == (4, 16, 16, 3)
+    np.testing.assert_array_equal(batch["label"], train.labels[batch["row"]])
 
 
 def test_missing_tfds_name_is_named():

@@ -139,6 +139,29 @@ def test_unreadable_image_found_in_the_pipeline(imagenet_lt, corrupt_train):
   np.testing.assert_array_equal(np.flatnonzero(mask == 0), [bad_row] + [9, 10, 11])
 
 
+def test_bad_option_values_are_named(imagenet_lt):
+  imagenet_lt.on_bad_image = "ignore"
+  with pytest.raises(ValueError, match="data.on_bad_image .* 'ignore'"):
+    datasets.load(imagenet_lt, seed=0)
+  imagenet_lt.on_bad_image = "error"
+  imagenet_lt.verify_images = "all"
+  with pytest.raises(ValueError, match="data.verify_images .* 'all'"):
+    datasets.load(imagenet_lt, seed=0)
+
+
+def test_decode_check_finds_a_truncated_image(imagenet_lt):
+  path = imagenet_lt.root + "/test/c2/img1.png"
+  data = open(path, "rb").read()
+  with open(path, "wb") as f:
+    f.write(data[:len(data) // 2])                      # header intact, pixels cut
+  imagenet_lt.verify_images = "decode"
+  imagenet_lt.on_bad_image = "skip"
+  skipped = []
+  splits = datasets.load(imagenet_lt, seed=0, skipped=skipped)
+  assert [s["path"] for s in skipped] == [path] and len(splits["test"]) == 5
+  assert "cannot decode" in skipped[0]["reason"]
+
+
 def test_iwildcam_metadata_csv(tmp_path):
   tiny = iwildcam_fixture.write_tiny_iwildcam(tmp_path / "iwildcam_v2.0", image_size=(16, 9))
   splits = datasets.load(_data_config(name="iwildcam", metadata_csv=str(tiny.metadata_csv)),

@@ -148,7 +148,7 @@ def test_generate_names_unreadable_source_image(tmp_path, monkeypatch):
   monkeypatch.setattr(datasets, "load", lambda *_: {"train": on_disk})
   workdir = tmp_path / "work"
   _prepare(workdir, config)
-  with pytest.raises(records.BadImageError, match=rf"1 unreadable.*{nines[3]}\.png"):
+  with pytest.raises(records.BadImageError, match=rf"(?s)1 unreadable.*/{nines[3]}\.png"):
     generate_stage.run(config, workdir)
   assert not list((workdir / wd.SPECTRUM).rglob("*.png"))
 

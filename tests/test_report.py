@@ -1,7 +1,9 @@
 """The eval stage and report: report.md and curves.png from a metrics.jsonl the test writes."""
 
+import importlib.util
 import io
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -43,8 +45,11 @@ def _write_workdir(tmp_path, rows, best_epoch=4):
 
 
 def _demo_config():
-  from configs import demo  # pylint: disable=g-import-not-at-top
-  return demo.get_config()
+  path = pathlib.Path(__file__).resolve().parent.parent / "configs" / "demo.py"
+  spec = importlib.util.spec_from_file_location("demo_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def test_eval_stage_writes_report_and_curves(tmp_path):

@@ -30,6 +30,7 @@ from discl_jax.data.records import BadImageError, LabeledImages, read_rgb
 
 WILDS_SPLITS = ("train", "id_val", "id_test", "val", "test")
 VERIFY = ("exists", "header", "decode")
+ON_BAD_IMAGE = ("error", "skip")
 
 
 def check_image(path, verify="exists"):
@@ -104,11 +105,8 @@ def _checked(split_name, rel_paths, labels, wheres, root, class_names, data_conf
       full.append(path)
     elif data_config.on_bad_image == "skip":
       report.append({"split": split_name, "path": path, "reason": f"{where}: {reason}"})
-    elif data_config.on_bad_image == "error":
-      raise BadImageError(f"{reason}: {path} (listed at {where})")
     else:
-      raise ValueError(
-          f"data.on_bad_image must be 'error' or 'skip', got {data_config.on_bad_image!r}")
+      raise BadImageError(f"{reason}: {path} (listed at {where})")
   keep = np.asarray(keep, np.int64)
   return LabeledImages(
       ids=np.asarray(rel_paths, dtype=str)[keep] if len(keep) else np.zeros(0, str),
@@ -205,6 +203,12 @@ def _log_report(report):
 
 def load(data_config, seed=0):
   """Returns ({split: LabeledImages}, skipped rows) for imagenet_lt or iwildcam."""
+  if data_config.on_bad_image not in ON_BAD_IMAGE:
+    raise ValueError(f"data.on_bad_image must be one of {ON_BAD_IMAGE}, "
+                     f"got {data_config.on_bad_image!r}")
+  if data_config.verify_images not in VERIFY:
+    raise ValueError(f"data.verify_images must be one of {VERIFY}, "
+                     f"got {data_config.verify_images!r}")
   if data_config.name == "imagenet_lt":
     return load_imagenet_lt(data_config, seed)
   return load_iwildcam(data_config)

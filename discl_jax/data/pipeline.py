@@ -4,6 +4,9 @@
 process_count)` yields its own `batch_size // process_count` rows, the slice
 `parallel.put_batch` expects. Iterators are grain `DataLoader` iterators, so
 `get_state()` / `set_state()` checkpoint and resume them exactly.
+With `num_workers` W > 1 grain deals records round-robin to the workers and
+each batches its own, so batch composition depends on W (and is reproducible
+for a fixed W); W = 0 and W = 1 give the same batches.
 """
 
 import hashlib
@@ -29,9 +32,10 @@ def _default_shard():
 class PicksSource(grain.RandomAccessDataSource):
   """Record k decodes `sources[picks[k, 0]].image(picks[k, 1])`.
 
-  With `on_bad_image="skip"` an unreadable image yields a record marked bad
-  (image None) and its path is logged and appended to `self.skipped` (visible
-  in-process, i.e. with `num_workers=0`); "error" raises BadImageError naming it.
+  With `on_bad_image="skip"` an unreadable image yields a record with image
+  None and mask 0, and its message (naming the file) is logged and appended to
+  `self.skipped` (the loader's `.skipped`; filled in-process, i.e. with
+  `num_workers=0`); "error" raises BadImageError naming the file.
   """
 
   def __init__(self, sources, picks, on_bad_image="error"):
@@ -41,9 +45,10 @@ class PicksSource(grain.RandomAccessDataSource):
     self._picks = np.asarray(picks, np.int64).reshape(-1, 2)
     self._on_bad_image = on_bad_image
     self.skipped = []
-    for s, n in enumerate(np.bincount(self._picks[:, 0], minlength=len(self._sources))):
-      if n and s >= len(self._sources):
-        raise ValueError(f"picks name source {s}, only {len(self._sources)} given")
+    bad = (self._picks[:, 0] < 0) | (self._picks[:, 0] >= len(self._sources))
+    if bad.any():
+      raise ValueError(f"picks name source {int(self._picks[bad][0, 0])}, "
+                       f"only {len(self._sources)} given")
     for s, source in enumerate(self._sources):
       rows = self._picks[self._picks[:, 0] == s, 1]
       if len(rows) and (rows.min() < 0 or rows.max() >= len(source)):

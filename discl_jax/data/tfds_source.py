@@ -50,8 +50,14 @@ def builder(name, data_dir="", manual_dir=""):
   return b
 
 
-def _source(b, split):
-  return b.as_data_source(split=split)
+def _source(b, split, **kwargs):
+  try:
+    return b.as_data_source(split=split, **kwargs)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(
+        f"cannot read split {split!r} of TFDS dataset {b.name!r} in {b.data_dir}: "
+        f"{type(e).__name__}: {e}. Splits need the array_record file format "
+        f"(`tfds convert_format` converts tfrecord data).") from e
 
 
 def _rgb(image):
@@ -88,6 +94,7 @@ class TfdsImages:
   """
 
   def __init__(self, name, split, data_dir, labels, class_names_, indices=None):
+    """`name` is the TFDS name as requested (config / version included)."""
     self.name, self.split, self.data_dir = name, split, data_dir
     self.labels = np.asarray(labels, np.int64)
     self.class_names = tuple(class_names_)
@@ -135,10 +142,8 @@ def scan_labels(b, split):
   tfds = _tfds()
   source = _source(b, split)
   try:
-    raw = tfds.data_source(
-        b.name, split=split, data_dir=b.data_dir_root, download=False,
-        deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES,
-        builder_kwargs={"file_format": "array_record"})
+    raw = _source(b, split,
+                  deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
     parser = b.info.features._example_parser_np  # pylint: disable=protected-access
     parse = lambda i: parser.parse_example(raw[i])["label"]
     parse(0)
@@ -171,12 +176,12 @@ def load(data_config, seed):
             "val": full.subset(val_idx), "test": test}
   if not data_config.tfds_name:
     raise ValueError("data.name='tfds' needs data.tfds_name (e.g. imagenet2012)")
-  b = builder(data_config.tfds_name, data_config.data_dir, data_config.manual_dir)
+  name, data_dir = data_config.tfds_name, data_config.data_dir
+  b = builder(name, data_dir, data_config.manual_dir)
   names = class_names(b)
-  data_dir = data_config.data_dir
-  train = TfdsImages(b.name, "train", data_dir, scan_labels(b, "train"), names)
+  train = TfdsImages(name, "train", data_dir, scan_labels(b, "train"), names)
   test_split = _test_split(b, data_config.tfds_test_split)
-  test = TfdsImages(b.name, test_split, data_dir, scan_labels(b, test_split), names)
+  test = TfdsImages(name, test_split, data_dir, scan_labels(b, test_split), names)
   val_idx, rest_idx = longtail.take_per_class(
-      train.labels, data_config.val_per_class, seed, f"{b.name}/val")
+      train.labels, data_config.val_per_class, seed, f"{name}/val")
   return {"train": train.subset(rest_idx), "val": train.subset(val_idx), "test": test}

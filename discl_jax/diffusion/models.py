@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from discl_jax import seeding
 from discl_jax.diffusion import convert
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -240,6 +241,29 @@ def tiny_configs(vocab_size, bos_id, eos_id):
   return unet, vae, text
 
 
+def random_params(shape_tree, seed, component):
+  """Returns float32 numpy params for `shape_tree` drawn from (seed, component, parameter path).
+
+  Kernels are LeCun-normal, embeddings N(0, 0.02), norm scales 1 + N(0, 0.02) and
+  biases N(0, 0.02), so every parameter matters to the output. Drawn with numpy:
+  jit-compiling the modules' own `init_weights` costs minutes on a small CPU.
+  """
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  flat = {}
+  for path, leaf in traverse_util.flatten_dict(shape_tree).items():
+    rng = seeding.numpy_rng(seed, "tiny-sd", component, *path)
+    shape, name = tuple(leaf.shape), path[-1]
+    if name == "kernel":
+      std = 1.0 / np.sqrt(max(1, int(np.prod(shape[:-1]))))
+      value = rng.normal(0.0, std, shape)
+    elif name == "scale":
+      value = 1.0 + rng.normal(0.0, 0.02, shape)
+    else:
+      value = rng.normal(0.0, 0.02, shape)
+    flat[path] = value.astype(np.float32)
+  return traverse_util.unflatten_dict(flat)
+
+
 def build_tiny(path, seed=0, unet_overrides=None):
   """Writes a tiny random SD 1.x-style checkpoint (diffusers layout, Flax msgpack) at `path`; returns it.
 
@@ -253,15 +277,16 @@ def build_tiny(path, seed=0, unet_overrides=None):
   unet_cfg, vae_cfg, text_cfg = tiny_configs(
       len(tokenizer.encoder), tokenizer.bos_token_id, tokenizer.eos_token_id)
   unet_cfg.update(unet_overrides or {})
-  unet_key, vae_key, text_key = jax.random.split(jax.random.PRNGKey(seed), 3)
   with quiet():
     unet = FlaxUNet2DConditionModel(**unet_cfg)
-    unet.save_pretrained(str(root / "unet"), params=jax.jit(unet.init_weights)(unet_key))
+    unet.save_pretrained(str(root / "unet"), params=random_params(
+        jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0)), seed, "unet"))
     vae = FlaxAutoencoderKL(**vae_cfg)
-    vae.save_pretrained(str(root / "vae"), params=jax.jit(vae.init_weights)(vae_key))
+    vae.save_pretrained(str(root / "vae"), params=random_params(
+        jax.eval_shape(vae.init_weights, jax.random.PRNGKey(0)), seed, "vae"))
     text = FlaxCLIPTextModel(CLIPTextConfig(**text_cfg), _do_init=False)
-    text_params = jax.jit(text.init_weights, static_argnums=1)(text_key, (1, 1))
-    text.save_pretrained(str(root / "text_encoder"), params=text_params)
+    text.save_pretrained(str(root / "text_encoder"),
+                         params=random_params(text.params_shape_tree, seed, "text_encoder"))
   (root / "scheduler").mkdir(exist_ok=True)
   (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD_SCHEDULER_CONFIG, indent=2))
   (root / "model_index.json").write_text(json.dumps({

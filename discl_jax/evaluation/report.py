@@ -26,14 +26,14 @@ REAL_LEVEL = 1.0  # where real images sit on the level axis (lambda = 1: the ima
 
 
 def splits_in(rows):
-  """Returns the split names that have accuracy keys in `rows`, in first-seen order."""
-  seen = []
+  """Returns the split names that have accuracy keys in `rows`: test splits last, else by name."""
+  seen = set()
   for row in rows:
     for key in row:
       split, sep, metric = key.rpartition("/")
-      if sep and metric in COLUMNS and split not in seen:
-        seen.append(split)
-  return seen
+      if sep and metric in COLUMNS:
+        seen.add(split)
+  return sorted(seen, key=lambda name: ("test" in name, name))
 
 
 def best_row(rows, best_epoch=None, split="val", metric="all"):

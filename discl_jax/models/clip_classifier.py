@@ -10,23 +10,18 @@ Everything here is a pure function of `(model, params, arrays)`: `model` only
 supplies the module structure (`model.module`), `params` is the plain pytree
 of `FlaxCLIPModel.params` (keys "text_model", "vision_model",
 "text_projection", "visual_projection", "logit_scale"), so the functions jit,
-differentiate and shard like any other. Images are NHWC floats normalised
-with CLIP's statistics (`normalize`).
+differentiate and shard like any other. A loaded checkpoint comes from
+`discl_jax.scoring.clip.load_clip` (`.model`, `.params`, `.tokenizer`).
+Images are NHWC floats standardised with CLIP's statistics
+(`discl_jax.scoring.preprocess.CLIP_MEAN` / `CLIP_STD`: pass them as the
+data loaders' mean/std).
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# CLIP's pixel statistics (`CLIPImageProcessor` image_mean / image_std).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def normalize(images_uint8):
-  """Returns float32 NHWC images scaled to [0, 1] and standardised with CLIP's mean/std."""
-  images = np.asarray(images_uint8, np.float32) / 255.0
-  return (images - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+from discl_jax.scoring import clip as clip_lib
 
 
 def l2_normalize(x, axis=-1, eps=1e-12):
@@ -40,13 +35,6 @@ def _image_embeds(module, pixels):
   return module.visual_projection(pooled)
 
 
-def _text_embeds(module, input_ids, attention_mask):
-  position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
-  pooled = module.text_model(input_ids=input_ids, attention_mask=attention_mask,
-                             position_ids=position_ids, deterministic=True)[1]
-  return module.text_projection(pooled)
-
-
 def image_features(model, params, pixels):
   """Returns the L2-normalised image embeddings [B, D] (float32) of NHWC `pixels`."""
   embeds = model.module.apply({"params": params}, jnp.asarray(pixels, model.dtype),
@@ -58,11 +46,10 @@ def text_features(model, params, input_ids, attention_mask):
   """Returns the L2-normalised text embeddings [..., D] (float32) of token ids [..., L]."""
   input_ids = jnp.asarray(input_ids, jnp.int32)
   attention_mask = jnp.asarray(attention_mask, jnp.int32)
-  lead = input_ids.shape[:-1]
-  embeds = model.module.apply(
-      {"params": params}, input_ids.reshape(-1, input_ids.shape[-1]),
-      attention_mask.reshape(-1, attention_mask.shape[-1]), method=_text_embeds)
-  return l2_normalize(embeds).reshape(*lead, -1)
+  length = input_ids.shape[-1]
+  embeds = clip_lib.embed_texts(model.module, params, input_ids.reshape(-1, length),
+                                attention_mask.reshape(-1, length))
+  return embeds.reshape(*input_ids.shape[:-1], -1)
 
 
 def logit_scale(params):

@@ -108,9 +108,8 @@ def _sampler_jobs(rows, train, index, size, seed):
                           strength=row["strength"], seed=seed)
 
 
-def _generate(config, checkpoint, store, train, index, owned, todo):
+def _generate(config, checkpoint, store, train, index, owned, todo, sizes):
   """Runs the sampler over `todo`, storing each image; returns the number made."""
-  todo, sizes = _check_sources(train, index, todo, config.data.on_bad_image)
   if not todo:
     return 0
   sd = models.load_sd(checkpoint, dtype=config.diffusion.dtype)
@@ -189,8 +188,9 @@ def run(config, workdir):
                len(expected), len(owned), len(todo))
   train = datasets.load(config.data, config.seed)["train"]
   index = _source_index(train, hard_rows)
+  todo, sizes = _check_sources(train, index, todo, config.data.on_bad_image)
   checkpoint = model_dir(config, workdir)
-  _generate(config, checkpoint, store, train, index, owned, todo)
+  _generate(config, checkpoint, store, train, index, owned, todo, sizes)
   _barrier("generated")
   if wd.is_main_process():
     write_grids(config, workdir, store, train, index, hard_rows)

@@ -16,12 +16,14 @@ class TrainState:
 
 def create(model, tx, rng, image_size):
   """Returns a fresh TrainState for `model` on `image_size`^2 RGB inputs."""
-  variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32),
-                         train=False)
-  params = variables["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get("batch_stats", {}),
-                    opt_state=tx.init(params))
+  def init(rng):
+    variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32),
+                           train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(params))
+  return jax.jit(init)(rng)
 
 
 def variables(state):

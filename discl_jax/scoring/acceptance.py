@@ -1,0 +1,149 @@
+"""The CLIPScore filter: which generated images are kept, and the acceptance report.
+
+A row is accepted when it was scored without error and its image-text cosine
+similarity `clip_text` is >= the threshold. Rows whose image could not be read
+carry an error naming the file; they are excluded and listed in the report.
+"""
+
+import collections
+import io
+import math
+
+import numpy as np
+
+
+def check_threshold(threshold):
+  """Returns `threshold` as a float; ValueError when it is not a cosine in [-1, 1]."""
+  try:
+    value = float(threshold)
+  except (TypeError, ValueError):
+    raise ValueError(f"score.threshold must be a number in [-1, 1], got {threshold!r}") from None
+  if not math.isfinite(value) or not -1.0 <= value <= 1.0:
+    raise ValueError(
+        f"score.threshold={threshold!r} is outside [-1, 1]: CLIP scores are cosine "
+        "similarities (the reference keeps >= 0.30, or >= 0.25 on iWildCam)")
+  return value
+
+
+def is_scored(row):
+  """Returns True when `row` has a score or a recorded scoring error."""
+  return row.get("clip_text") is not None or row.get("score_error") is not None
+
+
+def is_accepted(row, threshold):
+  """Returns True when `row` was scored without error and clip_text >= threshold."""
+  return (row.get("score_error") is None and row.get("clip_text") is not None
+          and row["clip_text"] >= threshold)
+
+
+def accepted_rows(rows, threshold):
+  """Returns the rows (manifest rows with scores merged) that pass the filter."""
+  threshold = check_threshold(threshold)
+  return [row for row in rows if is_accepted(row, threshold)]
+
+
+def _rate(accepted, total):
+  return accepted / total if total else None
+
+
+def _summary(group_rows, threshold):
+  scored = [r for r in group_rows if r.get("score_error") is None and r.get("clip_text") is not None]
+  accepted = sum(is_accepted(r, threshold) for r in scored)
+  text = np.asarray([r["clip_text"] for r in scored], np.float64)
+  source = np.asarray([r["clip_source"] for r in scored if r.get("clip_source") is not None],
+                      np.float64)
+  return dict(
+      generated=len(group_rows), scored=len(scored),
+      errors=sum(r.get("score_error") is not None for r in group_rows),
+      unscored=sum(not is_scored(r) for r in group_rows),
+      accepted=int(accepted), rate=_rate(int(accepted), len(scored)),
+      clip_text_mean=float(text.mean()) if len(text) else None,
+      clip_source_mean=float(source.mean()) if len(source) else None)
+
+
+def build_report(rows, threshold, *, model="", text_template=""):
+  """Returns the acceptance report (a JSON-able dict) of merged manifest rows.
+
+  Counts before (generated, scored) and after (accepted) the filter overall,
+  per image-guidance level, per class and per (class, level); the rows that
+  could not be scored, by path; and a warning for each (class, level) that is
+  left without an accepted image.
+  """
+  threshold = check_threshold(threshold)
+  rows = list(rows)
+  levels = sorted({float(r["image_guidance"]) for r in rows})
+  classes = sorted({(int(r["label"]), r["class_name"]) for r in rows})
+  by_level, by_class, by_pair = (collections.defaultdict(list) for _ in range(3))
+  for row in rows:
+    level = float(row["image_guidance"])
+    by_level[level].append(row)
+    by_class[int(row["label"])].append(row)
+    by_pair[(int(row["label"]), level)].append(row)
+
+  per_level = [dict(image_guidance=level, strength=round(1.0 - level, 6),
+                    **_summary(by_level[level], threshold)) for level in levels]
+  per_class = [dict(label=label, class_name=name, **_summary(by_class[label], threshold))
+               for label, name in classes]
+  per_class_level, warnings = [], []
+  for label, name in classes:
+    for level in levels:
+      pair_rows = by_pair.get((label, level), [])
+      accepted = sum(is_accepted(r, threshold) for r in pair_rows)
+      per_class_level.append(dict(label=label, class_name=name, image_guidance=level,
+                                  generated=len(pair_rows), accepted=int(accepted)))
+      if not accepted:
+        warnings.append(
+            f"class {name!r} has no accepted image at image guidance {level:.2f} "
+            f"({len(pair_rows)} generated, threshold {threshold})")
+  errors = [dict(job_id=r["job_id"], path=r["path"], error=r["score_error"])
+            for r in rows if r.get("score_error") is not None]
+  return dict(
+      threshold=threshold, model=model, text_template=text_template,
+      overall=_summary(rows, threshold), per_level=per_level, per_class=per_class,
+      per_class_level=per_class_level, errors=errors, warnings=warnings)
+
+
+def plot_png(report, rows):
+  """Returns PNG bytes of the acceptance figure: rates per level and class, score spread."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+  levels = [e["image_guidance"] for e in report["per_level"]]
+  labels = [f"{level:.2f}" for level in levels]
+  ax = axes[0]
+  ax.bar(labels, [e["rate"] or 0.0 for e in report["per_level"]], color="tab:blue")
+  for i, e in enumerate(report["per_level"]):
+    ax.annotate(f"{e['accepted']}/{e['scored']}", (i, e["rate"] or 0.0),
+                ha="center", va="bottom", fontsize=8)
+  ax.set(title="acceptance rate per level", xlabel="image guidance lambda",
+         ylabel="accepted / scored", ylim=(0, 1.1))
+
+  ax = axes[1]
+  spread = [[r["clip_text"] for r in rows
+             if r.get("clip_text") is not None and r.get("score_error") is None
+             and float(r["image_guidance"]) == level] for level in levels]
+  if any(spread):
+    ax.boxplot([s if s else [np.nan] for s in spread], tick_labels=labels)
+  ax.axhline(report["threshold"], color="tab:red", linestyle="--",
+             label=f"threshold {report['threshold']}")
+  ax.set(title="CLIP image-text similarity", xlabel="image guidance lambda", ylabel="cosine")
+  ax.legend(loc="best", fontsize=8)
+
+  ax = axes[2]
+  per_class = report["per_class"]
+  rates = [e["rate"] or 0.0 for e in per_class]
+  if len(per_class) <= 40:
+    ax.barh([e["class_name"] for e in per_class], rates, color="tab:green")
+    ax.set(xlabel="accepted / scored", xlim=(0, 1.05))
+    ax.tick_params(axis="y", labelsize=7)
+  else:
+    ax.hist(rates, bins=20, range=(0, 1), color="tab:green")
+    ax.set(xlabel="acceptance rate", ylabel="classes")
+  ax.set_title("acceptance rate per class")
+  fig.tight_layout()
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=100)
+  plt.close(fig)
+  return buffer.getvalue()

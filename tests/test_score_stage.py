@@ -1,0 +1,189 @@
+"""The `score` stage on a hand-made spectrum store of digits-LT images (tiny CLIP)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from discl_jax import config as config_lib
+from discl_jax import parallel
+from discl_jax import workdir as wd
+from discl_jax.data import datasets
+from discl_jax.data import spectrum_store
+from discl_jax.scoring import acceptance
+from discl_jax.scoring import clip
+from discl_jax.stages import score_stage
+
+STRENGTHS = (0.5, 0.9)
+SEEDS = (0, 1)
+
+
+def _config():
+  c = config_lib.base_config()
+  c.data.name = "digits_lt"
+  c.data.imbalance_ratio = 10.0
+  c.data.max_per_class = 30
+  c.data.val_per_class = 2
+  c.data.test_per_class = 5
+  c.score.tiny = True
+  c.score.model = ""
+  c.score.batch_size = 4
+  c.score.text_template = "a photo of the digit {c}"
+  c.score.threshold = 0.0
+  return c
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  """Returns (config, template workdir): a spectrum store of 3 classes x 2 sources
+  x 2 levels x 2 seeds = 24 images plus the tiny CLIP under models/clip."""
+  config = _config()
+  base = tmp_path_factory.mktemp("score")
+  clip.build_tiny_clip(wd.path(base, wd.MODELS, score_stage.TINY_CLIP), seed=config.seed)
+  train = datasets.load(config.data, config.seed)["train"]
+  store = spectrum_store.SpectrumStore(wd.path(base, wd.SPECTRUM))
+  rng = np.random.default_rng(0)
+  for label in (0, 3, 7):
+    for index in np.flatnonzero(train.labels == label)[:2]:
+      source = train.image(index)
+      for strength in STRENGTHS:
+        for seed in SEEDS:
+          noise = rng.normal(0, 255 * strength, source.shape)
+          image = np.clip(source + noise, 0, 255).astype(np.uint8)
+          row = spectrum_store.make_row(
+              source_id=train.ids[index], label=label, class_name=train.class_names[label],
+              strength=strength, seed=seed, prompt=f"a photo of {train.class_names[label]}")
+          store.add(row, image)
+  return config, base
+
+
+@pytest.fixture
+def workdir(prepared, tmp_path):
+  shutil.copytree(prepared[1], tmp_path / "w")
+  return tmp_path / "w"
+
+
+def _score_lines(workdir):
+  lines = []
+  for shard in sorted(wd.path(workdir, wd.SPECTRUM).glob("scores-*.jsonl")):
+    lines.extend(wd.read_jsonl(shard))
+  return lines
+
+
+def test_scores_every_row_and_writes_the_report(prepared, workdir):
+  config = _config()
+  config.score.threshold = 0.05
+  report = score_stage.run(config, workdir)
+  rows = spectrum_store.SpectrumStore(wd.path(workdir, wd.SPECTRUM)).rows()
+  assert len(rows) == 24 and all(r["clip_text"] is not None for r in rows)
+  assert all(r["clip_source"] is not None and r["score_error"] is None for r in rows)
+  on_disk = json.loads(wd.path(workdir, score_stage.ACCEPTANCE_JSON).read_text())
+  assert on_disk == json.loads(json.dumps(report))
+  png = wd.path(workdir, score_stage.ACCEPTANCE_PNG).read_bytes()
+  assert png.startswith(b"\x89PNG")
+
+  accepted = [r for r in rows if r["clip_text"] >= 0.05]
+  assert report["overall"]["generated"] == 24 and report["overall"]["scored"] == 24
+  assert report["overall"]["accepted"] == len(accepted)
+  assert [e["image_guidance"] for e in report["per_level"]] == [0.1, 0.5]
+  for entry in report["per_level"]:
+    level_rows = [r for r in rows if r["image_guidance"] == entry["image_guidance"]]
+    assert entry["generated"] == 12
+    assert entry["accepted"] == sum(r["clip_text"] >= 0.05 for r in level_rows)
+  assert [e["class_name"] for e in report["per_class"]] == ["zero", "three", "seven"]
+  assert sum(e["accepted"] for e in report["per_class"]) == len(accepted)
+  assert len(report["per_class_level"]) == 6
+  empty = {(e["class_name"], e["image_guidance"]) for e in report["per_class_level"]
+           if e["accepted"] == 0}
+  assert len(report["warnings"]) == len(empty)
+  assert acceptance.accepted_rows(rows, 0.05) == accepted
+
+
+def test_scores_equal_direct_clip_similarities(prepared, workdir):
+  config = _config()
+  score_stage.run(config, workdir)
+  store = spectrum_store.SpectrumStore(wd.path(workdir, wd.SPECTRUM))
+  rows = store.rows()[:5]
+  models = clip.load_clip(str(wd.path(workdir, wd.MODELS, score_stage.TINY_CLIP)))
+  scorer = clip.ClipScorer(models, parallel.make_mesh(), batch_size=8)
+  from discl_jax.data import records
+  images = scorer.image_embeddings([records.read_rgb(store.image_path(r)) for r in rows])
+  texts = scorer.text_embeddings([f"a photo of the digit {r['class_name']}" for r in rows])
+  train = datasets.load(config.data, config.seed)["train"]
+  where = {i: n for n, i in enumerate(train.ids)}
+  sources = scorer.image_embeddings([train.image(where[r["source_id"]]) for r in rows])
+  np.testing.assert_allclose([r["clip_text"] for r in rows], np.sum(images * texts, 1), atol=1e-5)
+  np.testing.assert_allclose([r["clip_source"] for r in rows], np.sum(images * sources, 1),
+                             atol=1e-5)
+
+
+def test_killed_run_resumes_and_scores_each_row_once(prepared, workdir, monkeypatch):
+  real_add = spectrum_store.SpectrumStore.add_scores
+  calls = []
+
+  def add_then_die(self, score_rows):
+    if len(calls) == 3:
+      raise RuntimeError("killed after 3 batches")
+    calls.append(len(score_rows))
+    real_add(self, score_rows)
+
+  monkeypatch.setattr(spectrum_store.SpectrumStore, "add_scores", add_then_die)
+  with pytest.raises(RuntimeError, match="killed"):
+    score_stage.run(_config(), workdir)
+  assert len(_score_lines(workdir)) == 12
+  assert not wd.path(workdir, score_stage.ACCEPTANCE_JSON).exists()
+
+  monkeypatch.setattr(spectrum_store.SpectrumStore, "add_scores", real_add)
+  report = score_stage.run(_config(), workdir)
+  lines = _score_lines(workdir)
+  job_ids = [line["job_id"] for line in lines]
+  assert len(job_ids) == 24 and len(set(job_ids)) == 24
+  assert report["overall"]["scored"] == 24
+
+  score_stage.run(_config(), workdir)  # nothing left: no new score rows
+  assert len(_score_lines(workdir)) == 24
+
+
+def test_missing_and_corrupt_images_are_reported_by_path(prepared, workdir):
+  store = spectrum_store.SpectrumStore(wd.path(workdir, wd.SPECTRUM))
+  rows = store.rows()
+  missing, corrupt = rows[1], rows[6]
+  store.image_path(missing).unlink()
+  store.image_path(corrupt).write_bytes(b"not a png at all")
+  report = score_stage.run(_config(), workdir)
+  errors = {e["path"]: e["error"] for e in report["errors"]}
+  assert set(errors) == {missing["path"], corrupt["path"]}
+  assert str(store.image_path(missing)) in errors[missing["path"]]
+  assert "not found" in errors[missing["path"]]
+  assert str(store.image_path(corrupt)) in errors[corrupt["path"]]
+  assert report["overall"]["generated"] == 24
+  assert report["overall"]["errors"] == 2 and report["overall"]["scored"] == 22
+  merged = {r["job_id"]: r for r in store.rows()}
+  for bad in (missing, corrupt):
+    assert merged[bad["job_id"]]["clip_text"] is None
+    assert merged[bad["job_id"]]["score_error"] is not None
+  accepted = acceptance.accepted_rows(store.rows(), _config().score.threshold)
+  assert {missing["job_id"], corrupt["job_id"]}.isdisjoint(r["job_id"] for r in accepted)
+
+
+def test_unreachable_threshold_warns_for_every_class_and_level(prepared, workdir):
+  config = _config()
+  config.score.threshold = 1.0
+  report = score_stage.run(config, workdir)
+  assert report["overall"]["accepted"] == 0
+  assert len(report["warnings"]) == 6
+  assert "class 'zero' has no accepted image at image guidance 0.10" in report["warnings"][0]
+
+
+def test_bad_config_values_are_clear_errors(prepared, workdir, tmp_path):
+  config = _config()
+  config.score.threshold = 1.5
+  with pytest.raises(ValueError, match="score.threshold=1.5 is outside"):
+    score_stage.run(config, workdir)
+  config = _config()
+  config.score.text_template = "a photo of a digit"
+  with pytest.raises(ValueError, match="must contain"):
+    score_stage.run(config, workdir)
+  with pytest.raises(FileNotFoundError, match="run the generate stage first"):
+    score_stage.run(_config(), tmp_path / "empty")
