@@ -1,23 +1,23 @@
 """CLIP classifier: features, zero-shot head, probabilities and WiSE-FT against numpy."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import iwildcam_fixture
 from discl_jax.models import clip_classifier as cc
+from discl_jax.scoring import clip as clip_lib
 
 TEMPLATES = ("a photo of {c}.", "{c} in the wild.", "a real photo of the {c}.")
-CLASSES = ("one", "two", "three", "nine")
+CLASSES = ("peccary", "agouti", "spotted paca", "ocelot")
 
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-  from transformers import CLIPTokenizer, FlaxCLIPModel  # pylint: disable=g-import-not-at-top
-  path = iwildcam_fixture.build_tiny_clip(tmp_path_factory.mktemp("clip"), seed=0)
-  model = FlaxCLIPModel.from_pretrained(str(path))
-  return model, model.params, CLIPTokenizer.from_pretrained(str(path))
+  path = clip_lib.build_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny", seed=0)
+  return clip_lib.load_clip(str(path))
 
 
 def _normalised(x):
@@ -26,53 +26,64 @@ def _normalised(x):
 
 
 def _pixels(n, seed=0):
-  rng = np.random.default_rng(seed)
-  return cc.normalize(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
+  return np.random.default_rng(seed).normal(size=(n, 32, 32, 3)).astype(np.float32)
+
+
+@functools.cache
+def _hf_features(model):
+  """Returns jitted (image, text) projections through transformers' own API (unnormalised)."""
+  image = jax.jit(lambda p, x: model.get_image_features(jnp.transpose(x, (0, 3, 1, 2)), params=p))
+  text = jax.jit(lambda p, ids, mask: model.get_text_features(ids, mask, params=p))
+  return image, text
 
 
 def test_features_are_the_models_projections_normalised(clip):
-  model, params, tokenizer = clip
+  model, params = clip.model, clip.params
+  hf_image, hf_text = _hf_features(model)
   pixels = _pixels(3)
-  ours = cc.image_features(model, params, pixels)
-  theirs = model.get_image_features(np.transpose(pixels, (0, 3, 1, 2)), params=params)
-  np.testing.assert_allclose(ours, _normalised(theirs), atol=1e-5)
+  ours = jax.jit(functools.partial(cc.image_features, model))(params, pixels)
+  np.testing.assert_allclose(ours, _normalised(hf_image(params, pixels)), atol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(ours, axis=-1), 1.0, atol=1e-5)
 
-  ids, mask = cc.tokenize(tokenizer, ["a photo of one.", "nine in the wild."])
-  ours = cc.text_features(model, params, ids, mask)
-  theirs = model.get_text_features(ids, mask, params=params)
-  np.testing.assert_allclose(ours, _normalised(theirs), atol=1e-5)
+  ids, mask = cc.caption_table(clip.tokenizer, CLASSES, TEMPLATES)      # [T, C, L]
+  ours = jax.jit(functools.partial(cc.text_features, model))(params, ids, mask)
+  assert ours.shape == (len(TEMPLATES), len(CLASSES), 16)
+  flat = hf_text(params, ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, ids.shape[-1]))
+  np.testing.assert_allclose(ours.reshape(-1, 16), _normalised(flat), atol=1e-5)
 
 
 def test_caption_table_fills_templates_per_class(clip):
-  _, _, tokenizer = clip
+  tokenizer = clip.tokenizer
   ids, mask = cc.caption_table(tokenizer, CLASSES, TEMPLATES)
   assert ids.shape == mask.shape == (len(TEMPLATES), len(CLASSES), tokenizer.model_max_length)
-  expect_ids, _ = cc.tokenize(tokenizer, ["{c} in the wild.".format(c="three")])
+  expect_ids, expect_mask = cc.tokenize(tokenizer, ["spotted paca in the wild."])
   np.testing.assert_array_equal(ids[1, 2], expect_ids[0])
+  np.testing.assert_array_equal(mask[1, 2], expect_mask[0])
+  decoded = tokenizer.decode(ids[0, 3], skip_special_tokens=True)
+  assert decoded.replace(" ", "") == "aphotoofocelot."
   with pytest.raises(ValueError, match="no {c} field"):
     cc.caption_table(tokenizer, CLASSES, ("a photo of a cat",))
 
 
 def test_zero_shot_head_and_probabilities_match_numpy(clip):
-  model, params, tokenizer = clip
-  ids, mask = cc.caption_table(tokenizer, CLASSES, TEMPLATES)
-  head = np.asarray(cc.zero_shot_head(model, params, ids, mask))
+  model, params = clip.model, clip.params
+  hf_image, hf_text = _hf_features(model)
+  ids, mask = cc.caption_table(clip.tokenizer, CLASSES, TEMPLATES)
+  head = np.asarray(jax.jit(functools.partial(cc.zero_shot_head, model))(params, ids, mask))
   assert head.shape == (16, len(CLASSES))
 
-  # numpy: per class, the normalised mean of the normalised template embeddings
-  raw = np.stack([np.asarray(model.get_text_features(ids[t], mask[t], params=params))
-                  for t in range(len(TEMPLATES))])                      # [T, C, D]
+  # numpy: per class, the normalised mean over templates of normalised text embeddings
+  raw = hf_text(params, ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, ids.shape[-1]))
+  raw = np.asarray(raw).reshape(len(TEMPLATES), len(CLASSES), -1)
   expect_head = _normalised(_normalised(raw).mean(axis=0)).T           # [D, C]
   np.testing.assert_allclose(head, expect_head, atol=1e-5)
 
   pixels = _pixels(5, seed=1)
-  image = _normalised(model.get_image_features(np.transpose(pixels, (0, 3, 1, 2)),
-                                               params=params))
+  image = _normalised(hf_image(params, pixels))
   logits = np.exp(float(params["logit_scale"])) * image @ expect_head
   expect = np.exp(logits - logits.max(-1, keepdims=True))
   expect /= expect.sum(-1, keepdims=True)
-  probs = cc.class_probabilities(model, params, pixels, head)
+  probs = jax.jit(functools.partial(cc.class_probabilities, model))(params, pixels, head)
   np.testing.assert_allclose(probs, expect, atol=1e-5)
   labels = np.array([0, 3, 1, 1, 2])
   np.testing.assert_allclose(cc.true_class_probabilities(probs, labels),
@@ -80,14 +91,13 @@ def test_zero_shot_head_and_probabilities_match_numpy(clip):
 
 
 def _perturbed(params, seed=0):
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [
-      x + 0.1 * jax.random.normal(k, jnp.shape(x), jnp.float32) for x, k in zip(leaves, keys)])
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: np.asarray(x) + rng.normal(0, 0.1, np.shape(x)).astype(np.float32),
+                      params)
 
 
 def test_wise_ft_endpoints_and_midpoint(clip):
-  model, params, tokenizer = clip
+  model, params = clip.model, clip.params
   finetuned = _perturbed(params)
   for alpha, expect in ((0.0, params), (1.0, finetuned)):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7),
@@ -96,14 +106,18 @@ def test_wise_ft_endpoints_and_midpoint(clip):
   jax.tree.map(lambda m, a, b: np.testing.assert_allclose(m, (np.asarray(a) + b) / 2, atol=1e-6),
                mid, params, finetuned)
 
-  # The head of the interpolated model comes from the interpolated text encoder.
-  ids, mask = cc.caption_table(tokenizer, CLASSES, TEMPLATES)
-  head_ft = cc.zero_shot_head(model, cc.wise_ft(params, finetuned, 1.0), ids, mask)
-  np.testing.assert_allclose(head_ft, cc.zero_shot_head(model, finetuned, ids, mask), atol=1e-6)
+  # The head of the interpolated model is built from the interpolated text encoder.
+  ids, mask = cc.caption_table(clip.tokenizer, CLASSES, TEMPLATES)
+  head_fn = jax.jit(functools.partial(cc.zero_shot_head, model))
+  head_zs, head_mid, head_ft = (head_fn(p, ids, mask) for p in (params, mid, finetuned))
+  assert not np.allclose(head_zs, head_ft, atol=1e-3)
+  assert not np.allclose(head_mid, head_zs, atol=1e-3)
+  np.testing.assert_allclose(head_fn(cc.wise_ft(params, finetuned, 1.0), ids, mask), head_ft,
+                             atol=1e-6)
 
 
 def test_wise_ft_keeps_dtype_and_rejects_bad_input(clip):
-  _, params, _ = clip
+  params = clip.params
   zs = {"a": jnp.ones((2,), jnp.bfloat16), "b": jnp.zeros((3,), jnp.float32)}
   ft = {"a": jnp.full((2,), 3.0, jnp.bfloat16), "b": jnp.ones((3,), jnp.float32)}
   out = cc.wise_ft(zs, ft, 0.25)

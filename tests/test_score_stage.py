@@ -106,7 +106,7 @@ def test_scores_equal_direct_clip_similarities(prepared, workdir):
   store = spectrum_store.SpectrumStore(wd.path(workdir, wd.SPECTRUM))
   rows = store.rows()[:5]
   models = clip.load_clip(str(wd.path(workdir, wd.MODELS, score_stage.TINY_CLIP)))
-  scorer = clip.ClipScorer(models, parallel.make_mesh(), batch_size=8)
+  scorer = clip.ClipScorer(models, parallel.make_mesh(), batch_size=4)
   from discl_jax.data import records
   images = scorer.image_embeddings([records.read_rgb(store.image_path(r)) for r in rows])
   texts = scorer.text_embeddings([f"a photo of the digit {r['class_name']}" for r in rows])

@@ -19,7 +19,7 @@ import numpy as np
 from discl_jax import seeding
 from discl_jax.data import transforms
 from discl_jax.data.records import BadImageError
-from discl_jax.data.transforms import normalize  # pylint: disable=unused-import  (public API)
+from discl_jax.data.transforms import normalize  # public here too (INTERFACES.md)
 
 ON_BAD_IMAGE = ("error", "skip")
 

@@ -7,7 +7,7 @@ depends only on the loader seed and the record's position.
 """
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -22,8 +22,13 @@ EVAL_CROP_FRACTION = 0.875     # eval: center crop this fraction of a larger ima
 
 def normalize(images_uint8, mean=IMAGENET_MEAN, std=IMAGENET_STD):
   """Returns float32 (images / 255 - mean) / std over the last (channel) axis."""
-  x = np.asarray(images_uint8, np.float32) / 255.0
-  return (x - mean) / std
+  std = np.asarray(std, np.float32)
+  scale = 1.0 / (255.0 * std)
+  offset = -np.asarray(mean, np.float32) / std
+  x = np.asarray(images_uint8).astype(np.float32)
+  x *= scale
+  x += offset
+  return x
 
 
 def resize(image, height, width):
@@ -52,14 +57,17 @@ def random_resized_crop(image, size, rng, scale=CROP_SCALE, ratio=CROP_RATIO):
 
 
 def color_jitter(image, rng, strength=JITTER):
-  """Returns `image` with random brightness, contrast and saturation (uint8)."""
-  x = image.astype(np.float32)
+  """Returns uint8 `image` with random brightness, contrast and saturation.
+
+  Factors are drawn from 1 +- strength and applied in that order (PIL's
+  ImageEnhance: contrast blends with the mean grey, saturation with the grey image).
+  """
   b, c, s = rng.uniform(1 - strength, 1 + strength, size=3)
-  x = x * b
-  x = (x - x.mean()) * c + x.mean()
-  gray = x @ np.array([0.299, 0.587, 0.114], np.float32)
-  x = (x - gray[..., None]) * s + gray[..., None]
-  return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+  im = Image.fromarray(np.ascontiguousarray(image))
+  im = ImageEnhance.Brightness(im).enhance(b)
+  im = ImageEnhance.Contrast(im).enhance(c)
+  im = ImageEnhance.Color(im).enhance(s)
+  return np.asarray(im)
 
 
 def train_transform(image, size, rng):

@@ -274,6 +274,29 @@ def embed_texts(module, params, input_ids, attention_mask):
   return _l2_normalize(features)
 
 
+_JITTED = {}
+
+
+def _jitted(models, mesh):
+  """Returns the jitted (image, text) embedding functions of `models` on `mesh`.
+
+  Kept per (model config, dtype, preprocessing, mesh), so scorers made again
+  for the same model reuse the compiled functions.
+  """
+  module = models.model.module
+  key = (models.model.config.to_json_string(), str(module.dtype), models.preprocess, mesh)
+  if key not in _JITTED:
+    if len(_JITTED) >= 8:
+      _JITTED.clear()
+    batch, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+    _JITTED[key] = (
+        jax.jit(functools.partial(embed_images, module, models.preprocess),
+                in_shardings=(replicated, batch), out_shardings=batch),
+        jax.jit(functools.partial(embed_texts, module),
+                in_shardings=(replicated, batch, batch), out_shardings=batch))
+  return _JITTED[key]
+
+
 class ClipScorer:
   """Embeds images and texts in fixed-size jitted batches sharded over `data`.
 
@@ -288,14 +311,7 @@ class ClipScorer:
     self.batch_size = parallel.pad_to_multiple(max(int(batch_size), 1),
                                                parallel.data_size(mesh))
     self.params = parallel.put_replicated(models.params, mesh)
-    module = models.model.module
-    batch = parallel.batch_sharding(mesh)
-    shardings = dict(out_shardings=batch)
-    self._image_fn = jax.jit(functools.partial(embed_images, module, models.preprocess),
-                             in_shardings=(parallel.replicated(mesh), batch), **shardings)
-    self._text_fn = jax.jit(functools.partial(embed_texts, module),
-                            in_shardings=(parallel.replicated(mesh), batch, batch),
-                            **shardings)
+    self._image_fn, self._text_fn = _jitted(models, mesh)
 
   @property
   def crop_shape(self):
