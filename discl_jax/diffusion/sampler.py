@@ -33,7 +33,7 @@ from discl_jax.diffusion import schedules
 TEXT_BATCH = 8  # prompts encoded per text-encoder call (fixed: one compilation)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Job:
   """One image to generate: a source image at one strength and seed, with its prompt."""
   job_id: str

@@ -130,6 +130,17 @@ def _abstract(tree):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+def restore_host(path):
+  """Returns the pytree item at `path` (e.g. ckpt/<step>/state) as host numpy arrays.
+
+  Works whatever device count saved it (the saved shardings are ignored).
+  """
+  checkpointer = ocp.StandardCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata.tree
+  target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree)
+  return checkpointer.restore(path, target)
+
+
 def load_variables(path, target):
   """Returns {"params", "batch_stats"} from the train checkpoint at `path`.
 
@@ -147,12 +158,12 @@ def load_variables(path, target):
     if not steps:
       raise ValueError(f"train.init_checkpoint {str(path)!r} holds no checkpoint")
     path = path / str(steps[0]) / "state"
-  restored = ocp.StandardCheckpointer().restore(path)
+  restored = restore_host(path)
   variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
   wanted = {"params": target.params, "batch_stats": target.batch_stats}
-  got_shapes = {jax.tree_util.keystr(k): np.shape(v)
+  got_shapes = {jax.tree_util.keystr(k): tuple(v.shape)
                 for k, v in jax.tree_util.tree_leaves_with_path(variables)}
-  want_shapes = {jax.tree_util.keystr(k): np.shape(v)
+  want_shapes = {jax.tree_util.keystr(k): tuple(v.shape)
                  for k, v in jax.tree_util.tree_leaves_with_path(wanted)}
   if got_shapes != want_shapes:
     bad = sorted(k for k in set(got_shapes) | set(want_shapes)

@@ -78,7 +78,12 @@ def batch_captions(caption_ids, caption_mask, labels, templates):
 
 
 def create_state(params, tx):
-  """Returns a fresh TrainState (no batch statistics) holding CLIP `params`."""
+  """Returns a fresh TrainState (no batch statistics) holding a copy of CLIP `params`.
+
+  The copy keeps the caller's arrays (e.g. the zero-shot weights kept for
+  WiSE-FT) alive when the train step donates the state's buffers.
+  """
+  params = jax.tree.map(jnp.array, params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats={},
                     opt_state=tx.init(params))
 

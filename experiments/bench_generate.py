@@ -1,0 +1,227 @@
+"""Spectrum generation speed: the packed multi-strength sampler against per-strength pipelines.
+
+Methods (same weights, same jobs: N images x strengths, one seed, `--steps` steps):
+  packed      our SpectrumSampler: every strength in one jitted step over `--slots` slots
+  flax        diffusers FlaxStableDiffusionImg2ImgPipeline (jit path), one call per strength
+              with the N images batched (it compiles once per strength)
+  torch       diffusers PyTorch StableDiffusionImg2ImgPipeline, one call per strength, batched
+  torch1      PyTorch, one call per (image, strength, seed) with batch 1 (the reference script)
+Each method runs the whole job set twice: the first pass includes compilation
+(end to end), the second is steady state. UNet evaluations count both CFG halves;
+"useful" excludes the packed sampler's idle slots.
+
+Weights: with torch installed the checkpoint is written by PyTorch models as
+safetensors and loaded for JAX by our converter; without torch, `build_tiny`.
+
+  python experiments/bench_generate.py --geometry=tiny --images=4 --methods=packed,flax,torch,torch1
+"""
+
+import argparse
+import json
+import pathlib
+import platform
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from discl_jax import seeding
+from discl_jax.diffusion import models
+from discl_jax.diffusion import sampler as sampler_lib
+
+STRENGTHS = tuple(round(0.1 * i, 1) for i in range(1, 11))
+PROMPTS = ("a photo of the digit seven", "a digit in the wild", "a real photo of a class")
+GEOMETRIES = {
+    # image size, UNet overrides of models.tiny_configs
+    "tiny": (32, {}),
+    "small": (64, dict(block_out_channels=(64, 128), layers_per_block=2, attention_head_dim=4)),
+}
+
+
+def build_checkpoint(geometry, root, use_torch):
+  """Returns (checkpoint dir, PyTorch (unet, vae, text, tokenizer) or None) for `geometry`."""
+  _, overrides = GEOMETRIES[geometry]
+  if not use_torch:
+    return models.build_tiny(root, seed=0, unet_overrides=overrides), None
+  import torch  # pylint: disable=g-import-not-at-top
+  from diffusers import AutoencoderKL, UNet2DConditionModel  # pylint: disable=g-import-not-at-top
+  from transformers import CLIPTextConfig, CLIPTextModel  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(root)
+  tokenizer = models.write_tiny_tokenizer(root / "tokenizer")
+  unet_cfg, vae_cfg, text_cfg = models.tiny_configs(
+      len(tokenizer.encoder), tokenizer.bos_token_id, tokenizer.eos_token_id)
+  unet_cfg.update(overrides)
+  torch.manual_seed(0)
+  unet = UNet2DConditionModel(**unet_cfg).eval()
+  vae = AutoencoderKL(**vae_cfg).eval()
+  text = CLIPTextModel(CLIPTextConfig(**text_cfg)).eval()
+  for sub, module in (("unet", unet), ("vae", vae), ("text_encoder", text)):
+    module.save_pretrained(root / sub, safe_serialization=True)
+  (root / "scheduler").mkdir(exist_ok=True)
+  (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(models.SD_SCHEDULER_CONFIG))
+  return root, (unet, vae, text, tokenizer)
+
+
+def make_jobs(n_images, strengths, size):
+  """Returns the benchmark's jobs, longest (highest strength) first."""
+  rng = seeding.numpy_rng(0, "bench-generate")
+  images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n_images)]
+  return [sampler_lib.Job(f"img{i}|s{s:.3f}|seed0", images[i], PROMPTS[i % len(PROMPTS)], s, 0)
+          for s in sorted(strengths, reverse=True) for i in range(n_images)]
+
+
+def _useful_evals(jobs, steps):
+  return 2 * sum(int(steps * j.strength) for j in jobs)
+
+
+def _by_strength(jobs):
+  groups = {}
+  for j in jobs:
+    groups.setdefault(j.strength, []).append(j)
+  return groups
+
+
+def _timed_passes(run_once):
+  t0 = time.perf_counter()
+  run_once()
+  first = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  run_once()
+  return first, time.perf_counter() - t0
+
+
+def bench_packed(sd, jobs, args):
+  s = sampler_lib.SpectrumSampler(sd, num_inference_steps=args.steps, guidance_scale=10.0,
+                                  slots=args.slots)
+  first, steady = _timed_passes(lambda: sum(1 for _ in s.run(jobs)))
+  # stats cover both passes; x2 for the CFG halves, /2 for the passes.
+  return dict(first_s=first, steady_s=steady, unet_evals=s.stats["slot_evals"],
+              useful_evals=s.stats["useful_evals"])
+
+
+def bench_flax(sd, jobs, args):
+  from diffusers import FlaxDDIMScheduler, FlaxStableDiffusionImg2ImgPipeline  # pylint: disable=g-import-not-at-top
+  from flax.jax_utils import replicate  # pylint: disable=g-import-not-at-top
+  from flax.training.common_utils import shard  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with models.quiet():
+    scheduler = FlaxDDIMScheduler.from_config(sd.scheduler_config)
+    pipe = FlaxStableDiffusionImg2ImgPipeline(
+        vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None)
+    params = replicate(dict(sd.params, scheduler=scheduler.create_state()))
+  size = jobs[0].image.shape[0]
+  groups = _by_strength(jobs)
+
+  def run_once():
+    with models.quiet():
+      for strength, group in groups.items():
+        ids, pixels = pipe.prepare_inputs([j.prompt for j in group],
+                                          [Image.fromarray(j.image) for j in group])
+        out = pipe(shard(np.asarray(ids)), shard(np.asarray(pixels)), params,
+                   jax.random.split(jax.random.key(0), 1), strength=strength,
+                   num_inference_steps=args.steps, height=size, width=size,
+                   guidance_scale=10.0, jit=True).images
+        np.asarray(out)
+
+  first, steady = _timed_passes(run_once)
+  evals = _useful_evals(jobs, args.steps)
+  return dict(first_s=first, steady_s=steady, unet_evals=evals, useful_evals=evals)
+
+
+def _torch_pipe(pt):
+  import diffusers  # pylint: disable=g-import-not-at-top
+  unet, vae, text, tokenizer = pt
+  pipe = diffusers.StableDiffusionImg2ImgPipeline(
+      vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+      scheduler=diffusers.DDIMScheduler.from_config(models.SD_SCHEDULER_CONFIG),
+      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+  pipe.set_progress_bar_config(disable=True)
+  return pipe
+
+
+def bench_torch(pt, jobs, args, per_job):
+  import torch  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  pipe = _torch_pipe(pt)
+  calls = [[j] for j in jobs] if per_job else list(_by_strength(jobs).values())
+
+  def run_once():
+    with torch.no_grad():
+      for group in calls:
+        pipe(prompt=[j.prompt for j in group], image=[Image.fromarray(j.image) for j in group],
+             strength=group[0].strength, num_inference_steps=args.steps, guidance_scale=10.0,
+             generator=torch.Generator().manual_seed(0), output_type="np")
+
+  first, steady = _timed_passes(run_once)
+  evals = _useful_evals(jobs, args.steps)
+  return dict(first_s=first, steady_s=steady, unet_evals=evals, useful_evals=evals)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="tiny")
+  parser.add_argument("--images", type=int, default=4, help="source images (x 10 strengths)")
+  parser.add_argument("--steps", type=int, default=50)
+  parser.add_argument("--slots", type=int, default=16)
+  parser.add_argument("--methods", default="packed,flax,torch,torch1")
+  parser.add_argument("--out", default="experiments/results")
+  args = parser.parse_args()
+  methods = [m for m in args.methods.split(",") if m]
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    torch_version = torch.__version__
+  except ImportError:
+    torch_version = None
+  missing_torch = [m for m in methods if m.startswith("torch") and torch_version is None]
+  if missing_torch:
+    print(f"torch is not installed: skipping {missing_torch}")
+    methods = [m for m in methods if m not in missing_torch]
+
+  size = GEOMETRIES[args.geometry][0]
+  jobs = make_jobs(args.images, STRENGTHS, size)
+  with tempfile.TemporaryDirectory() as tmp:
+    path, pt = build_checkpoint(args.geometry, pathlib.Path(tmp) / "sd", torch_version is not None)
+    sd = models.load_sd(str(path))
+    results = {}
+    for method in methods:
+      if method == "packed":
+        results[method] = bench_packed(sd, jobs, args)
+      elif method == "flax":
+        results[method] = bench_flax(sd, jobs, args)
+      elif method in ("torch", "torch1"):
+        results[method] = bench_torch(pt, jobs, args, per_job=method == "torch1")
+      else:
+        raise ValueError(f"unknown method {method!r}")
+      r = results[method]
+      r.update(images=len(jobs), first_img_s=len(jobs) / r["first_s"],
+               steady_img_s=len(jobs) / r["steady_s"],
+               steady_unet_evals_s=r["unet_evals"] / r["steady_s"],
+               useful_fraction=r["useful_evals"] / r["unet_evals"])
+      print(f"{method}: {r}", flush=True)
+
+  base = results.get("packed")
+  print(f"\n{args.geometry}: {args.images} images x {len(STRENGTHS)} strengths = {len(jobs)} jobs, "
+        f"{args.steps} steps, devices {jax.devices()[0].platform} x {jax.device_count()}")
+  header = (f"{'method':8s} {'e2e s':>8s} {'e2e img/s':>10s} {'steady s':>9s} {'img/s':>7s} "
+            f"{'UNet ev/s':>10s} {'useful':>7s} {'packed/x e2e':>13s} {'packed/x steady':>16s}")
+  print(header)
+  for method, r in results.items():
+    ratios = ("", "") if base is None else (
+        f"{base['first_img_s'] / r['first_img_s']:.2f}x", f"{base['steady_img_s'] / r['steady_img_s']:.2f}x")
+    print(f"{method:8s} {r['first_s']:8.1f} {r['first_img_s']:10.2f} {r['steady_s']:9.1f} "
+          f"{r['steady_img_s']:7.2f} {r['steady_unet_evals_s']:10.0f} {r['useful_fraction']:7.2f} "
+          f"{ratios[0]:>13s} {ratios[1]:>16s}")
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  record = dict(geometry=args.geometry, images=args.images, strengths=STRENGTHS, steps=args.steps,
+                slots=args.slots, jobs=len(jobs), platform=platform.platform(),
+                devices=[str(d) for d in jax.devices()], torch=torch_version, results=results)
+  target = out / f"bench_generate_{args.geometry}.json"
+  target.write_text(json.dumps(record, indent=2))
+  print(f"wrote {target}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,206 @@
+"""The packed spectrum sampler: parity with diffusers (Flax and PyTorch), batch/device independence, errors."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from discl_jax.diffusion import models
+from discl_jax.diffusion import sampler
+
+STEPS, GUIDANCE, SIZE = 4, 7.5, 32
+PROMPT = "a photo of the digit seven"
+
+# Runs in-process and in the 8-device subprocess: the same 16 jobs of mixed strengths.
+JOBS_CODE = """
+import numpy as np
+from discl_jax import seeding
+from discl_jax.diffusion.sampler import Job
+def make_jobs(n):
+  rng = seeding.numpy_rng(0, "test-sampler-images")
+  strengths = (0.25, 0.5, 0.75, 1.0)
+  prompts = ("a photo of the digit seven", "a digit in the wild", "a real photo of a class")
+  return [Job(f"src{i}|s{strengths[i % 4]}|seed{i % 3}",
+              rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+              prompts[i % 3], strengths[i % 4], i % 3) for i in range(n)]
+"""
+_namespace = {}
+exec(JOBS_CODE, _namespace)  # pylint: disable=exec-used
+make_jobs = _namespace["make_jobs"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  path = models.build_tiny(tmp_path_factory.mktemp("sampler") / "sd", seed=0)
+  return path, models.load_sd(str(path))
+
+
+@pytest.fixture(scope="module")
+def packed(tiny):
+  """16 slots, 16 mixed jobs, one run: {job_id: float image}."""
+  sd = tiny[1]
+  s = sampler.SpectrumSampler(sd, num_inference_steps=STEPS, guidance_scale=GUIDANCE, slots=16)
+  out = {job.job_id: image for job, image in s.generate(make_jobs(16))}
+  return s, out
+
+
+def test_every_job_once_and_uint8(tiny, packed):
+  s, out = packed
+  assert sorted(out) == sorted(j.job_id for j in make_jobs(16))
+  # 16 jobs need 1..4 steps each (int(4 * strength)); every slot starts busy.
+  assert s.stats["useful_evals"] == sum(int(STEPS * j.strength) for j in make_jobs(16))
+  img = next(iter(out.values()))
+  assert img.shape == (SIZE, SIZE, 3) and img.min() >= 0 and img.max() <= 1
+  job = make_jobs(1)[0]
+  (got_job, got), = list(s.run([job]))
+  assert got_job is job and got.dtype == np.uint8 and got.shape == (SIZE, SIZE, 3)
+
+
+def test_matches_flax_img2img_pipeline(tiny, packed):
+  from diffusers import FlaxDDIMScheduler, FlaxStableDiffusionImg2ImgPipeline  # pylint: disable=g-import-not-at-top
+  from flax.jax_utils import replicate  # pylint: disable=g-import-not-at-top
+  from flax.training.common_utils import shard  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  sd = tiny[1]
+  job = make_jobs(16)[2]  # strength 0.75: 3 of 4 steps
+  ours = packed[1][job.job_id]
+  with models.quiet():
+    scheduler = FlaxDDIMScheduler.from_config(sd.scheduler_config)
+    pipe = FlaxStableDiffusionImg2ImgPipeline(
+        vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None)
+    ids, pixels = pipe.prepare_inputs([job.prompt], [Image.fromarray(job.image)])
+    params = dict(sd.params, scheduler=scheduler.create_state())
+    vae_key, _ = sampler.job_keys(job)
+    noise = sampler.job_noise(job, (4, SIZE // 2, SIZE // 2))[None]
+    ref = pipe(shard(np.asarray(ids)), shard(np.asarray(pixels)), replicate(params), vae_key[None],
+               strength=job.strength, num_inference_steps=STEPS, height=SIZE, width=SIZE,
+               guidance_scale=GUIDANCE, noise=noise[None], jit=True).images
+  ref = np.asarray(ref).reshape(SIZE, SIZE, 3)
+  np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=0)
+
+
+def test_job_independent_of_batch_composition(tiny, packed):
+  sd = tiny[1]
+  single = sampler.SpectrumSampler(sd, num_inference_steps=STEPS, guidance_scale=GUIDANCE, slots=1)
+  for job in make_jobs(16)[5:7]:
+    (_, alone), = list(single.generate([job]))
+    np.testing.assert_allclose(alone, packed[1][job.job_id], atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(sampler.to_uint8(alone), sampler.to_uint8(packed[1][job.job_id]))
+
+
+def test_job_independent_of_device_count(tiny, packed, tmp_path):
+  out_file = tmp_path / "eight.npz"
+  code = JOBS_CODE + f"""
+import jax
+from discl_jax.diffusion import models, sampler
+assert jax.device_count() == 8
+sd = models.load_sd({str(tiny[0])!r})
+s = sampler.SpectrumSampler(sd, num_inference_steps={STEPS}, guidance_scale={GUIDANCE}, slots=16)
+out = {{job.job_id: image for job, image in s.generate(make_jobs(16))}}
+np.savez({str(out_file)!r}, **out)
+"""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        cwd=pathlib.Path(__file__).parents[1], timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  eight = np.load(out_file)
+  assert sorted(eight.files) == sorted(packed[1])
+  for job_id, image in packed[1].items():
+    np.testing.assert_allclose(eight[job_id], image, atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(sampler.to_uint8(eight[job_id]), sampler.to_uint8(image))
+
+
+@pytest.mark.parametrize("strength", [0.0, -0.2, 1.5, float("nan"), "0.5"])
+def test_strength_outside_unit_interval_names_it(packed, strength):
+  job = sampler.Job("bad", make_jobs(1)[0].image, PROMPT, strength, 0)
+  with pytest.raises(ValueError, match=r"job 'bad'.*strength must be in \(0, 1\]"):
+    list(packed[0].run([job]))
+
+
+def test_strength_running_no_step_names_it(packed):
+  job = sampler.Job("tiny-strength", make_jobs(1)[0].image, PROMPT, 0.1, 0)
+  with pytest.raises(ValueError, match=r"tiny-strength.*strength 0.1.*0 denoising steps"):
+    list(packed[0].run([job]))
+
+
+def test_bad_images_name_the_job(packed):
+  good = make_jobs(1)[0]
+  odd = sampler.Job("odd-size", np.zeros((30, 32, 3), np.uint8), PROMPT, 0.5, 0)
+  with pytest.raises(ValueError, match="odd-size.*multiple of 4"):
+    list(packed[0].run([odd]))
+  other = sampler.Job("other-size", np.zeros((64, 64, 3), np.uint8), PROMPT, 0.5, 0)
+  with pytest.raises(ValueError, match="other-size.*differs"):
+    list(packed[0].run([good, other]))
+  gray = sampler.Job("gray", np.zeros((32, 32), np.uint8), PROMPT, 0.5, 0)
+  with pytest.raises(ValueError, match="gray.*uint8 HxWx3"):
+    list(packed[0].run([gray]))
+
+
+def test_unknown_scheduler_is_rejected(tiny):
+  with pytest.raises(ValueError, match="diffusion.scheduler"):
+    sampler.SpectrumSampler(tiny[1], num_inference_steps=STEPS, scheduler="pndm", slots=2)
+
+
+# ---------------------------------------------------------------- PyTorch parity
+
+
+@pytest.fixture(scope="module")
+def torch_checkpoint(tmp_path_factory):
+  """A diffusers-layout checkpoint written by PyTorch models as safetensors, and those models."""
+  torch = pytest.importorskip("torch", reason="PyTorch parity needs the torch extra")
+  from diffusers import AutoencoderKL, UNet2DConditionModel  # pylint: disable=g-import-not-at-top
+  from transformers import CLIPTextConfig, CLIPTextModel  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("torch_sd") / "sd"
+  tokenizer = models.write_tiny_tokenizer(root / "tokenizer")
+  unet_cfg, vae_cfg, text_cfg = models.tiny_configs(
+      len(tokenizer.encoder), tokenizer.bos_token_id, tokenizer.eos_token_id)
+  torch.manual_seed(0)
+  unet = UNet2DConditionModel(**unet_cfg).eval()
+  vae = AutoencoderKL(**vae_cfg).eval()
+  text = CLIPTextModel(CLIPTextConfig(**text_cfg)).eval()
+  unet.save_pretrained(root / "unet", safe_serialization=True)
+  vae.save_pretrained(root / "vae", safe_serialization=True)
+  text.save_pretrained(root / "text_encoder", safe_serialization=True)
+  (root / "scheduler").mkdir()
+  (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(models.SD_SCHEDULER_CONFIG))
+  assert not list(root.rglob("*.msgpack"))
+  return root, (unet, vae, text, tokenizer)
+
+
+@pytest.mark.parametrize("kind", ["ddim", "euler"])
+def test_matches_torch_img2img_pipeline_from_safetensors(torch_checkpoint, kind, monkeypatch):
+  torch = pytest.importorskip("torch", reason="PyTorch parity needs the torch extra")
+  import diffusers  # pylint: disable=g-import-not-at-top
+  from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as img2img  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  root, (unet, vae, text, tokenizer) = torch_checkpoint
+  sd = models.load_sd(str(root))  # safetensors -> Flax through our converter, no torch
+  job = make_jobs(16)[2 if kind == "ddim" else 1]
+  s = sampler.SpectrumSampler(sd, num_inference_steps=STEPS, guidance_scale=GUIDANCE, slots=16,
+                              scheduler=kind)
+  (_, ours), = list(s.generate([job]))
+
+  # Line PyTorch's randomness up with the job's: the VAE posterior sample and the img2img noise.
+  vae_key, _ = sampler.job_keys(job)
+  latent = SIZE // 2
+  eps = np.asarray(sampler.jax.random.normal(vae_key, (latent, latent, 4))).transpose(2, 0, 1)
+  noise = np.asarray(sampler.job_noise(job, (4, latent, latent)))[None]
+  monkeypatch.setattr(img2img, "retrieve_latents", lambda out, generator=None, sample_mode="sample":
+                      out.latent_dist.mean + out.latent_dist.std * torch.from_numpy(eps)[None])
+  monkeypatch.setattr(img2img, "randn_tensor", lambda shape, **kw: torch.from_numpy(noise))
+  scheduler_cls = {"ddim": diffusers.DDIMScheduler, "euler": diffusers.EulerDiscreteScheduler}[kind]
+  pipe = diffusers.StableDiffusionImg2ImgPipeline(
+      vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+      scheduler=scheduler_cls.from_config(models.SD_SCHEDULER_CONFIG), safety_checker=None,
+      feature_extractor=None, requires_safety_checker=False)
+  pipe.set_progress_bar_config(disable=True)
+  with torch.no_grad():
+    ref = pipe(prompt=job.prompt, image=Image.fromarray(job.image), strength=job.strength,
+               num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="np").images[0]
+  # Stated tolerance: float32 on both sides, different kernels (oneDNN vs XLA): 1e-4 on [0, 1].
+  np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
