@@ -79,8 +79,8 @@ SIZES = {
         clip_vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, patch_size=8),
         projection_dim=16,
-        vae=dict(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4),
-        unet=dict(block_out_channels=(32, 32), layers_per_block=1, attention_head_dim=2),
+        vae=dict(block_out_channels=(8, 8, 8), layers_per_block=1, norm_num_groups=4),
+        unet=dict(block_out_channels=(32,), layers_per_block=1, attention_head_dim=2),
         batch=dict(clip=32, vae=16, unet=32),
         lr=dict(clip=2e-3, vae=2e-3, unet=2e-3),
     ),
@@ -107,6 +107,8 @@ def parse_args(argv):
   p.add_argument("--sample_steps", type=int, default=25, help="DDIM steps of the evaluation samples")
   p.add_argument("--guidance", type=float, default=7.5, help="CFG scale of the evaluation samples")
   args = p.parse_args(argv)
+  if args.sample_steps < 10:
+    p.error(f"--sample_steps must be >= 10 (strength 0.1 must run a step), got {args.sample_steps}")
   defaults = QUICK_STEPS if args.quick else FULL_STEPS
   for name, default in defaults.items():
     if getattr(args, f"{name}_steps") is None:
@@ -154,23 +156,31 @@ def tokenize(tokenizer, texts, max_length):
 # ---------------------------------------------------------------- training loop
 
 def train_loop(name, steps, step_fn, state, make_batch, key):
-  """Runs `steps` steps with a progress bar; returns (state, {metric: [per-step values]}, steps/s).
+  """Runs `steps` steps with a progress bar; returns (state, {metric: [per-step values]}, timing).
 
-  steps/s counts steps after the first (which includes compilation).
+  timing: {"compile_s": wall time of the first step (compilation included),
+  "steps_per_s": wall-clock rate of the later steps, "cpu_s_per_step": their
+  process CPU time per step (all threads)}.
   """
-  history, start = {}, None
+  history, start, cpu_start = {}, None, None
+  first = time.perf_counter()
   bar = tqdm(range(steps), desc=f"train {name}", dynamic_ncols=True, mininterval=2.0)
   for i in bar:
     if i == 1:
-      start = time.perf_counter()
+      jax.block_until_ready(state)
+      start, cpu_start = time.perf_counter(), time.process_time()
+      compile_s = start - first
     state, metrics = step_fn(state, *make_batch(i), jax.random.fold_in(key, i))
     for k, v in jax.device_get(metrics).items():
       history.setdefault(k, []).append(float(v))
     if i % 10 == 0 or i == steps - 1:
       bar.set_postfix({k: f"{v[-1]:.4g}" for k, v in history.items()})
   jax.block_until_ready(state)
-  rate = (steps - 1) / (time.perf_counter() - start) if steps > 1 else float("nan")
-  return state, history, rate
+  if steps < 2:
+    return state, history, {"compile_s": time.perf_counter() - first}
+  wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+  return state, history, {"compile_s": compile_s, "steps_per_s": (steps - 1) / wall,
+                          "cpu_s_per_step": cpu / (steps - 1)}
 
 
 def final_value(values, window=50):
@@ -497,6 +507,12 @@ def main(argv=None):
   """Trains both models, saves them under --out, evaluates them; returns the summary dict."""
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
+  with sd_models.quiet():
+    return run(args, argv)
+
+
+def run(args, argv):
+  """Does main's work for parsed `args` (`argv` is recorded as the command)."""
   wall = time.perf_counter()
   size = SIZES[args.size]
   out = pathlib.Path(args.out)
@@ -545,7 +561,7 @@ def main(argv=None):
       "seed": args.seed, "data_seed": args.data_seed, "test_per_class": args.test_per_class,
       "size": args.size, "pool_size": int(len(pool.labels)), "test_size": int(len(test.labels)),
       "steps": {"clip": args.clip_steps, "vae": args.vae_steps, "unet": args.unet_steps},
-      "steps_per_second": rates,
+      "timing": rates,
       "final_losses": {"clip": final_value(histories["clip"]["loss"]),
                        "clip_batch_accuracy": final_value(histories["clip"]["accuracy"]),
                        "vae_mse": final_value(histories["vae"]["mse"]),
@@ -559,10 +575,11 @@ def main(argv=None):
   }
   summary["wall_seconds"] = time.perf_counter() - wall
   (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+  (out / "losses.json").write_text(json.dumps(histories))
   write_readme(out, summary)
-  print(json.dumps({k: summary[k] for k in ("steps_per_second", "initial_losses", "final_losses",
+  print(json.dumps({k: summary[k] for k in ("timing", "initial_losses", "final_losses",
                                             "quality", "wall_seconds")}, indent=2))
-  return summary
+  return dict(summary, histories=histories)
 
 
 if __name__ == "__main__":

@@ -135,58 +135,55 @@ def test_iwildcam_fixture_reads_back_and_gives_captions(tmp_path):
   assert captions == ["a photo of white-lipped peccary.", "white-lipped peccary in the wild."]
 
 
-def _optimizer():
-  return optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3, weight_decay=0.2)
+def _sgd_run(clip, mesh, steps=4):
+  """Returns (host batch, per-step metrics, final state) of FLYP steps with plain SGD.
 
-
-def test_train_step_lowers_the_loss_and_eval_step_matches_the_head(clip):
-  model = clip.model
-  mesh = parallel.make_mesh()
+  SGD is linear in the gradients, so a wrong gradient reduction across
+  devices would show in the params (Adam would normalise it away).
+  """
   table = cc.caption_table(clip.tokenizer, CLASSES, flyp.IWILDCAM_TEMPLATES)
-  tx = _optimizer()
-  state = parallel.put_replicated(flyp.create_state(clip.params, tx), mesh)
+  tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+  labels = np.tile(LABELS, 2).astype(np.int32)
   rng = np.random.default_rng(2)
-  pixels = (rng.normal(size=(len(LABELS), 32, 32, 3)) * 0.5
-            + LABELS[:, None, None, None] - 1).astype(np.float32)
-  host = {"image": pixels, "label": LABELS.astype(np.int32),
-          "template": TEMPLATE_IDS.astype(np.int32)}
-  step = flyp.make_train_step(model, tx, mesh, *table)
-  losses = []
-  for _ in range(4):
-    state, metrics = step(state, parallel.put_batch(host, mesh), 1e-3)
-    losses.append(float(metrics["loss"]))
-    assert 0.0 <= float(metrics["accuracy"]) <= 1.0
+  host = {"image": (rng.normal(size=(len(labels), 32, 32, 3)) * 0.5
+                    + labels[:, None, None, None] - 1).astype(np.float32),
+          "label": labels, "template": np.tile(TEMPLATE_IDS, 2).astype(np.int32)}
+  state = parallel.put_replicated(flyp.create_state(clip.params, tx), mesh)
+  step = flyp.make_train_step(clip.model, tx, mesh, *table)
+  metrics = []
+  for _ in range(steps):
+    state, m = step(state, parallel.put_batch(host, mesh), 0.1)
+    metrics.append({k: float(v) for k, v in m.items()})
+  return host, metrics, state
+
+
+@pytest.fixture(scope="module")
+def one_device_run(clip):
+  return _sgd_run(clip, parallel.make_mesh((1,)))
+
+
+def test_train_step_lowers_the_loss_and_eval_step_matches_the_head(clip, one_device_run):
+  model = clip.model
+  host, metrics, state = one_device_run
+  losses = [m["loss"] for m in metrics]
   assert int(state.step) == 4
   assert losses[-1] < losses[0], losses
-
-  head = flyp.make_head_fn(model, mesh, *table)(state.params)
-  out = flyp.make_eval_step(model, mesh)(state.params, head, parallel.put_batch(
-      {"image": pixels, "label": host["label"]}, mesh))
-  probs = np.asarray(jax.jit(functools.partial(cc.class_probabilities, model))(
-      state.params, pixels, head))
-  np.testing.assert_array_equal(out["pred"], probs.argmax(-1))
-  np.testing.assert_allclose(out["prob_true"], probs[np.arange(len(LABELS)), LABELS], rtol=1e-4)
-  np.testing.assert_allclose(out["loss"], -np.log(probs[np.arange(len(LABELS)), LABELS]),
-                             rtol=1e-4, atol=1e-5)
+  assert all(0.0 <= m["accuracy"] <= 1.0 for m in metrics)
   # the caller's params (the zero-shot weights WiSE-FT needs) survived the donating steps
   assert not any(x.is_deleted() for x in jax.tree.leaves(clip.params))
 
-
-def _sgd_run(clip, mesh, steps=2):
-  """Returns (losses, params) after `steps` FLYP steps with plain SGD (linear in the gradients)."""
-  table = cc.caption_table(clip.tokenizer, ("a", "b", "c"), flyp.IWILDCAM_TEMPLATES)
-  tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
-  rng = np.random.default_rng(0)
-  host = {"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
-          "label": (np.arange(16) % 3).astype(np.int32),
-          "template": (np.arange(16) // 3 % 2).astype(np.int32)}
-  state = parallel.put_replicated(flyp.create_state(clip.params, tx), mesh)
-  step = flyp.make_train_step(clip.model, tx, mesh, *table)
-  losses = []
-  for _ in range(steps):
-    state, metrics = step(state, parallel.put_batch(host, mesh), 0.1)
-    losses.append(float(metrics["loss"]))
-  return losses, [np.asarray(x) for x in jax.tree.leaves(state.params)]
+  mesh = parallel.make_mesh((1,))
+  table = cc.caption_table(clip.tokenizer, CLASSES, flyp.IWILDCAM_TEMPLATES)
+  head = flyp.make_head_fn(model, mesh, *table)(state.params)
+  batch = {"image": host["image"], "label": host["label"]}
+  out = flyp.make_eval_step(model, mesh)(state.params, head, parallel.put_batch(batch, mesh))
+  probs = np.asarray(jax.jit(functools.partial(cc.class_probabilities, model))(
+      state.params, host["image"], head))
+  rows = np.arange(len(host["label"]))
+  np.testing.assert_array_equal(out["pred"], probs.argmax(-1))
+  np.testing.assert_allclose(out["prob_true"], probs[rows, host["label"]], rtol=1e-4)
+  np.testing.assert_allclose(out["loss"], -np.log(probs[rows, host["label"]]),
+                             rtol=1e-4, atol=1e-5)
 
 
 _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
@@ -198,13 +195,14 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     from discl_jax.scoring import clip as clip_lib
 
     assert jax.device_count() == 8, jax.devices()
-    losses, params = test_flyp._sgd_run(clip_lib.load_clip(sys.argv[1]), parallel.make_mesh())
-    np.savez(sys.argv[2], losses=np.asarray(losses), *params)
+    _, metrics, state = test_flyp._sgd_run(clip_lib.load_clip(sys.argv[1]), parallel.make_mesh())
+    np.savez(sys.argv[2], *jax.tree.leaves(state.params),
+             losses=np.asarray([m["loss"] for m in metrics]))
 """)
 
 
-def test_train_step_on_8_devices_equals_1_device(clip, clip_dir, tmp_path):
-  losses, params = _sgd_run(clip, parallel.make_mesh((1,)))
+def test_train_step_on_8_devices_equals_1_device(one_device_run, clip_dir, tmp_path):
+  _, metrics, state = one_device_run
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   out = tmp_path / "eight.npz"
@@ -213,7 +211,6 @@ def test_train_step_on_8_devices_equals_1_device(clip, clip_dir, tmp_path):
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert proc.returncode == 0, proc.stderr[-3000:]
   eight = np.load(out)
-  np.testing.assert_allclose(eight["losses"], losses, rtol=1e-5)
-  assert losses[1] != losses[0]
-  for i, one in enumerate(params):
+  np.testing.assert_allclose(eight["losses"], [m["loss"] for m in metrics], rtol=1e-5)
+  for i, one in enumerate(jax.tree.leaves(state.params)):
     np.testing.assert_allclose(eight[f"arr_{i}"], one, rtol=1e-4, atol=1e-6)

@@ -6,6 +6,7 @@ the demo's digits-LT with one Few class (6 images) x 2 strengths x 2 seeds.
 
 import importlib.util
 import json
+import os
 import pathlib
 import signal
 import subprocess
@@ -156,24 +157,36 @@ def test_generate_names_unreadable_source_image(tmp_path, monkeypatch):
 # --- generate: kill, resume, fingerprint, grid -----------------------------------------
 
 
+def _run_script(workdir, cache, **popen):
+  """Starts hard, prompts, generate on `workdir` in a subprocess; returns the Popen.
+
+  Both runs share a persistent compilation cache so the rerun skips most compiling.
+  """
+  script = workdir.parent / "run_generate.py"
+  script.write_text(_SCRIPT.format(tests=str(ROOT / "tests")))
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return subprocess.Popen([sys.executable, str(script), str(workdir)], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
+
+
 @pytest.fixture(scope="module")
 def killed_then_resumed(tmp_path_factory):
   """Runs generate in a subprocess, SIGKILLs it once images exist, damages, reruns."""
   workdir = tmp_path_factory.mktemp("generate")
-  script = workdir.parent / "run_generate.py"
-  script.write_text(_SCRIPT.format(tests=str(ROOT / "tests")))
+  cache = tmp_path_factory.mktemp("jax_cache")
   manifest = workdir / wd.SPECTRUM / "manifest-00000.jsonl"
-  proc = subprocess.Popen([sys.executable, str(script), str(workdir)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  deadline = time.monotonic() + 300
+  proc = _run_script(workdir, cache)
+  deadline = time.monotonic() + 600
   while proc.poll() is None and time.monotonic() < deadline:
     if manifest.exists() and len(wd.read_jsonl(manifest)) >= 2:
       proc.send_signal(signal.SIGKILL)
       break
     time.sleep(0.005)
-  proc.wait()
-  stderr = proc.stderr.read().decode()
-  assert proc.returncode == -signal.SIGKILL, f"generate ended before the kill:\n{stderr[-3000:]}"
+  _, stderr = proc.communicate()
+  assert proc.returncode == -signal.SIGKILL, (
+      f"generate ended before the kill:\n{stderr.decode()[-3000:]}")
   killed_rows = wd.read_jsonl(manifest)
   config = make_config()
   expected = {r["job_id"]: r for r in jobs.build_rows(
@@ -191,7 +204,9 @@ def killed_then_resumed(tmp_path_factory):
   temp.write_bytes(b"half")
   with open(manifest, "a", encoding="utf-8") as f:
     f.write('{"job_id": "digits/')
-  generate_stage.run(config, workdir)
+  rerun = _run_script(workdir, cache)
+  _, stderr = rerun.communicate(timeout=600)
+  assert rerun.returncode == 0, stderr.decode()[-3000:]
   return dict(workdir=workdir, config=config, expected=expected, killed_rows=killed_rows,
               rowless=rowless, rowless_image=rowless_image, temp=temp)
 

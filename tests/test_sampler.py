@@ -84,13 +84,30 @@ def test_matches_flax_img2img_pipeline(tiny, packed):
   np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=0)
 
 
-def test_job_independent_of_batch_composition(tiny, packed):
-  sd = tiny[1]
-  single = sampler.SpectrumSampler(sd, num_inference_steps=STEPS, guidance_scale=GUIDANCE, slots=1)
+def test_job_independent_of_batch_composition(packed):
+  """Same slot count, other jobs (here none) in the other slots: bitwise the same image."""
+  s, out = packed
+  job = make_jobs(16)[5]
+  (_, alone), = list(s.generate([job]))
+  np.testing.assert_array_equal(alone, out[job.job_id])
+
+
+def _assert_same_up_to_kernel_rounding(got, want):
+  # XLA:CPU picks GEMM/conv blockings by batch shape, so a different slot count
+  # or per-device batch changes float32 rounding (seen: <= 5e-6 on [0, 1]); the
+  # randomness is the job's own, so anything beyond rounding would show here.
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+  diff = np.abs(sampler.to_uint8(got).astype(int) - sampler.to_uint8(want).astype(int))
+  assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
+def test_job_independent_of_batch_size(tiny, packed):
+  """A batch of 1 against the packed batch of 16."""
+  single = sampler.SpectrumSampler(tiny[1], num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                                   slots=1)
   for job in make_jobs(16)[5:7]:
     (_, alone), = list(single.generate([job]))
-    np.testing.assert_allclose(alone, packed[1][job.job_id], atol=1e-6, rtol=0)
-    np.testing.assert_array_equal(sampler.to_uint8(alone), sampler.to_uint8(packed[1][job.job_id]))
+    _assert_same_up_to_kernel_rounding(alone, packed[1][job.job_id])
 
 
 def test_job_independent_of_device_count(tiny, packed, tmp_path):
@@ -111,8 +128,7 @@ np.savez({str(out_file)!r}, **out)
   eight = np.load(out_file)
   assert sorted(eight.files) == sorted(packed[1])
   for job_id, image in packed[1].items():
-    np.testing.assert_allclose(eight[job_id], image, atol=1e-6, rtol=0)
-    np.testing.assert_array_equal(sampler.to_uint8(eight[job_id]), sampler.to_uint8(image))
+    _assert_same_up_to_kernel_rounding(eight[job_id], image)
 
 
 @pytest.mark.parametrize("strength", [0.0, -0.2, 1.5, float("nan"), "0.5"])

@@ -1,9 +1,10 @@
 """CLIP models (transformers' FlaxCLIPModel) and a batched, mesh-sharded scorer.
 
 `load_clip` reads a local folder or a hub id holding Flax msgpack weights or
-PyTorch-layout `model.safetensors` (transformers reads those into Flax without
-torch). `build_tiny_clip` writes a tiny random CLIP in the same layout, so tests
-and the demo load it through exactly the code a real checkpoint goes through.
+PyTorch-layout `model.safetensors` (converted here, without torch), checking
+every weight's name and shape against the config. `build_tiny_clip` writes a
+tiny random CLIP in the same layout, so tests and the demo load it through
+exactly the code a real checkpoint goes through.
 """
 
 import dataclasses
@@ -216,8 +217,9 @@ def from_pytorch_state_dict(state, shapes):
 def random_params(model, seed):
   """Returns random Flax params for `model` (a FlaxCLIPModel), drawn with numpy.
 
-  Linear and embedding weights ~ N(0, 0.02), layer norms 1, biases 0: the
-  usual CLIP initialisation up to scaling, without compiling an init function.
+  Kernels ~ N(0, 1 / fan_in) (so features depend on the input image even in a
+  tiny model), embeddings ~ N(0, 0.02), layer norms 1, biases 0; no init
+  function is compiled.
   """
   shapes = jax.eval_shape(lambda: model.init_weights(jax.random.key(0), model.input_shape))
   rng = seeding.numpy_rng(seed, "tiny_clip")
@@ -230,6 +232,9 @@ def random_params(model, seed):
       value = np.zeros(leaf.shape, np.float32)
     elif name == "logit_scale":
       value = np.full(leaf.shape, np.log(1 / 0.07), np.float32)
+    elif name == "kernel":
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      value = rng.normal(0.0, fan_in ** -0.5, leaf.shape).astype(np.float32)
     else:
       value = rng.normal(0.0, 0.02, leaf.shape).astype(np.float32)
     flat[key] = value

@@ -68,7 +68,11 @@ def accepted_rows(config, workdir):
 
 
 def load_data(config, workdir):
-  """Returns the loop's `Data`: splits, synthetic images, class groups, curriculum spec."""
+  """Returns the loop's `Data`: splits, synthetic images, class groups, curriculum spec.
+
+  The hard images are those of workdir/hard.jsonl (the `hard` stage) when it
+  exists, else every training image of a Few class.
+  """
   splits = datasets.load(config.data, config.seed)
   train = splits["train"]
   groups = longtail.class_groups(train.class_counts(), config.data.many_threshold,
@@ -76,9 +80,11 @@ def load_data(config, workdir):
   rows = accepted_rows(config, workdir) if config.curriculum.schedule != "none" else []
   synthetic = (spectrum_store.to_labeled_images(
       rows, train.class_names, wd.path(workdir, wd.SPECTRUM)) if rows else None)
+  hard_rows = wd.read_jsonl(wd.path(workdir, wd.HARD))
+  hard_ids = {row["source_id"] for row in hard_rows} if hard_rows else None
   spec = curriculum.CurriculumSpec.from_config(
       config.curriculum, train=train, groups=groups, synthetic_rows=rows,
-      seed=config.seed)
+      seed=config.seed, hard_ids=hard_ids)
   return Data(train=train, val=splits["val"], test=splits["test"],
               synthetic=synthetic, groups=groups, spec=spec)
 
@@ -221,28 +227,33 @@ def train_and_evaluate(config, workdir):
       if mid_epoch:
         iterator = ckpt.restore_iterator(latest, iterator)
       batch_index = meta["batches_done"]
-      lr = optim.learning_rate(tc, int(state.step), epoch / tc.epochs)
+      step = int(state.step)
+      lr = optim.learning_rate(tc, step, epoch / tc.epochs)
+      # Running sums stay on device (float32), so steps dispatch without a host sync.
+      sums = {"loss": np.float32(meta["epoch_loss_sum"]),
+              "accuracy": np.float32(meta["epoch_acc_sum"])}
       started = time.time()
       for batch in iterator if iterator is not None else ():
         if batch_index >= num_steps:
           break
-        step = int(state.step)
         lr = optim.learning_rate(tc, step, (epoch + batch_index / num_steps) / tc.epochs)
         images = {"image": batch["image"], "label": batch["label"]}
         state, step_metrics = trainer.train_step(state, parallel.put_batch(images, mesh), lr)
+        sums = {k: sums[k] + step_metrics[k] for k in sums}
         batch_index += 1
-        meta["epoch_loss_sum"] += float(step_metrics["loss"])
-        meta["epoch_acc_sum"] += float(step_metrics["accuracy"])
         if writer is not None and step % tc.log_every_steps == 0:
           writer.add_scalar("train/step_loss", float(step_metrics["loss"]), step)
           writer.add_scalar("train/lr", lr, step)
-        if batch_index < num_steps and ckpt.preempted(step + 1):
-          meta.update(epoch=epoch, batches_done=batch_index, mid_epoch=True, plan=plan_summary)
+        step += 1
+        if batch_index < num_steps and ckpt.preempted(step):
+          meta.update(epoch=epoch, batches_done=batch_index, mid_epoch=True, plan=plan_summary,
+                      epoch_loss_sum=float(sums["loss"]), epoch_acc_sum=float(sums["accuracy"]))
           ckpt.save(epoch * _STRIDE + batch_index, state=state, curriculum=cstate,
                     data_iter=iterator, picks=picks, meta=meta)
           logging.warning("preempted: saved epoch %d after batch %d", epoch, batch_index)
           return {"preempted": True, "epoch": epoch, "batches_done": batch_index}
-      meta["batches_done"] = batch_index
+      meta.update(batches_done=batch_index, epoch_loss_sum=float(sums["loss"]),
+                  epoch_acc_sum=float(sums["accuracy"]))
       row = {"epoch": epoch, "step": int(state.step), "lr": lr,
              "loss": meta["epoch_loss_sum"] / max(batch_index, 1),
              "train_accuracy": meta["epoch_acc_sum"] / max(batch_index, 1),
