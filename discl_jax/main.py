@@ -3,6 +3,7 @@
 Parses flags and dispatches to the stages; nothing else lives here.
 """
 
+import logging as std_logging
 import sys
 
 from absl import app
@@ -24,9 +25,15 @@ _STAGE = flags.DEFINE_enum(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _quiet_library_info(record):
+  """Keeps warnings from every library but INFO lines only from discl_jax."""
+  return record.levelno >= std_logging.WARNING or "discl_jax" in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_quiet_library_info)
   try:
     config = config_lib.validate(_CONFIG.value)
   except (KeyError, TypeError) as e:

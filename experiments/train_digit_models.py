@@ -51,25 +51,26 @@ from discl_jax.scoring import clip as clip_lib
 from discl_jax.scoring import digit_clip_training
 from discl_jax.scoring import preprocess
 
-FULL_STEPS = {"clip": 1500, "vae": 1500, "unet": 5000}
-QUICK_STEPS = {"clip": 150, "vae": 150, "unet": 300}
+FULL_STEPS = {"clip": 400, "vae": 600, "unet": 1600}
+QUICK_STEPS = {"clip": 100, "vae": 100, "unet": 150}
 ZERO_SHOT_TEMPLATE = "a photo of the digit {c}"
 SPECTRUM_STRENGTHS = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
 UNCOND_PROB = 0.1
+EMA_DECAY = 0.995  # UNet weight EMA; ~200-step window, short next to the 1600-step run
 IMAGE_SIZE = digits.IMAGE_SIZE
 
 # Geometries. "digits": what ships; "tiny": the unit tests' (compiles fast).
 SIZES = {
     "digits": dict(
         max_length=32,
-        clip_text=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+        clip_text=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                        num_attention_heads=4),
-        clip_vision=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3,
-                         num_attention_heads=4, patch_size=4),
+        clip_vision=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, patch_size=8),
         projection_dim=64,
-        vae=dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16),
-        unet=dict(block_out_channels=(64, 128), layers_per_block=1, attention_head_dim=4),
-        batch=dict(clip=128, vae=64, unet=128),
+        vae=dict(block_out_channels=(16, 16, 32), layers_per_block=1, norm_num_groups=8),
+        unet=dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=4),
+        batch=dict(clip=128, vae=32, unet=64),
         lr=dict(clip=1e-3, vae=1e-3, unet=5e-4),
     ),
     "tiny": dict(
@@ -265,7 +266,7 @@ def train_unet(args, size, pool, latents, context_table, caption_labels, schedul
   optimizer = digit_training.make_optimizer(size["lr"]["unet"], args.unet_steps, warmup_steps=200)
   params = sd_models.random_params(shapes, args.seed, "unet")
   state = digit_training.init_state(params, optimizer, ema=True)
-  step = digit_training.make_unet_step(unet, optimizer)
+  step = digit_training.make_unet_step(unet, optimizer, max_ema_decay=EMA_DECAY)
   acp = jnp.asarray(schedules.alphas_cumprod(scheduler_config))
   table = jnp.asarray(context_table)
   rng = seeding.numpy_rng(args.seed, "digit-unet", "batches")

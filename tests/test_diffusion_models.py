@@ -25,10 +25,18 @@ def test_build_tiny_writes_diffusers_layout(tiny_dir):
   assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
 
 
-def test_build_tiny_is_deterministic(tiny_dir, tmp_path):
-  again = models.build_tiny(tmp_path / "again", seed=0)
-  assert (again / "unet" / "diffusion_flax_model.msgpack").read_bytes() == (
-      tiny_dir / "unet" / "diffusion_flax_model.msgpack").read_bytes()
+def test_random_params_depend_only_on_seed_and_path():
+  shapes = {"conv": {"kernel": jax.ShapeDtypeStruct((3, 3, 4, 8), jnp.float32),
+                     "bias": jax.ShapeDtypeStruct((8,), jnp.float32)},
+            "norm": {"scale": jax.ShapeDtypeStruct((8,), jnp.float32)}}
+  a = models.random_params(shapes, 0, "unet")
+  b = models.random_params(shapes, 0, "unet")
+  c = models.random_params(shapes, 1, "unet")
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  assert not np.array_equal(a["conv"]["kernel"], c["conv"]["kernel"])
+  assert abs(float(a["conv"]["kernel"].std()) - 1 / 6) < 0.03  # LeCun: 1/sqrt(3*3*4)
+  assert abs(float(a["norm"]["scale"].mean()) - 1) < 0.05
 
 
 def test_load_sd_float32_and_bfloat16(tiny_dir):

@@ -8,7 +8,9 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -49,6 +51,19 @@ def make_config():
 # Run as a script by the kill test: hard, prompts, generate on argv[1].
 _SCRIPT = """
 import sys
+sys.path.insert(0, {tests!r})
+from test_generate_stage import make_config
+from discl_jax import pipeline
+pipeline.run_stages(make_config(), sys.argv[1], ("hard", "prompts", "generate"))
+"""
+
+# Process argv[3] of 2 sharing one workdir (CPU jax.distributed with gloo collectives).
+_TWO_PROCESS_SCRIPT = """
+import sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"localhost:{{sys.argv[2]}}", num_processes=2,
+                           process_id=int(sys.argv[3]))
 sys.path.insert(0, {tests!r})
 from test_generate_stage import make_config
 from discl_jax import pipeline
@@ -157,36 +172,57 @@ def test_generate_names_unreadable_source_image(tmp_path, monkeypatch):
 # --- generate: kill, resume, fingerprint, grid -----------------------------------------
 
 
-def _run_script(workdir, cache, **popen):
+def _run_script(workdir, cache, source=_SCRIPT, args=()):
   """Starts hard, prompts, generate on `workdir` in a subprocess; returns the Popen.
 
-  Both runs share a persistent compilation cache so the rerun skips most compiling.
+  Its output goes to `proc.log` (a file: a full pipe would stall the child). All
+  runs share a persistent compilation cache so later runs skip most compiling.
   """
-  script = workdir.parent / "run_generate.py"
-  script.write_text(_SCRIPT.format(tests=str(ROOT / "tests")))
+  name = "_".join([workdir.name, *map(str, args[1:])])
+  script = workdir.parent / f"run_{name}.py"
+  script.write_text(source.format(tests=str(ROOT / "tests")))
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  return subprocess.Popen([sys.executable, str(script), str(workdir)], env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
+  log = workdir.parent / f"run_{name}.{time.monotonic_ns()}.log"
+  with open(log, "wb") as out:
+    proc = subprocess.Popen([sys.executable, str(script), str(workdir), *map(str, args)],
+                            env=env, stdout=out, stderr=subprocess.STDOUT)
+  proc.log = log
+  return proc
+
+
+def _finish(proc, timeout=600):
+  """Waits for `proc` (killing it on timeout); returns the tail of its output."""
+  try:
+    proc.wait(timeout=timeout)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  return proc.log.read_text(errors="replace")[-3000:]
 
 
 @pytest.fixture(scope="module")
-def killed_then_resumed(tmp_path_factory):
+def jax_cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture(scope="module")
+def killed_then_resumed(tmp_path_factory, jax_cache):
   """Runs generate in a subprocess, SIGKILLs it once images exist, damages, reruns."""
   workdir = tmp_path_factory.mktemp("generate")
-  cache = tmp_path_factory.mktemp("jax_cache")
+  cache = jax_cache
   manifest = workdir / wd.SPECTRUM / "manifest-00000.jsonl"
   proc = _run_script(workdir, cache)
   deadline = time.monotonic() + 600
-  while proc.poll() is None and time.monotonic() < deadline:
-    if manifest.exists() and len(wd.read_jsonl(manifest)) >= 2:
+  while proc.poll() is None:
+    if (manifest.exists() and len(wd.read_jsonl(manifest)) >= 2) or time.monotonic() > deadline:
       proc.send_signal(signal.SIGKILL)
       break
     time.sleep(0.005)
-  _, stderr = proc.communicate()
-  assert proc.returncode == -signal.SIGKILL, (
-      f"generate ended before the kill:\n{stderr.decode()[-3000:]}")
+  output = _finish(proc)
+  assert proc.returncode == -signal.SIGKILL, f"generate ended before the kill:\n{output}"
   killed_rows = wd.read_jsonl(manifest)
   config = make_config()
   expected = {r["job_id"]: r for r in jobs.build_rows(
@@ -205,10 +241,10 @@ def killed_then_resumed(tmp_path_factory):
   with open(manifest, "a", encoding="utf-8") as f:
     f.write('{"job_id": "digits/')
   rerun = _run_script(workdir, cache)
-  _, stderr = rerun.communicate(timeout=600)
-  assert rerun.returncode == 0, stderr.decode()[-3000:]
+  output = _finish(rerun)
+  assert rerun.returncode == 0, output
   return dict(workdir=workdir, config=config, expected=expected, killed_rows=killed_rows,
-              rowless=rowless, rowless_image=rowless_image, temp=temp)
+              rowless=rowless, rowless_image=rowless_image)
 
 
 def test_killed_generate_resumes_to_exactly_the_expected_images(killed_then_resumed):
@@ -260,6 +296,26 @@ def test_spectrum_grid_has_real_column_and_one_per_level(killed_then_resumed):
   cell = 96
   top, left = spectrum_grid.HEADER + 2, 2 + (cell + 2)  # row 0, first level column
   assert not (grid[top:top + cell, left:left + cell] == spectrum_grid.MISSING).all()
+
+
+def test_two_processes_share_one_workdir(killed_then_resumed, jax_cache, tmp_path):
+  workdir = tmp_path / "two"
+  shutil.copytree(killed_then_resumed["workdir"] / wd.MODELS, workdir / wd.MODELS)
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    port = sock.getsockname()[1]
+  procs = [_run_script(workdir, jax_cache, _TWO_PROCESS_SCRIPT, (port, p)) for p in range(2)]
+  outputs = [_finish(proc) for proc in procs]
+  assert [proc.returncode for proc in procs] == [0, 0], outputs
+  root = workdir / wd.SPECTRUM
+  shards = [wd.read_jsonl(root / f"manifest-{p:05d}.jsonl") for p in range(2)]
+  assert all(shards)
+  for p, shard in enumerate(shards):
+    assert all(seeding.process_owns(r["job_id"], p, 2) for r in shard)
+  ids = [r["job_id"] for shard in shards for r in shard]
+  assert sorted(ids) == sorted(killed_then_resumed["expected"])
+  assert len(list(root.rglob("*.png"))) == len(ids)
+  assert (workdir / "spectrum_grid_nine.png").exists()
 
 
 def test_jobs_split_across_processes_cover_everything_once():

@@ -127,17 +127,33 @@ def _build_functions(modules, schedule, mesh):
     image = vae.apply({"params": params}, (latents / scaling).astype(dtype), method=vae.decode).sample
     return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
 
+  def quiet(fn):  # the pinned modules log a deprecation line per submodule at trace time
+    @functools.wraps(fn)
+    def traced(*args):
+      with models_lib.quiet():
+        return fn(*args)
+    return traced
+
   return {
-      "encode_text": jax.jit(encode_text),
-      "prepare": jax.jit(prepare, out_shardings=batch),
+      "encode_text": jax.jit(quiet(encode_text)),
+      "prepare": jax.jit(quiet(prepare), out_shardings=batch),
       "refill": jax.jit(refill, donate_argnums=(0,), out_shardings=state_sharding),
-      "step": jax.jit(step, donate_argnums=(4,), out_shardings=state_sharding),
-      "decode": jax.jit(decode, out_shardings=batch),
+      "step": jax.jit(quiet(step), donate_argnums=(4,), out_shardings=state_sharding),
+      "decode": jax.jit(quiet(decode), out_shardings=batch),
   }
 
 
+_UNUSED_CONFIG_KEYS = ("architectures", "torch_dtype", "dtype", "transformers_version")
+
+
+def _config(config):
+  return {k: v for k, v in dict(config).items()
+          if not k.startswith("_") and k not in _UNUSED_CONFIG_KEYS}
+
+
 def _signature(sd, schedule, mesh):
-  key = json.dumps([dict(sd.unet.config), dict(sd.vae.config), sd.text_encoder.config.to_dict(),
+  key = json.dumps([_config(sd.unet.config), _config(sd.vae.config),
+                    _config(sd.text_encoder.config.to_dict()),
                     str(jnp.dtype(sd.dtype)), schedule.kind, schedule.num_steps,
                     schedule.prediction_type, schedule.clip_sample,
                     [d.id for d in mesh.devices.flat]], sort_keys=True, default=str)

@@ -161,6 +161,10 @@ def run(config, workdir):
   """
   threshold = acceptance.check_threshold(config.score.threshold)
   check_template(config.score.text_template)
+  if config.score.regenerate:
+    raise NotImplementedError(
+        "score.regenerate=True (regenerating rejected images with a new seed and prompt) "
+        "is not implemented yet; set score.regenerate=False")
   root = wd.path(workdir, wd.SPECTRUM)
   if not root.is_dir():
     raise FileNotFoundError(f"{root} does not exist: run the generate stage first")
@@ -169,13 +173,14 @@ def run(config, workdir):
   todo = [r for r in _owned(rows) if not acceptance.is_scored(r)]
   logging.info("score: %d rows, %d already scored, %d to score here",
                len(rows), sum(map(acceptance.is_scored, rows)), len(todo))
+  checkpoint = model_path(config, workdir)  # every process: it may wait for process 0
   if todo:
     sources = SourceImages(datasets.load(config.data, config.seed))
     missing = sources.missing({r["source_id"] for r in todo})
     if missing:
       raise ValueError(f"score: {len(missing)} source id(s) of the manifest are not in "
                        f"data {config.data.name!r}: {missing[:5]}")
-    models = clip.load_clip(model_path(config, workdir), config.score.dtype)
+    models = clip.load_clip(checkpoint, config.score.dtype)
     scorer = clip.ClipScorer(models, _mesh(config), config.score.batch_size)
     labels = sorted({int(r["label"]) for r in todo})
     names = {int(r["label"]): r["class_name"] for r in todo}

@@ -74,6 +74,12 @@ def load_data(config, workdir):
   exists, else every training image of a Few class.
   """
   splits = datasets.load(config.data, config.seed)
+  for name in ("train", "val", "test"):
+    if name not in splits or not len(splits[name]):
+      raise ValueError(
+          f"data.name={config.data.name!r} gives no {name!r} images; the loop trains on "
+          "'train', selects the best epoch on 'val' (data.val_per_class or data.val_list) "
+          "and reports 'test'")
   train = splits["train"]
   groups = longtail.class_groups(train.class_counts(), config.data.many_threshold,
                                  config.data.few_threshold)
@@ -97,7 +103,7 @@ class Trainer:
     self.mesh = mesh
     tc = config.train
     n_dev = parallel.data_size(mesh)
-    if tc.batch_size % (n_dev * jax.process_count()):
+    if tc.batch_size % n_dev or tc.batch_size % jax.process_count():
       raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the "
                        f"{n_dev} devices of the mesh and {jax.process_count()} processes")
     self.model = resnet.get_model(tc.model, len(class_counts))
@@ -105,7 +111,8 @@ class Trainer:
     self.tx = optim.make_optimizer(tc)
     self.train_step = steps_lib.make_train_step(self.model, self.tx, self.loss_fn, mesh)
     self.eval_step = steps_lib.make_eval_step(self.model, mesh)
-    self.eval_batch = parallel.pad_to_multiple(config.eval.batch_size, n_dev * jax.process_count())
+    self.eval_batch = parallel.pad_to_multiple(
+        config.eval.batch_size, math.lcm(n_dev, jax.process_count()))
 
   def initial_state(self):
     """Returns the replicated initial TrainState (from `train.init_checkpoint` if set)."""
