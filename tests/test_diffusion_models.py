@@ -16,6 +16,11 @@ def tiny_dir(tmp_path_factory):
   return models.build_tiny(tmp_path_factory.mktemp("tiny_sd") / "sd", seed=0)
 
 
+@pytest.fixture(scope="module")
+def tiny_sd(tiny_dir):
+  return models.load_sd(str(tiny_dir))
+
+
 def test_build_tiny_writes_diffusers_layout(tiny_dir):
   for sub, name in [("unet", "diffusion_flax_model.msgpack"), ("vae", "diffusion_flax_model.msgpack"),
                     ("text_encoder", "flax_model.msgpack"), ("tokenizer", "vocab.json"),
@@ -39,8 +44,8 @@ def test_random_params_depend_only_on_seed_and_path():
   assert abs(float(a["norm"]["scale"].mean()) - 1) < 0.05
 
 
-def test_load_sd_float32_and_bfloat16(tiny_dir):
-  sd = models.load_sd(str(tiny_dir))
+def test_load_sd_float32_and_bfloat16(tiny_dir, tiny_sd):
+  sd = tiny_sd
   assert set(sd.params) == {"unet", "vae", "text_encoder"}
   leaves = jax.tree.leaves(sd.params)
   assert all(x.dtype == jnp.float32 for x in leaves)
@@ -53,10 +58,9 @@ def test_load_sd_float32_and_bfloat16(tiny_dir):
       rtol=1e-2, atol=1e-2)
 
 
-def test_tiny_tokenizer_encodes_words(tiny_dir):
-  sd = models.load_sd(str(tiny_dir))
-  ids = sd.tokenizer("a photo of the digit seven").input_ids
-  tok = sd.tokenizer
+def test_tiny_tokenizer_encodes_words(tiny_sd):
+  tok = tiny_sd.tokenizer
+  ids = tok("a photo of the digit seven").input_ids
   assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
   assert len(ids) == 8  # bos + one token per word + eos: the merges cover the words
   assert tok.model_max_length == 77
