@@ -133,6 +133,21 @@ def test_build_rows_and_resolution_policy():
   assert jobs.resize(np.zeros((30, 50, 3), np.uint8), (32, 48)).shape == (32, 48, 3)
 
 
+def test_fingerprint_counts_description_file_content_not_path(tmp_path):
+  config = make_config()
+  config.prompts.source = "file"
+  config.prompts.descriptions_file = str(tmp_path / "a.json")
+  with pytest.raises(FileNotFoundError, match="a.json"):
+    jobs.generation_fingerprint(config)
+  (tmp_path / "a.json").write_text('{"nine": ["a nine on a wall"]}')
+  (tmp_path / "b.json").write_text('{"nine": ["a nine on a wall"]}')
+  first = jobs.generation_fingerprint(config)
+  config.prompts.descriptions_file = str(tmp_path / "b.json")
+  assert jobs.generation_fingerprint(config) == first
+  (tmp_path / "b.json").write_text('{"nine": ["a nine on a boat"]}')
+  assert jobs.generation_fingerprint(config) != first
+
+
 # --- generate: bad inputs ---------------------------------------------------------
 
 

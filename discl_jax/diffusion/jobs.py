@@ -7,6 +7,8 @@ the source image resized to a size whose sides are multiples of `multiple`
 """
 
 import collections
+import hashlib
+import pathlib
 
 import numpy as np
 from PIL import Image
@@ -15,20 +17,32 @@ from discl_jax.data import records
 from discl_jax.data import spectrum_store as ss
 
 # The generation config keys that change a job's image: a store made under other
-# values is refused. Strengths, seeds_per_level and slots may change freely.
+# values is refused. Strengths and seeds_per_level (they add or leave out jobs),
+# slots and the mesh (outputs do not depend on batching) and data paths (source
+# ids name the images) may change freely.
 FINGERPRINT_KEYS = {
     "diffusion": ("model", "tiny", "dtype", "scheduler", "num_inference_steps",
                   "guidance_scale", "negative_prompt", "resolution"),
-    "prompts": ("source", "templates", "descriptions_file", "description_format"),
-    "data": ("name", "tfds_name", "root", "train_list", "metadata_csv"),
+    "prompts": ("source", "templates", "description_format"),
+    "data": ("name", "tfds_name"),
 }
 
 
 def generation_fingerprint(config):
-  """Returns the dict of config values that determine each job's image."""
+  """Returns the dict of config values that determine each job's image.
+
+  A descriptions file counts by its content (sha256), not its path.
+  """
   fingerprint = {"seed": int(config.seed)}
   for section, keys in FINGERPRINT_KEYS.items():
     fingerprint[section] = {k: config[section][k] for k in keys}
+  descriptions = ""
+  if config.prompts.source == "file":
+    path = pathlib.Path(config.prompts.descriptions_file)
+    if not path.is_file():
+      raise FileNotFoundError(f"prompts.descriptions_file not found: {str(path)!r}")
+    descriptions = hashlib.sha256(path.read_bytes()).hexdigest()
+  fingerprint["prompts"]["descriptions_sha256"] = descriptions
   return fingerprint
 
 
