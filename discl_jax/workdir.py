@@ -17,6 +17,9 @@ SPECTRUM = "spectrum"
 MODELS = "models"
 CKPT = "ckpt"
 METRICS = "metrics.jsonl"
+TENSORBOARD = "tb"
+PREDICTIONS = "predictions.npz"   # val/test predictions of the best-val epoch
+TRAIN_RESULT = "train_result.json"
 REPORT = "report.md"
 CONFIG = "config.json"
 

@@ -12,7 +12,6 @@ from PIL import Image
 from discl_jax import workdir as wd
 from discl_jax.evaluation import report
 from discl_jax.stages import eval_stage
-from discl_jax.train import loop
 
 SPLITS = ("val", "test")
 
@@ -39,7 +38,7 @@ def _rows(epochs=6):
 def _write_workdir(tmp_path, rows, best_epoch=4):
   wd.append_jsonl(wd.path(tmp_path, wd.METRICS), rows)
   best = rows[best_epoch]
-  wd.atomic_write_json(wd.path(tmp_path, loop.FINAL), {
+  wd.atomic_write_json(wd.path(tmp_path, wd.TRAIN_RESULT), {
       "epochs": len(rows), "best_epoch": best_epoch,
       **{k: v for k, v in best.items() if k.startswith(("val/", "test/"))}})
 
@@ -62,7 +61,7 @@ def test_eval_stage_writes_report_and_curves(tmp_path):
   buffer = io.BytesIO()
   np.savez(buffer, epoch=4, test_pred=preds, test_label=labels, test_prob_true=np.ones(50),
            val_pred=preds, val_label=labels, val_prob_true=np.ones(50))
-  wd.atomic_write_bytes(wd.path(tmp_path, loop.PREDICTIONS), buffer.getvalue())
+  wd.atomic_write_bytes(wd.path(tmp_path, wd.PREDICTIONS), buffer.getvalue())
 
   report_path, curves_path = eval_stage.run(config, tmp_path)
 
@@ -113,7 +112,7 @@ def test_eval_stage_without_metrics_is_a_clear_error(tmp_path):
 
 def test_eval_stage_rejects_a_corrupt_result_file(tmp_path):
   wd.append_jsonl(wd.path(tmp_path, wd.METRICS), _rows())
-  wd.path(tmp_path, loop.FINAL).write_text("{not json")
+  wd.path(tmp_path, wd.TRAIN_RESULT).write_text("{not json")
   with pytest.raises(ValueError, match="train_result.json"):
     eval_stage.run(_demo_config(), tmp_path)
 

@@ -15,7 +15,6 @@ from discl_jax import workdir as wd
 from discl_jax.data import datasets
 from discl_jax.data import longtail
 from discl_jax.evaluation import report
-from discl_jax.train import loop
 
 
 def run(config, workdir):
@@ -27,8 +26,8 @@ def run(config, workdir):
   if not rows:
     raise FileNotFoundError(
         f"{metrics_path}: no epoch metrics to report on; run the train stage first")
-  final = _read_json(wd.path(workdir, loop.FINAL))
-  per_class = _per_class(config, wd.path(workdir, loop.PREDICTIONS))
+  final = _read_json(wd.path(workdir, wd.TRAIN_RESULT))
+  per_class = _per_class(config, wd.path(workdir, wd.PREDICTIONS))
   paths = report.write_report(workdir, rows, final=final, config=config, per_class=per_class)
   logging.info("eval: wrote %s and %s", *paths)
   return paths

@@ -30,6 +30,7 @@ from discl_jax.data import longtail
 from discl_jax.data import pipeline
 from discl_jax.data import spectrum_store
 from discl_jax.evaluation import metrics as metrics_lib
+from discl_jax.scoring import acceptance
 from discl_jax.models import resnet
 from discl_jax.train import checkpoint as checkpoint_lib
 from discl_jax.train import losses
@@ -37,9 +38,6 @@ from discl_jax.train import optim
 from discl_jax.train import state as state_lib
 from discl_jax.train import steps as steps_lib
 
-TB = "tb"
-PREDICTIONS = "predictions.npz"   # val/test predictions of the best-val epoch
-FINAL = "train_result.json"
 _STRIDE = 1_000_000  # checkpoint ids: end of epoch e-1 = e * _STRIDE, mid-epoch e after batch i = that + i
 
 
@@ -62,9 +60,8 @@ def accepted_rows(config, workdir):
   root = wd.path(workdir, wd.SPECTRUM)
   if not root.is_dir():
     return []
-  threshold = config.score.threshold
-  return [row for row in spectrum_store.SpectrumStore(root).rows()
-          if row.get("clip_text") is not None and row["clip_text"] >= threshold]
+  return acceptance.accepted_rows(
+      spectrum_store.SpectrumStore(root).rows(), config.score.threshold)
 
 
 def load_data(config, workdir):
@@ -274,7 +271,7 @@ def train_and_evaluate(config, workdir):
         meta.update(best_val=row["val/all"], best_epoch=epoch,
                     best={k: v for k, v in row.items() if k.startswith(("val/", "test/"))})
         if main:
-          _save_predictions(wd.path(workdir, PREDICTIONS), epoch, val_out, test_out)
+          _save_predictions(wd.path(workdir, wd.PREDICTIONS), epoch, val_out, test_out)
       row["best_epoch"] = meta["best_epoch"]
       if main:
         wd.append_jsonl(metrics_path, [row])
@@ -287,7 +284,7 @@ def train_and_evaluate(config, workdir):
                 data_iter=iterator, picks=picks, meta=meta)
     result = {"epochs": tc.epochs, "best_epoch": meta["best_epoch"], **meta["best"]}
     if main:
-      wd.atomic_write_json(wd.path(workdir, FINAL), result)
+      wd.atomic_write_json(wd.path(workdir, wd.TRAIN_RESULT), result)
     return result
   finally:
     ckpt.close()
@@ -301,7 +298,7 @@ def _json_line(row):
 
 def _tb_writer(workdir, purge_step):
   import tensorboardX  # pylint: disable=g-import-not-at-top
-  return tensorboardX.SummaryWriter(str(wd.path(workdir, TB)), purge_step=purge_step)
+  return tensorboardX.SummaryWriter(str(wd.path(workdir, wd.TENSORBOARD)), purge_step=purge_step)
 
 
 def _log_tb(writer, row):
