@@ -1,0 +1,200 @@
+"""The FLYP trainer: what the train loop runs when `train.model == "clip"`.
+
+`ClipTrainer` has the interface of the loop's ResNet `Trainer`
+(`initial_state`, `batch_inputs`, `train_step`, `predict`, `image_size`,
+`mean`, `std`), so there is one loop and the config picks the trainer:
+
+- the model is a CLIP (`train.clip_model`; "" uses `score.model`, or with
+  `score.tiny` the tiny CLIP built once into workdir/models/clip);
+- images are standardised with CLIP's mean/std at CLIP's input size;
+- each training image gets a caption template from `flyp.caption_choices`
+  (seed, image id, epoch) and the step is FLYP's contrastive step;
+- predictions use the zero-shot head rebuilt from the current text encoder,
+  optionally of WiSE-FT weights (`train.wise_ft_alpha` < 1 mixes in the
+  zero-shot weights at evaluation only).
+
+Captions fill `train.clip_templates` with each class's caption name: the
+common name of `labels.csv` (columns y, english) beside the iWildCam
+metadata.csv when that file exists, else the dataset's class name.
+"""
+
+import csv
+import math
+import pathlib
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from discl_jax import parallel
+from discl_jax import workdir as wd
+from discl_jax.data import pipeline
+from discl_jax.data import transforms
+from discl_jax.models import clip_classifier
+from discl_jax.scoring import clip as clip_lib
+from discl_jax.train import flyp
+from discl_jax.train import optim
+
+TINY_CLIP = "clip"  # workdir/models/clip, shared with the score stage
+LABELS_CSV = "labels.csv"
+
+
+def read_common_names(path, class_names):
+  """Returns the common name of each class (tuple, indexed by label) from labels.csv `path`.
+
+  The file has columns y and english (the FLYP / WILDS labels.csv). Raises
+  ValueError naming the file and every class without a common name.
+  """
+  path = pathlib.Path(path)
+  with open(path, newline="", encoding="utf-8") as f:
+    reader = csv.DictReader(f)
+    if not {"y", "english"} <= set(reader.fieldnames or ()):
+      raise ValueError(f"{path}: needs columns 'y' and 'english', has {reader.fieldnames}")
+    names = {}
+    for n, row in enumerate(reader, start=2):
+      try:
+        y = int(row["y"])
+      except ValueError:
+        raise ValueError(f"{path}:{n}: y {row['y']!r} is not an integer") from None
+      if (row["english"] or "").strip():
+        names[y] = row["english"].strip()
+  missing = [f"{y} ({name!r})" for y, name in enumerate(class_names) if y not in names]
+  if missing:
+    raise ValueError(f"{path}: no common name (column 'english') for class(es) "
+                     f"{', '.join(missing)}")
+  return tuple(names[y] for y in range(len(class_names)))
+
+
+def caption_names(data_config, class_names):
+  """Returns the names captions and prompts use per class: common names when known.
+
+  iWildCam: labels.csv beside `data.metadata_csv` when present (every class
+  must have a common name); otherwise the class names themselves.
+  """
+  if data_config.name == "iwildcam" and data_config.metadata_csv:
+    labels = pathlib.Path(data_config.metadata_csv).parent / LABELS_CSV
+    if labels.is_file():
+      return read_common_names(labels, class_names)
+    logging.warning("%s not found: captions use the class names", labels)
+  return tuple(class_names)
+
+
+def clip_model_path(config, workdir):
+  """Returns the CLIP to fine-tune: train.clip_model, score.model, or the workdir's tiny CLIP."""
+  if config.train.clip_model:
+    return config.train.clip_model
+  if not config.score.tiny:
+    return config.score.model
+  target = wd.path(workdir, wd.MODELS, TINY_CLIP)
+  if wd.is_main_process() and not (target / "config.json").is_file():
+    clip_lib.build_tiny_clip(target, seed=config.seed)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("discl_jax.train.clip_trainer.tiny_clip")
+  return str(target)
+
+
+class ClipTrainer:
+  """CLIP, AdamW, the jitted FLYP step, the zero-shot head and eval step of one run."""
+
+  def __init__(self, config, class_names, mesh, workdir, models=None):
+    self.config = config
+    self.mesh = mesh
+    tc = config.train
+    if tc.loss != "flyp":
+      raise ValueError(f"train.model='clip' trains with train.loss='flyp', got {tc.loss!r}")
+    n_dev = parallel.data_size(mesh)
+    if tc.batch_size % n_dev or tc.batch_size % jax.process_count():
+      raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the "
+                       f"{n_dev} devices of the mesh and {jax.process_count()} processes")
+    alpha = float(tc.wise_ft_alpha)
+    if not 0.0 <= alpha <= 1.0:
+      raise ValueError(f"train.wise_ft_alpha must be in [0, 1], got {alpha}")
+    self.wise_ft_alpha = alpha
+    if models is None:
+      models = clip_lib.load_clip(clip_model_path(config, workdir), config.score.dtype)
+    self.models = models
+    self.model = models.model
+    self.image_size = int(self.model.config.vision_config.image_size)
+    if config.data.image_size != self.image_size:
+      logging.info("CLIP input size %d (data.image_size=%d is for other models)",
+                   self.image_size, config.data.image_size)
+    self.mean, self.std = transforms.CLIP_MEAN, transforms.CLIP_STD
+    self.templates = tuple(tc.clip_templates)
+    self.caption_names = caption_names(config.data, class_names)
+    ids, mask = clip_classifier.caption_table(
+        models.tokenizer, self.caption_names, self.templates)
+    self.tx = optim.make_optimizer(tc)
+    self.train_step = flyp.make_train_step(self.model, self.tx, mesh, ids, mask)
+    self.head_fn = flyp.make_head_fn(self.model, mesh, ids, mask)
+    self._eval_step = flyp.make_eval_step(self.model, mesh)
+    self.eval_batch = parallel.pad_to_multiple(
+        config.eval.batch_size, math.lcm(n_dev, jax.process_count()))
+    self._zero_shot = None
+    self._eval_cache = (None, None)
+
+  def initial_state(self):
+    """Returns the replicated initial TrainState: the loaded (zero-shot) CLIP weights."""
+    state = flyp.create_state(self.models.params, self.tx)
+    state = parallel.put_replicated(state, self.mesh)
+    if self.wise_ft_alpha < 1.0:
+      self._zero_shot = jax.tree.map(np.asarray, jax.device_get(state.params))
+    return state
+
+  def batch_inputs(self, batch, sources, epoch):
+    """Returns the host arrays of one train batch: image, label and the caption template."""
+    ids = [sources[s].ids[r] for s, r in zip(np.asarray(batch["source"]),
+                                             np.asarray(batch["row"]))]
+    templates = flyp.caption_choices(self.config.seed, ids, epoch, len(self.templates))
+    return {"image": batch["image"], "label": batch["label"], "template": templates}
+
+  def eval_params(self, state):
+    """Returns (params, head [D, C]) used for predictions: WiSE-FT mixed when alpha < 1.
+
+    Cached per train step, so evaluating several splits builds the head once.
+    """
+    step = int(state.step)
+    if self._eval_cache[0] == step:
+      return self._eval_cache[1]
+    params = state.params
+    if self.wise_ft_alpha < 1.0:
+      if self._zero_shot is None:
+        raise RuntimeError("WiSE-FT needs the zero-shot weights: call initial_state() first")
+      params = parallel.put_replicated(
+          clip_classifier.wise_ft(self._zero_shot, params, self.wise_ft_alpha), self.mesh)
+    out = (params, self.head_fn(params))
+    self._eval_cache = (step, out)
+    return out
+
+  def predict(self, state, split):
+    """Returns host dict "pred", "prob_true", "loss", "label" [len(split)], in split order."""
+    params, head = self.eval_params(state)
+    loader = pipeline.eval_loader(split, image_size=self.image_size,
+                                  batch_size=self.eval_batch, shard=(0, 1),
+                                  on_bad_image=self.config.data.on_bad_image,
+                                  mean=self.mean, std=self.std)
+    return gather_predictions(loader, self.eval_batch, self.mesh,
+                              lambda batch: self._eval_step(params, head, batch))
+
+
+def gather_predictions(loader, eval_batch, mesh, step):
+  """Returns host dict of `step`'s per-example outputs plus "label", padding dropped.
+
+  Every process reads the whole split in the same order and feeds its own
+  slice of each global batch, so the gathered outputs keep that order.
+  """
+  pc, pi = jax.process_count(), jax.process_index()
+  local = eval_batch // pc
+  outputs = []
+  for batch in loader:
+    part = {k: np.asarray(batch[k])[pi * local:(pi + 1) * local] for k in ("image", "label")}
+    out = step(parallel.put_batch(part, mesh))
+    out = multihost_utils.process_allgather(out, tiled=True) if pc > 1 else jax.device_get(out)
+    out["label"] = np.asarray(batch["label"])
+    out["mask"] = np.asarray(batch["mask"])
+    outputs.append(out)
+  if not outputs:
+    return {k: np.zeros([0]) for k in ("pred", "prob_true", "loss", "label")}
+  merged = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+  keep = merged.pop("mask") > 0
+  return {k: v[keep] for k, v in merged.items()}
