@@ -110,6 +110,12 @@ def base_config():
       init_checkpoint="",
       log_every_steps=50,
       keep_checkpoints=2,
+      # train.model="clip" (FLYP): the CLIP to fine-tune ("" uses score.model, or the
+      # workdir's tiny CLIP with score.tiny), caption templates ({c}: the class's common
+      # name), WiSE-FT weight at evaluation (1.0: fine-tuned weights only).
+      clip_model="",
+      clip_templates=("a photo of {c}.", "{c} in the wild."),
+      wise_ft_alpha=1.0,
   )
   c.curriculum = dict(
       schedule="syn_to_real",  # none | syn_to_real | real_to_syn | fixed | all_levels | text_only | random | adaptive
@@ -121,7 +127,12 @@ def base_config():
       val_sources_per_class=1,
       phase_epochs=1,
   )
-  c.eval = dict(batch_size=256)
+  c.eval = dict(
+      batch_size=256,
+      splits=("val", "test"),  # evaluated every epoch (iwildcam: id_val, id_test, val, test)
+      select_split="val",      # the best epoch is chosen on {select_split}/{select_metric}
+      select_metric="all",     # all (top-1) | macro_f1 | many | medium | few
+  )
   return c
 
 

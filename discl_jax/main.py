@@ -43,9 +43,12 @@ def main(argv):
   names = stages.ORDER if _STAGE.value == "all" else (_STAGE.value,)
   try:
     pipeline.run_stages(config, _WORKDIR.value, names)
-  except stages.StageNotImplemented as e:
-    logging.error("%s", e)
-    sys.exit(f"discl: {e}")
+  except (stages.StageNotImplemented, ValueError, FileNotFoundError, KeyError) as e:
+    # Bad input: our own message names the file, key or value; the traceback
+    # stays available with --verbosity=1.
+    logging.debug("traceback of the error below", exc_info=True)
+    message = e.args[0] if isinstance(e, KeyError) and e.args else e
+    sys.exit(f"discl: {type(e).__name__}: {message}")
 
 
 def run():

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -59,3 +60,9 @@ def data_size(mesh):
 def pad_to_multiple(n, multiple):
   """Returns the smallest integer >= n divisible by `multiple`."""
   return -(-n // multiple) * multiple
+
+
+def barrier(name):
+  """Blocks until every process reaches barrier `name`; a no-op on one process."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"discl_jax.{name}")

@@ -1,8 +1,6 @@
 """CLIP loading, preprocessing and the sharded scorer (tiny random CLIP, CPU)."""
 
-import json
 import os
-import pathlib
 import subprocess
 import sys
 import textwrap

@@ -96,3 +96,10 @@ def test_cli_rejects_unknown_key_set_by_a_config_file(tmp_path):
   result = _discl(f"--config={bad}", f"--workdir={tmp_path / 'w'}", "--stage=hard")
   assert result.returncode != 0
   assert "curriculum.shedule" in result.stderr and str(bad) in result.stderr
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path):
+  result = _discl("--config=configs/demo.py:runlocal", f"--workdir={tmp_path}",
+                  "--stage=generate", "--config.diffusion.strengths=(0.5, 1.5)")
+  assert result.returncode != 0
+  assert "1.5" in result.stderr and "Traceback" not in result.stderr

@@ -14,9 +14,7 @@ import os
 import shutil
 import time
 
-import jax
 from absl import logging
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from discl_jax import parallel
@@ -62,13 +60,9 @@ def model_dir(config, workdir):
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
     logging.info("generate: built a tiny SD checkpoint at %s", target)
-  _barrier("tiny_model")
+  parallel.barrier("stages.generate.tiny_model")
   return str(target)
 
-
-def _barrier(name):
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f"discl_jax.stages.generate.{name}")
 
 
 def _source_index(train, hard_rows):
@@ -191,6 +185,6 @@ def run(config, workdir):
   todo, sizes = _check_sources(train, index, todo, config.data.on_bad_image)
   checkpoint = model_dir(config, workdir)
   _generate(config, checkpoint, store, train, index, owned, todo, sizes)
-  _barrier("generated")
+  parallel.barrier("stages.generate.generated")
   if wd.is_main_process():
     write_grids(config, workdir, store, train, index, hard_rows)

@@ -9,11 +9,10 @@ rule with an explicit list of class names.
 import collections
 import json
 
-import jax
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
+from discl_jax import parallel
 from discl_jax import workdir as wd
 from discl_jax.data import datasets
 from discl_jax.data import longtail
@@ -74,5 +73,4 @@ def run(config, workdir):
   if wd.is_main_process():
     text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
     wd.atomic_write_text(wd.path(workdir, wd.HARD), text)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("discl_jax.stages.hard")
+  parallel.barrier("stages.hard")

@@ -6,10 +6,9 @@ Reads workdir/hard.jsonl; writes workdir/prompts.json:
 
 import collections
 
-import jax
 from absl import logging
-from jax.experimental import multihost_utils
 
+from discl_jax import parallel
 from discl_jax import workdir as wd
 from discl_jax.diffusion import prompts
 
@@ -32,5 +31,4 @@ def run(config, workdir):
                config.prompts.source)
   if wd.is_main_process():
     wd.atomic_write_json(wd.path(workdir, wd.PROMPTS), document)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("discl_jax.stages.prompts")
+  parallel.barrier("stages.prompts")

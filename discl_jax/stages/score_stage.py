@@ -14,7 +14,6 @@ import jax
 import numpy as np
 import tqdm
 from absl import logging
-from jax.experimental import multihost_utils
 
 from discl_jax import parallel
 from discl_jax import seeding
@@ -31,10 +30,6 @@ ACCEPTANCE_PNG = "acceptance.png"
 TINY_CLIP = "clip"
 
 
-def _sync(name):
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f"discl_jax.stages.score.{name}")
-
 
 def model_path(config, workdir):
   """Returns the CLIP to load: score.model, or the tiny one (built once) when score.tiny."""
@@ -43,7 +38,7 @@ def model_path(config, workdir):
   target = wd.path(workdir, wd.MODELS, TINY_CLIP)
   if wd.is_main_process() and not (target / "config.json").is_file():
     clip.build_tiny_clip(target, seed=config.seed)
-  _sync("tiny_clip")
+  parallel.barrier("stages.score.tiny_clip")
   return str(target)
 
 
@@ -189,7 +184,7 @@ def run(config, workdir):
     with tqdm.tqdm(total=len(todo), desc="score", unit="img",
                    disable=not wd.is_main_process()) as progress:
       score_rows(scorer, store, todo, text_embeddings, sources, progress)
-  _sync("scored")
+  parallel.barrier("stages.score.scored")
   if not wd.is_main_process():
     return None
   return write_report(config, workdir, store.rows(), threshold)

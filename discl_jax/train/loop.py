@@ -2,10 +2,16 @@
 
 `train_and_evaluate(config, workdir)` loads the data and the accepted synthetic
 images, builds the curriculum, and per epoch: plans the epoch's samples, trains
-on them with the jitted step, evaluates on val and test, appends a row to
+on them with the jitted step, evaluates on the `eval.splits` (long-tail: val
+and test; iWildCam: id_val, id_test, val, test), appends a row to
 `metrics.jsonl` (and TensorBoard under `tb/`) and checkpoints. A killed run
 resumes from the latest checkpoint to the same result as an uninterrupted one.
-The best epoch is chosen on validation accuracy; its test numbers are reported.
+The best epoch is chosen on `{eval.select_split}/{eval.select_metric}` (a
+validation split, never a test split); its numbers on every split are reported.
+
+One loop, two trainers picked by the config: `Trainer` (ResNets, CE or
+Balanced Softmax) and, for `train.model == "clip"`,
+`clip_trainer.ClipTrainer` (FLYP fine-tuning, zero-shot head evaluation).
 """
 
 import dataclasses
@@ -32,12 +38,15 @@ from discl_jax.data import spectrum_store
 from discl_jax.evaluation import metrics as metrics_lib
 from discl_jax.scoring import acceptance
 from discl_jax.models import resnet
+from discl_jax.data import transforms
 from discl_jax.train import checkpoint as checkpoint_lib
+from discl_jax.train import clip_trainer
 from discl_jax.train import losses
 from discl_jax.train import optim
 from discl_jax.train import state as state_lib
 from discl_jax.train import steps as steps_lib
 
+SELECT_METRICS = ("all", "macro_f1", "many", "medium", "few")
 _STRIDE = 1_000_000  # checkpoint ids: end of epoch e-1 = e * _STRIDE, mid-epoch e after batch i = that + i
 
 
@@ -45,8 +54,7 @@ _STRIDE = 1_000_000  # checkpoint ids: end of epoch e-1 = e * _STRIDE, mid-epoch
 class Data:
   """Everything the loop reads from the workdir and the dataset."""
   train: object
-  val: object
-  test: object
+  eval_splits: dict
   synthetic: object
   groups: np.ndarray
   spec: object
@@ -71,12 +79,7 @@ def load_data(config, workdir):
   exists, else every training image of a Few class.
   """
   splits = datasets.load(config.data, config.seed)
-  for name in ("train", "val", "test"):
-    if name not in splits or not len(splits[name]):
-      raise ValueError(
-          f"data.name={config.data.name!r} gives no {name!r} images; the loop trains on "
-          "'train', selects the best epoch on 'val' (data.val_per_class or data.val_list) "
-          "and reports 'test'")
+  eval_names = check_eval_splits(config.eval, splits, config.data.name)
   train = splits["train"]
   groups = longtail.class_groups(train.class_counts(), config.data.many_threshold,
                                  config.data.few_threshold)
@@ -88,8 +91,36 @@ def load_data(config, workdir):
   spec = curriculum.CurriculumSpec.from_config(
       config.curriculum, train=train, groups=groups, synthetic_rows=rows,
       seed=config.seed, hard_ids=hard_ids)
-  return Data(train=train, val=splits["val"], test=splits["test"],
+  return Data(train=train, eval_splits={name: splits[name] for name in eval_names},
               synthetic=synthetic, groups=groups, spec=spec)
+
+
+def check_eval_splits(eval_config, splits, data_name="data"):
+  """Returns the tuple `eval.splits` after checking them against the loaded `splits`.
+
+  Raises ValueError naming a split the dataset does not have or that is
+  empty (and the splits it has), a select_split outside `eval.splits`, a
+  test split used for selection, or an unknown select_metric.
+  """
+  names = tuple(eval_config.splits)
+  for name in ("train",) + names:
+    if name not in splits:
+      raise ValueError(f"data.name={data_name!r} has no split {name!r} (eval.splits="
+                       f"{names}); its splits: {sorted(splits)}")
+    if not len(splits[name]):
+      raise ValueError(f"data.name={data_name!r} gives no {name!r} images; the loop trains "
+                       f"on 'train' and evaluates eval.splits={names} (long-tail val: "
+                       "data.val_per_class or data.val_list)")
+  select = eval_config.select_split
+  if select not in names:
+    raise ValueError(f"eval.select_split={select!r} is not one of eval.splits={names}")
+  if "test" in select:
+    raise ValueError(f"eval.select_split={select!r}: the best epoch is chosen on a "
+                     "validation split, never on a test split")
+  if eval_config.select_metric not in SELECT_METRICS:
+    raise ValueError(f"eval.select_metric={eval_config.select_metric!r}; "
+                     f"valid: {', '.join(SELECT_METRICS)}")
+  return names
 
 
 class Trainer:
@@ -110,6 +141,13 @@ class Trainer:
     self.eval_step = steps_lib.make_eval_step(self.model, mesh)
     self.eval_batch = parallel.pad_to_multiple(
         config.eval.batch_size, math.lcm(n_dev, jax.process_count()))
+    self.image_size = config.data.image_size
+    self.mean, self.std = transforms.IMAGENET_MEAN, transforms.IMAGENET_STD
+
+  def batch_inputs(self, batch, sources, epoch):
+    """Returns the host arrays of one train batch the step reads: image and label."""
+    del sources, epoch
+    return {"image": batch["image"], "label": batch["label"]}
 
   def initial_state(self):
     """Returns the replicated initial TrainState (from `train.init_checkpoint` if set)."""
@@ -124,29 +162,21 @@ class Trainer:
     return parallel.put_replicated(state, self.mesh)
 
   def predict(self, state, split):
-    """Returns host dict "pred", "prob_true", "loss", "label" [len(split)], in split order.
-
-    Every process reads the whole split in the same order and feeds its own
-    slice of each global batch, so the gathered outputs keep that order.
-    """
-    loader = pipeline.eval_loader(split, image_size=self.config.data.image_size,
+    """Returns host dict "pred", "prob_true", "loss", "label" [len(split)], in split order."""
+    loader = pipeline.eval_loader(split, image_size=self.image_size,
                                   batch_size=self.eval_batch, shard=(0, 1),
                                   on_bad_image=self.config.data.on_bad_image)
-    pc, pi = jax.process_count(), jax.process_index()
-    local = self.eval_batch // pc
-    outputs = []
-    for batch in loader:
-      part = {k: np.asarray(batch[k])[pi * local:(pi + 1) * local] for k in ("image", "label")}
-      out = self.eval_step(state, parallel.put_batch(part, self.mesh))
-      out = multihost_utils.process_allgather(out, tiled=True) if pc > 1 else jax.device_get(out)
-      out["label"] = np.asarray(batch["label"])
-      out["mask"] = np.asarray(batch["mask"])
-      outputs.append(out)
-    if not outputs:
-      return {k: np.zeros([0]) for k in ("pred", "prob_true", "loss", "label")}
-    merged = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
-    keep = merged.pop("mask") > 0
-    return {k: v[keep] for k, v in merged.items()}
+    return clip_trainer.gather_predictions(loader, self.eval_batch, self.mesh,
+                                           lambda batch: self.eval_step(state, batch))
+
+
+def make_trainer(config, data, mesh, workdir):
+  """Returns the trainer `train.model` asks for: ClipTrainer for "clip", else Trainer."""
+  if config.train.model == "clip":
+    return clip_trainer.ClipTrainer(config, data.train.class_names, mesh, workdir)
+  if config.train.loss == "flyp":
+    raise ValueError(f"train.loss='flyp' needs train.model='clip', got {config.train.model!r}")
+  return Trainer(config, data.train.class_counts(), mesh)
 
 
 def evaluate(trainer, state, split, groups, prefix):
@@ -183,7 +213,8 @@ def train_and_evaluate(config, workdir):
   mesh = parallel.make_mesh(config.mesh.shape)
   data = load_data(config, workdir)
   sources = [data.train] + ([data.synthetic] if data.synthetic is not None else [])
-  trainer = Trainer(config, data.train.class_counts(), mesh)
+  trainer = make_trainer(config, data, mesh, workdir)
+  select_key = f"{config.eval.select_split}/{config.eval.select_metric}"
   ckpt = checkpoint_lib.Checkpointer(wd.path(workdir, wd.CKPT), tc.keep_checkpoints).watch_sigterm()
   main = wd.is_main_process()
 
@@ -225,9 +256,10 @@ def train_and_evaluate(config, workdir):
         iterator = None
       else:
         iterator = iter(pipeline.train_loader(
-            sources, picks, image_size=config.data.image_size, batch_size=tc.batch_size,
+            sources, picks, image_size=trainer.image_size, batch_size=tc.batch_size,
             seed=config.seed, epoch=epoch, augment=config.data.augment, shard=shard,
-            num_workers=config.data.num_workers, on_bad_image=config.data.on_bad_image))
+            num_workers=config.data.num_workers, on_bad_image=config.data.on_bad_image,
+            mean=trainer.mean, std=trainer.std))
       if mid_epoch:
         iterator = ckpt.restore_iterator(latest, iterator)
       batch_index = meta["batches_done"]
@@ -241,7 +273,7 @@ def train_and_evaluate(config, workdir):
         if batch_index >= num_steps:
           break
         lr = optim.learning_rate(tc, step, (epoch + batch_index / num_steps) / tc.epochs)
-        images = {"image": batch["image"], "label": batch["label"]}
+        images = trainer.batch_inputs(batch, sources, epoch)
         state, step_metrics = trainer.train_step(state, parallel.put_batch(images, mesh), lr)
         sums = {k: sums[k] + step_metrics[k] for k in sums}
         batch_index += 1
@@ -263,26 +295,30 @@ def train_and_evaluate(config, workdir):
              "train_accuracy": meta["epoch_acc_sum"] / max(batch_index, 1),
              "epoch_seconds": time.time() - started}
       row.update(plan_summary)
-      val_row, val_out = evaluate(trainer, state, data.val, data.groups, "val")
-      test_row, test_out = evaluate(trainer, state, data.test, data.groups, "test")
-      row.update(val_row)
-      row.update(test_row)
-      if row["val/all"] > meta["best_val"]:
-        meta.update(best_val=row["val/all"], best_epoch=epoch,
-                    best={k: v for k, v in row.items() if k.startswith(("val/", "test/"))})
+      outs = {}
+      for name, split in data.eval_splits.items():
+        split_row, outs[name] = evaluate(trainer, state, split, data.groups, name)
+        row.update(split_row)
+      if row[select_key] > meta["best_val"]:
+        prefixes = tuple(f"{name}/" for name in data.eval_splits)
+        meta.update(best_val=row[select_key], best_epoch=epoch,
+                    best={k: v for k, v in row.items() if k.startswith(prefixes)})
         if main:
-          _save_predictions(wd.path(workdir, wd.PREDICTIONS), epoch, val_out, test_out)
+          _save_predictions(wd.path(workdir, wd.PREDICTIONS), epoch, outs)
       row["best_epoch"] = meta["best_epoch"]
       if main:
         wd.append_jsonl(metrics_path, [row])
         _log_tb(writer, row)
-      logging.info("epoch %d: loss %.4f val/all %.2f test/all %.2f level %s", epoch,
-                   row["loss"], row["val/all"], row["test/all"], row.get("curriculum_level"))
+      logging.info("epoch %d: loss %.4f %s", epoch, row["loss"], " ".join(
+          f"{k} {row[k]:.3f}" for k in row if k.endswith(("/all", "/macro_f1"))))
+      logging.info("epoch %d: curriculum phase %s level %s", epoch,
+                   row.get("curriculum_phase"), row.get("curriculum_level"))
       meta.update(epoch=epoch + 1, batches_done=0, mid_epoch=False, plan=None,
                   epoch_loss_sum=0.0, epoch_acc_sum=0.0)
       ckpt.save((epoch + 1) * _STRIDE, state=state, curriculum=cstate,
                 data_iter=iterator, picks=picks, meta=meta)
-    result = {"epochs": tc.epochs, "best_epoch": meta["best_epoch"], **meta["best"]}
+    result = {"epochs": tc.epochs, "best_epoch": meta["best_epoch"],
+              "selected_on": select_key, **meta["best"]}
     if main:
       wd.atomic_write_json(wd.path(workdir, wd.TRAIN_RESULT), result)
     return result
@@ -311,9 +347,9 @@ def _log_tb(writer, row):
   writer.flush()
 
 
-def _save_predictions(target, epoch, val_out, test_out):
+def _save_predictions(target, epoch, outs):
   buffer = io.BytesIO()
   np.savez(buffer, epoch=epoch,
-           **{f"{split}_{k}": out[k] for split, out in (("val", val_out), ("test", test_out))
+           **{f"{split}_{k}": out[k] for split, out in outs.items()
               for k in ("pred", "label", "prob_true")})
   wd.atomic_write_bytes(target, buffer.getvalue())
