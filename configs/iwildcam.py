@@ -35,6 +35,14 @@ def get_config(arg=None):
   c.train.warmup_steps = 500
   c.train.batch_size = 256
   c.train.epochs = 20
+  c.train.clip_model = "openai/clip-vit-base-patch16"
+  c.train.clip_templates = ("a photo of {c}.", "{c} in the wild.")  # the FLYP/DisCL captions
+  c.train.wise_ft_alpha = 1.0  # < 1: WiSE-FT with the zero-shot weights at evaluation
+  # ID (id_val, id_test) and OOD (val, test) splits; the best epoch is chosen on the
+  # OOD validation split's macro-F1, WILDS' model-selection rule for iWildCam.
+  c.eval.splits = ("id_val", "id_test", "val", "test")
+  c.eval.select_split = "val"
+  c.eval.select_metric = "macro_f1"
   c.curriculum.schedule = arg.schedule
   c.curriculum.levels = (0.5, 0.6, 0.7, 0.8, 0.9)
   c.curriculum.curriculum_epochs = 15

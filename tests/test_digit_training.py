@@ -18,7 +18,9 @@ from discl_jax.scoring import digit_clip_training
 from discl_jax.scoring import preprocess
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "train_digit_models.py"
-STEPS = 30
+# The tiny CLIP first collapses to constant embeddings (loss log(batch)) and needs
+# ~100 steps to break out of it; its steps are cheap.
+STEPS = {"clip": 150, "vae": 30, "unet": 30}
 
 
 def _script():
@@ -37,8 +39,8 @@ def script():
 def run(script, tmp_path_factory):
   out = tmp_path_factory.mktemp("digit_models") / "out"
   summary = script.main(["--out", str(out), "--size", "tiny", "--seed", "3",
-                         "--clip_steps", str(STEPS), "--vae_steps", str(STEPS),
-                         "--unet_steps", str(STEPS), "--samples_per_class", "2",
+                         "--clip_steps", str(STEPS["clip"]), "--vae_steps", str(STEPS["vae"]),
+                         "--unet_steps", str(STEPS["unet"]), "--samples_per_class", "2",
                          "--sample_steps", "10"])
   return out, summary
 
@@ -46,7 +48,7 @@ def run(script, tmp_path_factory):
 @pytest.mark.parametrize("model,metric", [("clip", "loss"), ("vae", "mse"), ("unet", "loss")])
 def test_losses_decrease(run, model, metric):
   values = np.asarray(run[1]["histories"][model][metric])
-  assert len(values) == STEPS and np.all(np.isfinite(values))
+  assert len(values) == STEPS[model] and np.all(np.isfinite(values))
   assert values[-5:].mean() < 0.9 * values[:5].mean(), values
 
 
@@ -86,7 +88,7 @@ def test_outputs_readme_and_checksums(run):
   assert 0.0 <= quality["fidelity"] <= 1.0 and len(quality["fidelity_per_class"]) == 10
   assert quality["classifier_test_accuracy"] > 0.85  # logistic regression on real digits
   metrics = json.loads((out / "metrics.json").read_text())
-  assert metrics["steps"] == {"clip": STEPS, "vae": STEPS, "unet": STEPS}
+  assert metrics["steps"] == STEPS
   assert metrics["pool_size"] + metrics["test_size"] == 1797
 
 

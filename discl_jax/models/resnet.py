@@ -5,6 +5,7 @@
 - `resnet32`: CIFAR-style, 3x3 stem and 3 stages of 5 basic blocks (16/32/64),
   identity shortcuts that subsample and zero-pad channels (option A).
 - `resnet50`: ImageNet-style bottleneck ResNet, stages (3, 4, 6, 3).
+- `resnet8`: the CIFAR layout with one block per stage (16/32/64), for the demo.
 - `tiny`: the CIFAR layout with 2 stages of one block (8/16) for tests.
 
 Constructors are `functools.partial`s of `ResNet`; `get_model(name, num_classes)`
@@ -110,6 +111,8 @@ class ResNet(nn.Module):
 
 
 ResNet10 = functools.partial(ResNet, stage_sizes=(1, 1, 1, 1), block_cls=BasicBlock)
+ResNet8 = functools.partial(ResNet, stage_sizes=(1, 1, 1), block_cls=BasicBlock,
+                            num_filters=16, stem="cifar", shortcut="pad")
 ResNet32 = functools.partial(ResNet, stage_sizes=(5, 5, 5), block_cls=BasicBlock,
                              num_filters=16, stem="cifar", shortcut="pad")
 ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckBlock)
@@ -117,6 +120,7 @@ ResNetTiny = functools.partial(ResNet, stage_sizes=(1, 1), block_cls=BasicBlock,
                                num_filters=8, stem="cifar", shortcut="pad")
 
 MODELS = {
+    "resnet8": ResNet8,
     "resnet10": ResNet10,
     "resnet32": ResNet32,
     "resnet50": ResNet50,

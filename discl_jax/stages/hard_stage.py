@@ -2,8 +2,18 @@
 
 Writes workdir/hard.jsonl, one row per image: source_id, label, class_name,
 reason (the rule, or "listed_class") and class_count (the class's training
-images). Rules live in `RULES` (name -> function); `hard.classes` overrides the
-rule with an explicit list of class names.
+images); iWildCam rows also carry caption_name (the class's common name, which
+the prompts use). Rules live in `RULES` (name -> function); `hard.classes`
+overrides the rule with an explicit list of class names.
+
+Rules:
+  few_classes    every training image of a Few class (long-tail tasks).
+  misclassified  low-quality tasks (DESIGN.md 1.1): the model of the original
+                 data (train.model="clip": the CLIP to fine-tune, zero-shot)
+                 predicts every training image; hard = misclassified, or true-class
+                 probability below the `hard.prob_quantile` quantile (when > 0).
+                 Its figures (hard images per class) go to workdir/hard_summary.json
+                 and the log; each row gains true_prob and pred_class_name.
 """
 
 import collections
@@ -16,6 +26,10 @@ from discl_jax import parallel
 from discl_jax import workdir as wd
 from discl_jax.data import datasets
 from discl_jax.data import longtail
+from discl_jax.train import clip_trainer
+from discl_jax.train import hardness
+
+HARD_SUMMARY = "hard_summary.json"
 
 
 def few_classes(config, splits, workdir):
@@ -27,7 +41,35 @@ def few_classes(config, splits, workdir):
   return np.flatnonzero(groups[train.labels] == "few"), "few_class"
 
 
-RULES = {"few_classes": few_classes}
+
+def misclassified(config, splits, workdir):
+  """Returns (indices, reason, (extra, figures)): train images the original-data model gets wrong.
+
+  The model is the configured CLIP (zero-shot head from `train.clip_templates`);
+  `extra` maps index -> {true_prob, pred_class_name}; `figures` is
+  `hardness.summary` plus the model and its train accuracy.
+  """
+  if config.train.model != "clip":
+    raise ValueError("hard.rule='misclassified' predicts with the CLIP of train.model='clip' "
+                     f"(zero-shot); got train.model={config.train.model!r}")
+  train = splits["train"]
+  mesh = parallel.make_mesh(config.mesh.shape)
+  trainer = clip_trainer.ClipTrainer(config, train.class_names, mesh, workdir)
+  out = trainer.predict(trainer.initial_state(), train)
+  selection = hardness.select_hard(
+      out["prob_true"], out["pred"], out["label"], len(train.class_names),
+      misclassified=True, prob_quantile=config.hard.prob_quantile)
+  extra = {int(i): {"true_prob": float(out["prob_true"][i]),
+                    "pred_class_name": str(train.class_names[int(out["pred"][i])])}
+           for i in np.flatnonzero(selection.mask)}
+  figures = hardness.summary(selection, train.class_names, misclassified=True,
+                             prob_quantile=config.hard.prob_quantile)
+  figures["model"] = clip_trainer.clip_model_path(config, workdir)
+  figures["train_accuracy"] = float(np.mean(out["pred"] == out["label"])) if len(out["pred"]) else None
+  return np.flatnonzero(selection.mask), "misclassified", (extra, figures)
+
+
+RULES = {"few_classes": few_classes, "misclassified": misclassified}
 
 
 def listed_classes(class_names, wanted):
@@ -42,6 +84,11 @@ def listed_classes(class_names, wanted):
 
 def select_hard(config, splits, workdir):
   """Returns the hard rows (dicts) for the train split of `splits`, in split order."""
+  return select_hard_with_figures(config, splits, workdir)[0]
+
+
+def select_hard_with_figures(config, splits, workdir):
+  """Returns (hard rows in split order, the rule's figures dict or None)."""
   train = splits["train"]
   counts = train.class_counts()
   if config.hard.classes:
@@ -50,20 +97,26 @@ def select_hard(config, splits, workdir):
   else:
     if config.hard.rule not in RULES:
       raise ValueError(f"unknown hard.rule {config.hard.rule!r}; available: {sorted(RULES)}")
-    indices, reason = RULES[config.hard.rule](config, splits, workdir)
+    indices, reason, *more = RULES[config.hard.rule](config, splits, workdir)
+  extra, figures = more[0] if more else ({}, None)
+  captions = (clip_trainer.caption_names(config.data, train.class_names)
+              if config.data.name == "iwildcam" else None)
   rows = []
   for i in np.sort(np.asarray(indices, np.int64)):
     label = int(train.labels[i])
-    rows.append(dict(source_id=str(train.ids[i]), label=label,
-                     class_name=str(train.class_names[label]), reason=reason,
-                     class_count=int(counts[label])))
-  return rows
+    row = dict(source_id=str(train.ids[i]), label=label,
+               class_name=str(train.class_names[label]), reason=reason,
+               class_count=int(counts[label]), **extra.get(int(i), {}))
+    if captions is not None:
+      row["caption_name"] = captions[label]
+    rows.append(row)
+  return rows, figures
 
 
 def run(config, workdir):
   """Writes workdir/hard.jsonl (process 0) and logs the per-class counts."""
   splits = datasets.load(config.data, config.seed)
-  rows = select_hard(config, splits, workdir)
+  rows, figures = select_hard_with_figures(config, splits, workdir)
   per_class = collections.Counter(row["class_name"] for row in rows)
   logging.info("hard: %d images from %d classes: %s", len(rows), len(per_class),
                dict(sorted(per_class.items())))
@@ -73,4 +126,11 @@ def run(config, workdir):
   if wd.is_main_process():
     text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
     wd.atomic_write_text(wd.path(workdir, wd.HARD), text)
+    if figures is not None:
+      wd.atomic_write_json(wd.path(workdir, HARD_SUMMARY), figures)
+  if figures is not None:
+    logging.info("hard: rule %s, %d of %d training images hard (train accuracy %s); "
+                 "per class (hard/total): %s", figures["rule"], figures["num_hard"],
+                 figures["num_images"], figures["train_accuracy"],
+                 {c: f"{v['hard']}/{v['total']}" for c, v in figures["per_class"].items()})
   parallel.barrier("stages.hard")

@@ -1,6 +1,7 @@
 """Stage `prompts`: one text prompt per hard image, from the configured source.
 
-Reads workdir/hard.jsonl; writes workdir/prompts.json:
+Reads workdir/hard.jsonl (template prompts use a row's caption_name, the
+iWildCam common name, when it has one); writes workdir/prompts.json:
 {"classes": {class: [candidate prompts]}, "sources": {source_id: prompt}}.
 """
 
@@ -21,9 +22,20 @@ def read_hard(workdir):
   return wd.read_jsonl(target)
 
 
+def caption_named(hard_rows, source):
+  """Returns `hard_rows` with class_name set to caption_name (the common name) where a row
+  has one and prompts come from templates, so iWildCam prompts read
+  "a photo of {common name} in the wild"; prompts.json's classes are keyed by that name.
+  """
+  if source != "templates":
+    return hard_rows
+  return [dict(row, class_name=row["caption_name"]) if row.get("caption_name") else row
+          for row in hard_rows]
+
+
 def run(config, workdir):
   """Writes workdir/prompts.json (process 0) for the images in hard.jsonl."""
-  hard_rows = read_hard(workdir)
+  hard_rows = caption_named(read_hard(workdir), config.prompts.source)
   document = prompts.build_prompts(config.prompts, hard_rows, config.seed)
   used = collections.Counter(document["sources"].values())
   logging.info("prompts: %d images, %d classes, %d distinct prompts (source %s)",

@@ -24,7 +24,6 @@ import time
 import jax
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 from discl_jax import config as config_lib
 from discl_jax import parallel
@@ -35,10 +34,10 @@ from discl_jax.data import datasets
 from discl_jax.data import longtail
 from discl_jax.data import pipeline
 from discl_jax.data import spectrum_store
+from discl_jax.data import transforms
 from discl_jax.evaluation import metrics as metrics_lib
 from discl_jax.scoring import acceptance
 from discl_jax.models import resnet
-from discl_jax.data import transforms
 from discl_jax.train import checkpoint as checkpoint_lib
 from discl_jax.train import clip_trainer
 from discl_jax.train import losses
@@ -247,6 +246,11 @@ def train_and_evaluate(config, workdir):
           signals["val_probs"] = validation_probs(trainer, state, data)
         cstate, plan = curriculum.plan_epoch(data.spec, cstate, epoch, signals)
         picks, plan_summary = plan.picks, plan.summary()
+        if signals and int(np.asarray(cstate.level_index)) >= 0:
+          # The adaptive pick of this phase and why: mean progress per candidate level
+          # (curriculum.levels, then real), the chosen index into that list.
+          plan_summary["curriculum_gains"] = [float(g) for g in np.asarray(cstate.gains)]
+          plan_summary["curriculum_choice"] = int(np.asarray(cstate.level_index))
         meta.update(batches_done=0, epoch_loss_sum=0.0, epoch_acc_sum=0.0)
       resume_picks = None
       num_steps = len(picks) // tc.batch_size
