@@ -33,13 +33,15 @@ def get_config(arg=None):
   # Random tiny CLIP: its scores carry no meaning, so keep every image.
   c.score.threshold = -1.0
 
-  c.train.model = "tiny"
+  c.data.augment = False  # random crops cut 8x8-pixel digits apart
+  c.train.model = "resnet8"
+  c.train.learning_rate = 1e-2
   c.train.batch_size = 64
-  c.train.epochs = 12
+  c.train.epochs = 20
   c.train.log_every_steps = 10
   c.curriculum.schedule = "syn_to_real"
   c.curriculum.levels = (0.1, 0.3, 0.5)
-  c.curriculum.curriculum_epochs = 9
+  c.curriculum.curriculum_epochs = 15
 
   if arg.runlocal:
     config_lib.smoke_sized(c)
