@@ -71,7 +71,7 @@ def main():
     results[name] = dict(seconds=_time(jitted, (q, k, v), args.repeats), max_abs_diff=err)
   try:
     import torch  # pylint: disable=g-import-not-at-top
-    tq, tk, tv = (torch.from_numpy(np.asarray(x)).transpose(1, 2).contiguous() for x in (q, k, v))
+    tq, tk, tv = (torch.from_numpy(np.array(x)).transpose(1, 2).contiguous() for x in (q, k, v))
     sdpa = torch.nn.functional.scaled_dot_product_attention
     with torch.no_grad():
       sdpa(tq, tk, tv)

@@ -35,6 +35,9 @@ from discl_jax.train import loop
 
 TESTS = pathlib.Path(__file__).resolve().parent
 EPOCHS = 4
+# Images per class and split: few train images keep the generate jobs (hard images x 2
+# strengths) few; 2 OOD val images per class for the model selection.
+PER_CLASS = {"train": 4, "id_val": 1, "id_test": 1, "val": 2, "test": 1}
 STAGES = ("hard", "prompts", "generate", "score", "train", "eval")
 
 
@@ -74,6 +77,10 @@ def make_config(data_root):
   c.curriculum.curriculum_epochs = EPOCHS
   c.curriculum.phase_epochs = 1
   c.curriculum.val_sources_per_class = 1
+  # Every real image each epoch, and a tail share above the hard classes' 3/4 so the
+  # synthetic phases draw synthetic rows on top of the real hard images.
+  c.curriculum.nontail_fraction = 1.0
+  c.curriculum.tail_share = 0.9
   c.eval.batch_size = 16
   c.eval.splits = ("id_val", "id_test", "val", "test")
   c.eval.select_split = "val"
@@ -175,7 +182,7 @@ def _metrics(workdir):
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
   root = tmp_path_factory.mktemp("iwildcam")
-  iwildcam_fixture.write_tiny_iwildcam(root / "data")
+  iwildcam_fixture.write_tiny_iwildcam(root / "data", per_class=PER_CLASS)
   return root
 
 
@@ -216,7 +223,9 @@ def test_pipeline_runs_the_low_quality_path(one):
   assert result["best_epoch"] == best and result["selected_on"] == "val/macro_f1"
   assert result["id_test/macro_f1"] == rows[best]["id_test/macro_f1"]
   report = (one / "report.md").read_text()
-  assert "id_val" in report and "macro-F1" in report and "synthetic" in report
+  assert "id_val" in report and "macro-F1" in report and "`val/macro_f1`" in report
+  assert "## Adaptive curriculum choices" in report and "| 1 | 0.50 |" in report
+  assert "## Hard images" in report and f"{len(hard)} of {figures['num_images']}" in report
   assert (one / "curves.png").exists() and any((one / "tb").iterdir())
   with np.load(one / "predictions.npz") as saved:
     assert {"id_val_pred", "id_test_pred", "val_pred", "test_pred"} <= set(saved.files)
@@ -243,6 +252,7 @@ def test_killed_and_resumed_training_equals_uninterrupted(root, one):
 def test_eight_devices_choose_the_same_levels(root, one):
   proc = _run(root, root / "eight", "pipeline", devices=8)
   assert proc.returncode == 0, proc.stderr[-4000:]
+  assert (root / "eight" / "hard.jsonl").read_text() == (one / "hard.jsonl").read_text()
   first, eight = _metrics(one), _metrics(root / "eight")
   assert [r["curriculum_level"] for r in eight] == [r["curriculum_level"] for r in first]
   assert [r.get("curriculum_choice") for r in eight] == [r.get("curriculum_choice") for r in first]

@@ -201,7 +201,7 @@ def test_matches_torch_img2img_pipeline_from_safetensors(torch_checkpoint, kind,
   noise = np.asarray(sampler.job_noise(job, (4, latent, latent)))[None]
   monkeypatch.setattr(img2img, "retrieve_latents", lambda out, generator=None, sample_mode="sample":
                       out.latent_dist.mean + out.latent_dist.std * torch.from_numpy(eps.copy())[None])
-  monkeypatch.setattr(img2img, "randn_tensor", lambda shape, **kw: torch.from_numpy(noise))
+  monkeypatch.setattr(img2img, "randn_tensor", lambda shape, **kw: torch.from_numpy(noise.copy()))
   scheduler_cls = {"ddim": diffusers.DDIMScheduler, "euler": diffusers.EulerDiscreteScheduler}[kind]
   pipe = diffusers.StableDiffusionImg2ImgPipeline(
       vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,

@@ -3,11 +3,16 @@
 Inputs are the rows of metrics.jsonl, one per epoch, as the train loop writes
 them: "epoch", accuracy keys "{split}/{many|medium|few|all|macro_f1}" (fractions),
 and the curriculum keys of `EpochPlan.summary()` ("curriculum_phase",
-"curriculum_level", "curriculum_levels", "num_real", "num_synthetic").
+"curriculum_level", "curriculum_levels", "num_real", "num_synthetic"); rows
+where the adaptive curriculum picked a level also carry "curriculum_gains"
+(mean progress per candidate: the levels, then real) and "curriculum_choice".
+The low-quality task's hard-image figures (workdir/hard_summary.json, written
+by the `hard` stage's misclassified rule) get their own section when present.
 Keys a row lacks are shown as "-", so older or partial logs still render.
 """
 
 import io
+import json
 import math
 
 import numpy as np
@@ -18,6 +23,7 @@ from discl_jax import workdir as wd
 from discl_jax.evaluation import metrics as metrics_lib
 
 CURVES = "curves.png"
+HARD_SUMMARY = "hard_summary.json"  # the hard stage's figures (low-quality tasks)
 COLUMNS = ("many", "medium", "few", "all", "macro_f1")
 _HEADERS = {"many": "Many", "medium": "Medium", "few": "Few", "all": "All", "macro_f1": "macro-F1"}
 _COLORS = {"all": "black", "many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
@@ -92,12 +98,48 @@ def level_label(row):
   return "+".join(f"{v:.2f}" for v in levels) if levels else "real"
 
 
-def render_markdown(rows, *, final=None, config=None, per_class=None):
+def adaptive_table(rows, levels=None):
+  """Returns markdown: per adaptive pick, the epoch, the chosen candidate and every
+  candidate's mean progress; "" when no row has a pick.
+
+  `levels` (curriculum.levels) names the candidates; the last candidate is real.
+  """
+  picked = [r for r in rows if r.get("curriculum_gains") is not None]
+  if not picked:
+    return ""
+  num = len(picked[0]["curriculum_gains"])
+  names = ([f"{v:.2f}" for v in levels] if levels is not None and len(levels) == num - 1
+           else [f"level {g}" for g in range(num - 1)]) + ["real"]
+  lines = ["| epoch | chosen | " + " | ".join(f"gain {n}" for n in names) + " |",
+           "|---|---|" + "---:|" * num]
+  for row in picked:
+    choice = row.get("curriculum_choice")
+    chosen = names[choice] if isinstance(choice, int) and 0 <= choice < num else "-"
+    gains = [f"{g:+.4f}" if _finite(g) else "-" for g in row["curriculum_gains"]]
+    lines.append(f"| {row.get('epoch', '-')} | {chosen} | " + " | ".join(gains) + " |")
+  return "\n".join(lines)
+
+
+def hard_section(figures):
+  """Returns markdown lines for the hard-image rule and its per-class figures."""
+  rule = figures.get("rule", {})
+  out = [f"Rule: misclassified={rule.get('misclassified')}, true-class probability quantile "
+         f"{rule.get('prob_quantile')} (threshold {figures.get('prob_threshold')}); model "
+         f"`{figures.get('model', '-')}`, train accuracy {_pct(figures.get('train_accuracy'))} %. "
+         f"{figures.get('num_hard')} of {figures.get('num_images')} training images are hard.",
+         "", "| class | hard | total |", "|---|---:|---:|"]
+  for name, counts in figures.get("per_class", {}).items():
+    out.append(f"| {name} | {counts.get('hard')} | {counts.get('total')} |")
+  return out
+
+
+def render_markdown(rows, *, final=None, config=None, per_class=None, hard=None):
   """Returns the text of report.md.
 
-  `final` is the train loop's result dict (its "best_epoch" and best-epoch
-  metrics); `per_class` a dict with preds, labels, class_names, groups,
-  train_counts (the best epoch's test predictions).
+  `final` is the train loop's result dict (its "best_epoch", "selected_on"
+  and best-epoch metrics); `per_class` a dict with preds, labels,
+  class_names, groups, train_counts (the best epoch's test predictions);
+  `hard` the hard stage's figures (hard_summary.json) or None.
   """
   splits = splits_in(rows)
   out = ["# DisCL run report", ""]
@@ -107,15 +149,25 @@ def render_markdown(rows, *, final=None, config=None, per_class=None):
   if best is not None:
     values = dict(best)
     values.update({k: v for k, v in (final or {}).items() if "/" in k})
+    selected_on = (final or {}).get("selected_on", "val/all")
     out += [f"## Result at the best validation epoch ({best.get('epoch')})", "",
-            "Top-1 accuracy (%) per class group; the epoch is chosen on the validation "
-            "split, never on test.", "", results_table(values, splits), ""]
+            "Top-1 accuracy (%) per class group and macro-F1 (%); the epoch is chosen on "
+            f"`{selected_on}`, never on test.", "", results_table(values, splits), ""]
   if rows:
     out += [f"## Last epoch ({rows[-1].get('epoch')})", "", results_table(rows[-1], splits), ""]
   out += ["## Curves", "", f"![accuracy and curriculum level per epoch]({CURVES})", ""]
   if per_class is not None:
     out += ["## Per-class accuracy (test, best epoch)", "",
             per_class_table(**per_class), ""]
+  levels = tuple(config.curriculum.levels) if config is not None else None
+  adaptive = adaptive_table(rows, levels)
+  if adaptive:
+    out += ["## Adaptive curriculum choices", "",
+            "Before each synthetic phase: mean change of the validation images' true-class "
+            "probability per candidate since the last reference point (IQR outliers "
+            "dropped); the phase trains on the argmax.", "", adaptive, ""]
+  if hard is not None:
+    out += ["## Hard images", ""] + hard_section(hard) + [""]
   out += ["## Epochs", "", epoch_table(rows, splits), ""]
   return "\n".join(out)
 
@@ -172,9 +224,11 @@ def write_report(workdir, rows, *, final=None, config=None, per_class=None):
   best = best_row(rows, (final or {}).get("best_epoch"))
   best_epoch = None if best is None else best.get("epoch")
   curves = wd.atomic_write_bytes(wd.path(workdir, CURVES), render_curves(rows, best_epoch))
+  hard_path = wd.path(workdir, HARD_SUMMARY)
+  hard = json.loads(hard_path.read_text(encoding="utf-8")) if hard_path.is_file() else None
   report = wd.atomic_write_text(
       wd.path(workdir, wd.REPORT),
-      render_markdown(rows, final=final, config=config, per_class=per_class))
+      render_markdown(rows, final=final, config=config, per_class=per_class, hard=hard))
   return report, curves
 
 

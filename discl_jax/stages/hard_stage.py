@@ -26,10 +26,11 @@ from discl_jax import parallel
 from discl_jax import workdir as wd
 from discl_jax.data import datasets
 from discl_jax.data import longtail
+from discl_jax.evaluation import report
 from discl_jax.train import clip_trainer
 from discl_jax.train import hardness
 
-HARD_SUMMARY = "hard_summary.json"
+HARD_SUMMARY = report.HARD_SUMMARY
 
 
 def few_classes(config, splits, workdir):
