@@ -21,20 +21,7 @@ def get_config(arg=None):
 
   c.prompts.templates = ("a photo of a {c}", "a blurry photo of a {c}", "a {c} in a natural scene")
   c.diffusion.model = arg.sd
-  c.diffusion.dtype = "bfloat16"
-  c.diffusion.resolution = 512
-  c.diffusion.slots = 64
-  c.score.threshold = 0.30
-
-  c.train.model = "resnet32"
-  c.train.loss = arg.loss
-  c.train.optimizer = "adam"
-  c.train.learning_rate = 1e-3
-  c.train.weight_decay = 1e-5
-  c.train.batch_size = 128
-  c.train.epochs = 65
-  c.curriculum.schedule = arg.schedule
-  c.curriculum.curriculum_epochs = 60
+  config_lib.paper_longtail_recipe(c, model="resnet32", loss=arg.loss, schedule=arg.schedule)
 
   if arg.runlocal:
     config_lib.smoke_sized(c)

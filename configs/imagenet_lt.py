@@ -21,25 +21,11 @@ def get_config(arg=None):
   c.data.num_workers = 8
 
   c.prompts.source = "file"
+  # JSON {class name: [descriptions]}: the reference's LLM-written scene descriptions.
   c.prompts.descriptions_file = "prompts/imagenet_lt_descriptions.json"
   c.prompts.description_format = "a 8k real photo: {d}"
   c.diffusion.model = arg.sd
-  c.diffusion.dtype = "bfloat16"
-  c.diffusion.resolution = 512
-  c.diffusion.slots = 64
-  c.score.threshold = 0.30
-
-  c.train.model = "resnet10"
-  c.train.loss = arg.loss
-  c.train.optimizer = "adam"
-  c.train.learning_rate = 1e-3
-  c.train.weight_decay = 1e-5
-  c.train.batch_size = 128
-  c.train.epochs = 65
-  c.curriculum.schedule = arg.schedule
-  c.curriculum.levels = (0.1, 0.3, 0.5)
-  c.curriculum.curriculum_epochs = 60
-  c.curriculum.nontail_fraction = 0.3
+  config_lib.paper_longtail_recipe(c, model="resnet10", loss=arg.loss, schedule=arg.schedule)
 
   if arg.runlocal:
     config_lib.smoke_sized(c)
