@@ -4,6 +4,7 @@ Parses flags and dispatches to the stages; nothing else lives here.
 """
 
 import logging as std_logging
+import os
 import sys
 
 from absl import app
@@ -53,6 +54,9 @@ def main(argv):
 
 def run():
   """Console-script entry point."""
+  # The pinned diffusers / transformers warn once per Flax module they build.
+  os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+  os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
   try:
     config_lib.check_override_flags(sys.argv[1:])
   except KeyError as e:
