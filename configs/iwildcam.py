@@ -1,7 +1,11 @@
 # WILDS iWildCam, the paper's low-quality task (DESIGN.md 1.1, 1.5, 1.6): CLIP ViT-B/16,
-# FLYP fine-tuning, adaptive curriculum. Needs the WILDS layout under data.root:
+# FLYP fine-tuning, adaptive curriculum. Needs the WILDS v2.0 layout (images in train/
+# beside metadata.csv, categories.csv) plus FLYP's labels.csv (y,name,english: the common
+# names for captions and prompts) beside metadata.csv:
 #   discl --config=configs/iwildcam.py --workdir=runs/iwildcam \
-#     --config.data.root=/data/iwildcam_v2.0 --config.data.metadata_csv=/data/iwildcam_v2.0/metadata.csv
+#     --config.data.metadata_csv=/data/iwildcam_v2.0/metadata.csv
+# Hard images: what the zero-shot CLIP misclassifies on the train split (hard.rule).
+# The best epoch is chosen on the OOD validation split's macro-F1 (eval.select_*).
 """iWildCam with FLYP-style CLIP fine-tuning and the adaptive (DoCL-style) curriculum."""
 
 from discl_jax import config as config_lib

@@ -95,11 +95,12 @@ def select_hard_with_figures(config, splits, workdir):
   if config.hard.classes:
     labels = listed_classes(train.class_names, config.hard.classes)
     indices, reason = np.flatnonzero(np.isin(train.labels, labels)), "listed_class"
+    extra, figures = {}, None
   else:
     if config.hard.rule not in RULES:
       raise ValueError(f"unknown hard.rule {config.hard.rule!r}; available: {sorted(RULES)}")
     indices, reason, *more = RULES[config.hard.rule](config, splits, workdir)
-  extra, figures = more[0] if more else ({}, None)
+    extra, figures = more[0] if more else ({}, None)
   captions = (clip_trainer.caption_names(config.data, train.class_names)
               if config.data.name == "iwildcam" else None)
   rows = []

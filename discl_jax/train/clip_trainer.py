@@ -5,7 +5,8 @@
 `mean`, `std`), so there is one loop and the config picks the trainer:
 
 - the model is a CLIP (`train.clip_model`; "" uses `score.model`, or with
-  `score.tiny` the tiny CLIP built once into workdir/models/clip);
+  `score.tiny` the tiny CLIP built once into workdir/models/clip), loaded and
+  trained in float32;
 - images are standardised with CLIP's mean/std at CLIP's input size;
 - each training image gets a caption template from `flyp.caption_choices`
   (seed, image id, epoch) and the step is FLYP's contrastive step;
@@ -112,7 +113,7 @@ class ClipTrainer:
       raise ValueError(f"train.wise_ft_alpha must be in [0, 1], got {alpha}")
     self.wise_ft_alpha = alpha
     if models is None:
-      models = clip_lib.load_clip(clip_model_path(config, workdir), config.score.dtype)
+      models = clip_lib.load_clip(clip_model_path(config, workdir), "float32")
     self.models = models
     self.model = models.model
     self.image_size = int(self.model.config.vision_config.image_size)
