@@ -217,8 +217,18 @@ def test_adaptive_phases_validation_set_and_picks():
   val_sources = set(real_rows.tolist())
   val_synthetic = set(np.flatnonzero(np.isin(spec.syn_sources, real_rows)).tolist())
   assert len(val_synthetic) == 4 * len(LEVELS) * SEEDS
+  usable = np.flatnonzero(spec.train_usable)
+  nonhard = np.flatnonzero(spec.train_usable & ~spec.hard)
+  hard = np.flatnonzero(spec.train_usable & spec.hard)
   for plan in plans:
-    _check_epoch_sizes(spec, plan)
+    real = np.sort(plan.picks[plan.picks[:, 0] == REAL, 1])
+    syn = plan.picks[plan.picks[:, 0] == SYNTHETIC, 1]
+    if plan.level is None:  # uniform phases and after the curriculum: every real image once
+      assert np.array_equal(real, usable) and len(syn) == 0
+    else:  # {hard images at the chosen level} U {non-hard real}, DESIGN.md 1.5
+      assert np.array_equal(real, nonhard)
+      assert np.allclose(spec.syn_levels[syn], plan.level)
+      assert sorted(spec.syn_sources[syn].tolist()) == hard.tolist()
     assert not val_sources & set(plan.picks[plan.picks[:, 0] == REAL, 1].tolist())
     assert not val_synthetic & set(plan.picks[plan.picks[:, 0] == SYNTHETIC, 1].tolist())
 

@@ -7,6 +7,9 @@ evenly over the tail classes. In a synthetic epoch the fill comes from the
 accepted synthetic images of the epoch's level(s); a tail class with none
 falls back to its own real images (resampled), with a warning at spec build.
 In a real-only epoch the fill is the real tail images resampled.
+The adaptive schedule instead trains its uniform phases on every real image and
+its synthetic phases on the hard images' synthetic versions plus the non-hard
+real images (`hard_replacement_picks`).
 """
 
 import numpy as np
@@ -120,6 +123,32 @@ def epoch_picks(spec, level_set, rng):
   real_rows = np.concatenate([nontail_pick, tail] + real_fill).astype(np.int64)
   syn_rows = np.concatenate([np.zeros([0], np.int64)] + syn_fill).astype(np.int64)
   return _picks(real_rows, syn_rows), tuple(fallback)
+
+
+def hard_replacement_picks(spec, level_set, rng):
+  """Returns (picks int64 [K, 2], fallback classes): an adaptive synthetic phase's list.
+
+  DESIGN.md 1.5: {hard images at the chosen level} U {non-hard real}. Every
+  usable non-hard real image once, and each hard image replaced by one of its
+  accepted synthetic images at a level of `level_set` (drawn at random); a hard
+  image with none stays real, and its class is reported as a fallback.
+  """
+  usable = spec.train_usable
+  nontail = np.flatnonzero(usable & ~spec.hard)
+  syn_ok = np.flatnonzero(spec.syn_usable & level_mask(spec.syn_levels, level_set))
+  by_source = {}
+  for row in syn_ok:
+    by_source.setdefault(int(spec.syn_sources[row]), []).append(int(row))
+  real_rows, syn_rows, fallback = [nontail], [], set()
+  for source in np.flatnonzero(usable & spec.hard):
+    candidates = by_source.get(int(source))
+    if candidates:
+      syn_rows.append(int(rng.choice(candidates)))
+    else:
+      real_rows.append(np.asarray([source], np.int64))
+      fallback.add(int(spec.train_labels[source]))
+  real = np.concatenate(real_rows).astype(np.int64)
+  return _picks(real, np.asarray(syn_rows, np.int64)), tuple(sorted(fallback))
 
 
 def _picks(real_rows, syn_rows):

@@ -99,7 +99,12 @@ def plan_epoch(spec, state, epoch, signals=None):
     return state, EpochPlan(epoch=epoch, level=None, picks=sampling.all_real_picks(spec), phase="real")
   level_set, phase = level_set_for(spec, state, epoch)
   rng = seeding.numpy_rng(spec.seed, "curriculum-epoch", epoch)
-  picks, fallback = sampling.epoch_picks(spec, level_set, rng)
+  if spec.schedule != "adaptive":
+    picks, fallback = sampling.epoch_picks(spec, level_set, rng)
+  elif level_set:
+    picks, fallback = sampling.hard_replacement_picks(spec, level_set, rng)
+  else:
+    picks, fallback = sampling.all_real_picks(spec), ()
   if not level_set:
     level = None
   elif len(level_set) == 1:
