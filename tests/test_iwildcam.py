@@ -28,16 +28,16 @@ import pytest
 
 import iwildcam_fixture
 from discl_jax import config as config_lib
+from discl_jax.data import class_names as class_names_lib
 from discl_jax.data import datasets
 from discl_jax.stages import hard_stage
-from discl_jax.train import clip_trainer
 from discl_jax.train import loop
 
 TESTS = pathlib.Path(__file__).resolve().parent
 EPOCHS = 4
 # Images per class and split: few train images keep the generate jobs (hard images x 2
 # strengths) few; 2 OOD val images per class for the model selection.
-PER_CLASS = {"train": 4, "id_val": 1, "id_test": 1, "val": 2, "test": 1}
+PER_CLASS = {"train": 8, "id_val": 1, "id_test": 1, "val": 2, "test": 1}
 STAGES = ("hard", "prompts", "generate", "score", "train", "eval")
 
 
@@ -278,7 +278,7 @@ def test_class_without_common_name_is_named(root, tmp_path):
   config = make_config(data)
   train = datasets.load(config.data, 0)["train"]
   with pytest.raises(ValueError, match=r"labels.csv.*2 \('dasyprocta punctata'\)"):
-    clip_trainer.caption_names(config.data, train.class_names)
+    class_names_lib.caption_names(config.data, train.class_names)
   with pytest.raises(ValueError, match="dasyprocta punctata"):
     hard_stage.run(config, tmp_path / "work")
 

@@ -53,5 +53,5 @@ def test_tiny_train_mode_updates_batch_stats_and_eval_does_not():
 
 
 def test_unknown_model_lists_valid_names():
-  with pytest.raises(ValueError, match="unknown model 'resnet18'.*resnet10, resnet32, resnet50, tiny"):
+  with pytest.raises(ValueError, match="unknown model 'resnet18'.*resnet10, resnet32, resnet50, resnet8, tiny"):
     resnet.get_model("resnet18", 10)

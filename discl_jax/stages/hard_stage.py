@@ -24,6 +24,7 @@ from absl import logging
 
 from discl_jax import parallel
 from discl_jax import workdir as wd
+from discl_jax.data import class_names as class_names_lib
 from discl_jax.data import datasets
 from discl_jax.data import longtail
 from discl_jax.evaluation import report
@@ -101,7 +102,7 @@ def select_hard_with_figures(config, splits, workdir):
       raise ValueError(f"unknown hard.rule {config.hard.rule!r}; available: {sorted(RULES)}")
     indices, reason, *more = RULES[config.hard.rule](config, splits, workdir)
     extra, figures = more[0] if more else ({}, None)
-  captions = (clip_trainer.caption_names(config.data, train.class_names)
+  captions = (class_names_lib.caption_names(config.data, train.class_names)
               if config.data.name == "iwildcam" else None)
   rows = []
   for i in np.sort(np.asarray(indices, np.int64)):

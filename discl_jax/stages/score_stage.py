@@ -18,6 +18,7 @@ from absl import logging
 from discl_jax import parallel
 from discl_jax import seeding
 from discl_jax import workdir as wd
+from discl_jax.data import class_names as class_names_lib
 from discl_jax.data import datasets
 from discl_jax.data import records
 from discl_jax.data import spectrum_store
@@ -170,7 +171,8 @@ def run(config, workdir):
                len(rows), sum(map(acceptance.is_scored, rows)), len(todo))
   checkpoint = model_path(config, workdir)  # every process: it may wait for process 0
   if todo:
-    sources = SourceImages(datasets.load(config.data, config.seed))
+    splits = datasets.load(config.data, config.seed)
+    sources = SourceImages(splits)
     missing = sources.missing({r["source_id"] for r in todo})
     if missing:
       raise ValueError(f"score: {len(missing)} source id(s) of the manifest are not in "
@@ -178,7 +180,8 @@ def run(config, workdir):
     models = clip.load_clip(checkpoint, config.score.dtype)
     scorer = clip.ClipScorer(models, _mesh(config), config.score.batch_size)
     labels = sorted({int(r["label"]) for r in todo})
-    names = {int(r["label"]): r["class_name"] for r in todo}
+    # Common names where the dataset has them (iWildCam), else the class names.
+    names = class_names_lib.caption_names(config.data, next(iter(splits.values())).class_names)
     texts = class_texts(config.score.text_template, [names[l] for l in labels])
     text_embeddings = dict(zip(labels, scorer.text_embeddings(texts)))
     with tqdm.tqdm(total=len(todo), desc="score", unit="img",

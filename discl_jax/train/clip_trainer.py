@@ -19,9 +19,7 @@ common name of `labels.csv` (columns y, english) beside the iWildCam
 metadata.csv when that file exists, else the dataset's class name.
 """
 
-import csv
 import math
-import pathlib
 
 import jax
 import numpy as np
@@ -30,6 +28,7 @@ from jax.experimental import multihost_utils
 
 from discl_jax import parallel
 from discl_jax import workdir as wd
+from discl_jax.data import class_names as class_names_lib
 from discl_jax.data import pipeline
 from discl_jax.data import transforms
 from discl_jax.models import clip_classifier
@@ -38,49 +37,6 @@ from discl_jax.train import flyp
 from discl_jax.train import optim
 
 TINY_CLIP = "clip"  # workdir/models/clip, shared with the score stage
-LABELS_CSV = "labels.csv"
-
-
-def read_common_names(path, class_names):
-  """Returns the common name of each class (tuple, indexed by label) from labels.csv `path`.
-
-  The file has columns y and english (the FLYP / WILDS labels.csv). Raises
-  ValueError naming the file and every class without a common name.
-  """
-  path = pathlib.Path(path)
-  with open(path, newline="", encoding="utf-8") as f:
-    reader = csv.DictReader(f)
-    if not {"y", "english"} <= set(reader.fieldnames or ()):
-      raise ValueError(f"{path}: needs columns 'y' and 'english', has {reader.fieldnames}")
-    names = {}
-    for n, row in enumerate(reader, start=2):
-      try:
-        y = int(row["y"])
-      except ValueError:
-        raise ValueError(f"{path}:{n}: y {row['y']!r} is not an integer") from None
-      if (row["english"] or "").strip():
-        names[y] = row["english"].strip()
-  missing = [f"{y} ({name!r})" for y, name in enumerate(class_names) if y not in names]
-  if missing:
-    raise ValueError(f"{path}: no common name (column 'english') for class(es) "
-                     f"{', '.join(missing)}")
-  return tuple(names[y] for y in range(len(class_names)))
-
-
-def caption_names(data_config, class_names):
-  """Returns the names captions and prompts use per class: common names when known.
-
-  iWildCam: labels.csv beside `data.metadata_csv` when present (every class
-  must have a common name); otherwise the class names themselves.
-  """
-  if data_config.name == "iwildcam" and data_config.metadata_csv:
-    labels = pathlib.Path(data_config.metadata_csv).parent / LABELS_CSV
-    if labels.is_file():
-      return read_common_names(labels, class_names)
-    logging.warning("%s not found: captions use the class names", labels)
-  return tuple(class_names)
-
-
 def clip_model_path(config, workdir):
   """Returns the CLIP to fine-tune: train.clip_model, score.model, or the workdir's tiny CLIP."""
   if config.train.clip_model:
@@ -90,8 +46,7 @@ def clip_model_path(config, workdir):
   target = wd.path(workdir, wd.MODELS, TINY_CLIP)
   if wd.is_main_process() and not (target / "config.json").is_file():
     clip_lib.build_tiny_clip(target, seed=config.seed)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("discl_jax.train.clip_trainer.tiny_clip")
+  parallel.barrier("train.clip_trainer.tiny_clip")
   return str(target)
 
 
@@ -122,7 +77,7 @@ class ClipTrainer:
                    self.image_size, config.data.image_size)
     self.mean, self.std = transforms.CLIP_MEAN, transforms.CLIP_STD
     self.templates = tuple(tc.clip_templates)
-    self.caption_names = caption_names(config.data, class_names)
+    self.caption_names = class_names_lib.caption_names(config.data, class_names)
     ids, mask = clip_classifier.caption_table(
         models.tokenizer, self.caption_names, self.templates)
     self.tx = optim.make_optimizer(tc)
