@@ -327,19 +327,7 @@ def save_sd(target, *, tokenizer, text_config, text_params, vae, vae_params, une
       FlaxCLIPTextModel(text_config, _do_init=False).save_pretrained(
           str(root / "text_encoder"), params=text_params)
     tokenizer.save_pretrained(str(root / "tokenizer"))
-    (root / "scheduler").mkdir()
-    (root / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(scheduler_config, indent=2))
-    (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-    }, indent=2))
+    sd_models.write_pipeline_files(root, scheduler_config)
 
   return _staged(target, write)
 

@@ -287,8 +287,15 @@ def build_tiny(path, seed=0, unet_overrides=None):
     text = FlaxCLIPTextModel(CLIPTextConfig(**text_cfg), _do_init=False)
     text.save_pretrained(str(root / "text_encoder"),
                          params=random_params(text.params_shape_tree, seed, "text_encoder"))
-  (root / "scheduler").mkdir(exist_ok=True)
-  (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD_SCHEDULER_CONFIG, indent=2))
+  write_pipeline_files(root, SD_SCHEDULER_CONFIG)
+  return root
+
+
+def write_pipeline_files(root, scheduler_config):
+  """Writes model_index.json and scheduler/ of a diffusers SD layout under `root`; returns it."""
+  root = pathlib.Path(root)
+  (root / "scheduler").mkdir(parents=True, exist_ok=True)
+  (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
   (root / "model_index.json").write_text(json.dumps({
       "_class_name": "StableDiffusionPipeline",
       "unet": ["diffusers", "UNet2DConditionModel"],
