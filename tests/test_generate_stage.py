@@ -39,6 +39,7 @@ def make_config():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config("runlocal")
+  c.diffusion.tiny, c.diffusion.model = True, ""  # unit tests keep the random tiny SD
   c.data.few_threshold = 7
   c.diffusion.strengths = (0.5, 1.0)
   c.diffusion.seeds_per_level = 2
