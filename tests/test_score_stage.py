@@ -41,7 +41,7 @@ def prepared(tmp_path_factory):
   x 2 levels x 2 seeds = 24 images plus the tiny CLIP under models/clip."""
   config = _config()
   base = tmp_path_factory.mktemp("score")
-  clip.build_tiny_clip(wd.path(base, wd.MODELS, score_stage.TINY_CLIP), seed=config.seed)
+  clip.build_tiny_clip(wd.path(base, wd.MODELS, clip.TINY_CLIP), seed=config.seed)
   train = datasets.load(config.data, config.seed)["train"]
   store = spectrum_store.SpectrumStore(wd.path(base, wd.SPECTRUM))
   rng = np.random.default_rng(0)
@@ -107,7 +107,7 @@ def test_scores_equal_direct_clip_similarities(prepared, workdir):
   score_stage.run(config, workdir)
   store = spectrum_store.SpectrumStore(wd.path(workdir, wd.SPECTRUM))
   rows = store.rows()[:5]
-  models = clip.load_clip(str(wd.path(workdir, wd.MODELS, score_stage.TINY_CLIP)))
+  models = clip.load_clip(str(wd.path(workdir, wd.MODELS, clip.TINY_CLIP)))
   scorer = clip.ClipScorer(models, parallel.make_mesh(), batch_size=4)
   images = scorer.image_embeddings([records.read_rgb(store.image_path(r)) for r in rows])
   texts = scorer.text_embeddings([f"a photo of the digit {r['class_name']}" for r in rows])

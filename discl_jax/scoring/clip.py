@@ -23,6 +23,7 @@ from flax import traverse_util
 
 from discl_jax import parallel
 from discl_jax import seeding
+from discl_jax import workdir as wd
 from discl_jax.scoring import preprocess
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
@@ -364,3 +365,20 @@ def _pad_rows(array, size):
   """Returns `array` with its first row repeated to `size` rows."""
   pad = np.repeat(array[:1], size - len(array), axis=0)
   return np.concatenate([array, pad])
+
+
+TINY_CLIP = "clip"  # workdir/models/clip: the tiny CLIP of score.tiny runs
+
+
+def configured_model(config, workdir):
+  """Returns the CLIP checkpoint `score.model`, or (score.tiny) the workdir's tiny CLIP.
+
+  Every process must call it: process 0 builds the tiny CLIP once, the others wait.
+  """
+  if not config.score.tiny:
+    return config.score.model
+  target = wd.path(workdir, wd.MODELS, TINY_CLIP)
+  if wd.is_main_process() and not (target / "config.json").is_file():
+    build_tiny_clip(target, seed=config.seed)
+  parallel.barrier("scoring.clip.tiny_clip")
+  return str(target)

@@ -28,19 +28,6 @@ from discl_jax.scoring import preprocess
 
 ACCEPTANCE_JSON = "acceptance.json"
 ACCEPTANCE_PNG = "acceptance.png"
-TINY_CLIP = "clip"
-
-
-
-def model_path(config, workdir):
-  """Returns the CLIP to load: score.model, or the tiny one (built once) when score.tiny."""
-  if not config.score.tiny:
-    return config.score.model
-  target = wd.path(workdir, wd.MODELS, TINY_CLIP)
-  if wd.is_main_process() and not (target / "config.json").is_file():
-    clip.build_tiny_clip(target, seed=config.seed)
-  parallel.barrier("stages.score.tiny_clip")
-  return str(target)
 
 
 def check_template(template):
@@ -169,7 +156,7 @@ def run(config, workdir):
   todo = [r for r in _owned(rows) if not acceptance.is_scored(r)]
   logging.info("score: %d rows, %d already scored, %d to score here",
                len(rows), sum(map(acceptance.is_scored, rows)), len(todo))
-  checkpoint = model_path(config, workdir)  # every process: it may wait for process 0
+  checkpoint = clip.configured_model(config, workdir)  # every process: it may wait for process 0
   if todo:
     splits = datasets.load(config.data, config.seed)
     sources = SourceImages(splits)

@@ -27,7 +27,6 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from discl_jax import parallel
-from discl_jax import workdir as wd
 from discl_jax.data import class_names as class_names_lib
 from discl_jax.data import pipeline
 from discl_jax.data import transforms
@@ -36,18 +35,12 @@ from discl_jax.scoring import clip as clip_lib
 from discl_jax.train import flyp
 from discl_jax.train import optim
 
-TINY_CLIP = "clip"  # workdir/models/clip, shared with the score stage
+
 def clip_model_path(config, workdir):
   """Returns the CLIP to fine-tune: train.clip_model, score.model, or the workdir's tiny CLIP."""
   if config.train.clip_model:
     return config.train.clip_model
-  if not config.score.tiny:
-    return config.score.model
-  target = wd.path(workdir, wd.MODELS, TINY_CLIP)
-  if wd.is_main_process() and not (target / "config.json").is_file():
-    clip_lib.build_tiny_clip(target, seed=config.seed)
-  parallel.barrier("train.clip_trainer.tiny_clip")
-  return str(target)
+  return clip_lib.configured_model(config, workdir)
 
 
 class ClipTrainer:
