@@ -5,6 +5,9 @@ Experiment files under `configs/` build on `base_config()` and change values;
 config file or a `--config.x.y=` override never passes silently.
 """
 
+import importlib.util
+import pathlib
+
 import ml_collections
 
 DEFAULT_STRENGTHS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -32,6 +35,17 @@ def parse_arg(arg, **defaults):
   return parsed
 
 
+def load_file(path, arg=None):
+  """Returns `get_config(arg)` of the config file at `path` (as `--config=path:arg` would)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+  spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
 def base_config():
   """Returns the full schema with defaults: every key a config may set."""
   c = ml_collections.ConfigDict()
@@ -40,6 +54,8 @@ def base_config():
 
   c.data = dict(
       name="digits_lt",        # digits_lt | cifar100_lt | tfds | imagenet_lt | iwildcam
+      split_seed=0,            # draws the dataset itself (test/val carve-out, long-tail subsample);
+                               # fixed while `seed` varies, so every training seed sees one dataset
       tfds_name="",            # for name=tfds (imagenet2012, i_naturalist2018, ...)
       tfds_test_split="",      # for name=tfds; "": validation if the dataset has it, else test
       data_dir="",             # TFDS data_dir

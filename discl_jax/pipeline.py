@@ -3,6 +3,7 @@
 
 from absl import logging
 
+from discl_jax import digit_models
 from discl_jax import stages
 from discl_jax import workdir as wd
 
@@ -12,6 +13,7 @@ def run_stages(config, workdir, names=stages.ORDER):
 
   Records the config in `workdir/config.json` first (process 0 only).
   """
+  digit_models.check_heldout(config)
   wd.path(workdir).mkdir(parents=True, exist_ok=True)
   if wd.is_main_process():
     wd.atomic_write_text(wd.path(workdir, wd.CONFIG), config.to_json_best_effort(indent=2) + "\n")

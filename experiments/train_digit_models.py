@@ -95,7 +95,7 @@ def parse_args(argv):
   p.add_argument("--out", default="/tmp/digit_models", help="output folder (replaced)")
   p.add_argument("--seed", type=int, default=0, help="training seed (init, batches, noise)")
   p.add_argument("--data_seed", type=int, default=0,
-                 help="digits.partition seed: the digits-LT config seed whose test split is held out")
+                 help="digits.partition seed: the digits-LT data.split_seed whose test split is held out")
   p.add_argument("--test_per_class", type=int, default=50, help="digits-LT data.test_per_class")
   p.add_argument("--size", choices=sorted(SIZES), default="digits", help="model geometry")
   p.add_argument("--quick", action="store_true",

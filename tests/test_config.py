@@ -1,6 +1,5 @@
 """Config schema, config files, and the CLI's handling of bad configs."""
 
-import importlib.util
 import pathlib
 import subprocess
 import sys
@@ -14,10 +13,7 @@ CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 
 def load_config_file(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load_file(CONFIGS / f"{name}.py", arg)
 
 
 @pytest.mark.parametrize("name,arg", [

@@ -19,7 +19,7 @@ def _data_config(**overrides):
 @pytest.fixture(scope="module")
 def digits_lt():
   return datasets.load(_data_config(imbalance_ratio=20.0, max_per_class=120,
-                                    val_per_class=5, test_per_class=50), seed=0)
+                                    val_per_class=5, test_per_class=50))
 
 
 def test_digits_lt_shapes_labels_and_ids(digits_lt):
@@ -46,15 +46,27 @@ def test_digits_lt_is_long_tailed_and_splits_are_balanced_and_disjoint(digits_lt
   assert list(groups[:3]) == ["many", "many", "many"] and groups[-1] == "few"
 
 
-def test_digits_lt_is_deterministic_and_seed_dependent(digits_lt):
+def test_digits_lt_is_deterministic_and_depends_on_split_seed_only(digits_lt):
   again = datasets.load(_data_config(imbalance_ratio=20.0, max_per_class=120,
-                                     val_per_class=5, test_per_class=50), seed=0)
+                                     val_per_class=5, test_per_class=50))
   other = datasets.load(_data_config(imbalance_ratio=20.0, max_per_class=120,
-                                     val_per_class=5, test_per_class=50), seed=1)
+                                     val_per_class=5, test_per_class=50, split_seed=1))
   for name in ("train", "val", "test"):
     np.testing.assert_array_equal(again[name].ids, digits_lt[name].ids)
     np.testing.assert_array_equal(again[name].pixels, digits_lt[name].pixels)
   assert not np.array_equal(other["train"].ids, digits_lt["train"].ids)
+  assert not np.array_equal(other["test"].ids, digits_lt["test"].ids)
+
+
+def test_training_seed_does_not_move_the_split():
+  """Stages load data from `config.data` only: the training `seed` never moves a split."""
+  config = config_lib.base_config()
+  config.data.imbalance_ratio, config.data.val_per_class = 20.0, 5
+  first = datasets.load(config.data)
+  config.seed = 7
+  second = datasets.load(config.data)
+  for name in ("train", "val", "test"):
+    np.testing.assert_array_equal(first[name].ids, second[name].ids)
 
 
 def test_digits_partition_keeps_test_out_of_everything_else(digits_lt):
@@ -67,14 +79,14 @@ def test_digits_partition_keeps_test_out_of_everything_else(digits_lt):
   assert set(digits_lt["train"].ids) | set(digits_lt["val"].ids) <= pool_ids
   # The partition does not depend on the long-tail settings.
   other = datasets.load(_data_config(imbalance_ratio=5.0, max_per_class=0,
-                                     val_per_class=2, test_per_class=50), seed=0)
+                                     val_per_class=2, test_per_class=50))
   np.testing.assert_array_equal(other["test"].ids, digits_lt["test"].ids)
   assert other["train"].class_counts()[0] == 178 - 50 - 2   # 0: the head's remaining count
 
 
 def test_unknown_dataset_name_is_named():
   with pytest.raises(ValueError, match="unknown data.name 'mnist'"):
-    datasets.load(_data_config(name="mnist"), seed=0)
+    datasets.load(_data_config(name="mnist"))
 
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -84,7 +96,7 @@ def test_cifar100_lt_through_tfds_mock_data():
   c = _data_config(name="cifar100_lt", imbalance_ratio=4.0, max_per_class=4,
                    val_per_class=1)
   with tfds.testing.mock_data(num_examples=1500):
-    splits = datasets.load(c, seed=0)
+    splits = datasets.load(c)
   train, val, test = splits["train"], splits["val"], splits["test"]
   assert train.num_classes == 100
   np.testing.assert_array_equal(train.class_counts(), longtail.longtail_counts(100, 4, 4.0))
@@ -99,7 +111,7 @@ def test_generic_tfds_is_lazy_and_keeps_labels():
   c = _data_config(name="tfds", tfds_name="imagenet2012", tfds_test_split="validation",
                    val_per_class=0)
   with tfds.testing.mock_data(num_examples=12):
-    splits = datasets.load(c, seed=0)
+    splits = datasets.load(c)
     train, test = splits["train"], splits["test"]
     full = tfds.data_source("imagenet2012", split="train")
     assert len(train) == 12 and len(splits["val"]) == 0 and len(test) == 12
@@ -122,4 +134,4 @@ def test_generic_tfds_is_lazy_and_keeps_labels():
 
 def test_missing_tfds_name_is_named():
   with pytest.raises(ValueError, match="data.tfds_name"):
-    datasets.load(_data_config(name="tfds"), seed=0)
+    datasets.load(_data_config(name="tfds"))

@@ -45,7 +45,7 @@ def imagenet_lt(tmp_path):
 
 
 def test_imagenet_lt_lists_load(imagenet_lt):
-  splits = datasets.load(imagenet_lt, seed=0)
+  splits = datasets.load(imagenet_lt)
   np.testing.assert_array_equal(splits["train"].class_counts(), [5, 3, 1])
   np.testing.assert_array_equal(splits["val"].class_counts(), [1, 1, 1])
   np.testing.assert_array_equal(splits["test"].class_counts(), [2, 2, 2])
@@ -58,7 +58,7 @@ def test_imagenet_lt_lists_load(imagenet_lt):
 def test_imagenet_lt_without_val_list_carves_val_from_train(imagenet_lt):
   imagenet_lt.val_list = ""
   imagenet_lt.val_per_class = 1
-  splits = datasets.load(imagenet_lt, seed=0)
+  splits = datasets.load(imagenet_lt)
   np.testing.assert_array_equal(splits["val"].class_counts(), [1, 1, 1])
   np.testing.assert_array_equal(splits["train"].class_counts(), [4, 2, 0])
   assert not set(splits["val"].ids) & set(splits["train"].ids)
@@ -67,7 +67,7 @@ def test_imagenet_lt_without_val_list_carves_val_from_train(imagenet_lt):
 def test_missing_list_file_is_named(imagenet_lt, tmp_path):
   imagenet_lt.test_list = str(tmp_path / "nope.txt")
   with pytest.raises(FileNotFoundError, match="nope.txt"):
-    datasets.load(imagenet_lt, seed=0)
+    datasets.load(imagenet_lt)
 
 
 @pytest.mark.parametrize("label, message", [
@@ -80,17 +80,17 @@ def test_bad_label_names_file_and_line(imagenet_lt, label, message):
   with open(path, "a") as f:
     f.write(f"train/c0/img0.png {label}\n")
   with pytest.raises(ValueError, match=f"ImageNet_LT_train.txt:10: {message}"):
-    datasets.load(imagenet_lt, seed=0)
+    datasets.load(imagenet_lt)
 
 
 def test_missing_image_errors_or_is_skipped_and_reported(imagenet_lt):
   with open(imagenet_lt.test_list, "a") as f:
     f.write("test/c1/gone.png 1\n")
   with pytest.raises(BadImageError, match=r"file not found: .*test/c1/gone.png .*ImageNet_LT_test.txt:7"):
-    datasets.load(imagenet_lt, seed=0)
+    datasets.load(imagenet_lt)
   imagenet_lt.on_bad_image = "skip"
   skipped = []
-  splits = datasets.load(imagenet_lt, seed=0, skipped=skipped)
+  splits = datasets.load(imagenet_lt, skipped=skipped)
   assert len(splits["test"]) == 6
   assert len(skipped) == 1 and skipped[0]["split"] == "test"
   assert skipped[0]["path"].endswith("test/c1/gone.png")
@@ -109,16 +109,16 @@ def corrupt_train(imagenet_lt):
 def test_unreadable_image_found_at_load_with_header_check(imagenet_lt, corrupt_train):
   imagenet_lt.verify_images = "header"
   with pytest.raises(BadImageError, match="train/c1/img2.png"):
-    datasets.load(imagenet_lt, seed=0)
+    datasets.load(imagenet_lt)
   imagenet_lt.on_bad_image = "skip"
   skipped = []
-  splits = datasets.load(imagenet_lt, seed=0, skipped=skipped)
+  splits = datasets.load(imagenet_lt, skipped=skipped)
   np.testing.assert_array_equal(splits["train"].class_counts(), [5, 2, 1])
   assert [s["path"] for s in skipped] == [corrupt_train]
 
 
 def test_unreadable_image_found_in_the_pipeline(imagenet_lt, corrupt_train):
-  train = datasets.load(imagenet_lt, seed=0)["train"]     # "exists" check passes it
+  train = datasets.load(imagenet_lt)["train"]     # "exists" check passes it
   bad_row = int(np.flatnonzero(train.paths == corrupt_train)[0])
   picks = np.stack([np.zeros(len(train), np.int64), np.arange(len(train))], 1)
   loader = pipeline.train_loader([train], picks, image_size=8, batch_size=3, seed=0,
@@ -142,11 +142,11 @@ def test_unreadable_image_found_in_the_pipeline(imagenet_lt, corrupt_train):
 def test_bad_option_values_are_named(imagenet_lt):
   imagenet_lt.on_bad_image = "ignore"
   with pytest.raises(ValueError, match="data.on_bad_image .* 'ignore'"):
-    datasets.load(imagenet_lt, seed=0)
+    datasets.load(imagenet_lt)
   imagenet_lt.on_bad_image = "error"
   imagenet_lt.verify_images = "all"
   with pytest.raises(ValueError, match="data.verify_images .* 'all'"):
-    datasets.load(imagenet_lt, seed=0)
+    datasets.load(imagenet_lt)
 
 
 def test_decode_check_finds_a_truncated_image(imagenet_lt):
@@ -157,15 +157,14 @@ def test_decode_check_finds_a_truncated_image(imagenet_lt):
   imagenet_lt.verify_images = "decode"
   imagenet_lt.on_bad_image = "skip"
   skipped = []
-  splits = datasets.load(imagenet_lt, seed=0, skipped=skipped)
+  splits = datasets.load(imagenet_lt, skipped=skipped)
   assert [s["path"] for s in skipped] == [path] and len(splits["test"]) == 5
   assert "cannot decode" in skipped[0]["reason"]
 
 
 def test_iwildcam_metadata_csv(tmp_path):
   tiny = iwildcam_fixture.write_tiny_iwildcam(tmp_path / "iwildcam_v2.0", image_size=(16, 9))
-  splits = datasets.load(_data_config(name="iwildcam", metadata_csv=str(tiny.metadata_csv)),
-                         seed=0)
+  splits = datasets.load(_data_config(name="iwildcam", metadata_csv=str(tiny.metadata_csv)))
   assert set(splits) == set(filelists.WILDS_SPLITS)
   per_class = iwildcam_fixture.DEFAULT_PER_CLASS
   for name, split in splits.items():
@@ -180,19 +179,19 @@ def test_iwildcam_errors_name_the_file(tmp_path):
   tiny = iwildcam_fixture.write_tiny_iwildcam(tmp_path / "w", image_size=(16, 9))
   c = _data_config(name="iwildcam", metadata_csv=str(tmp_path / "missing.csv"))
   with pytest.raises(FileNotFoundError, match="missing.csv"):
-    datasets.load(c, seed=0)
+    datasets.load(c)
   text = tiny.metadata_csv.read_text().splitlines()
   first = text[1].split(",")
   first[0] = "holdout"
   tiny.metadata_csv.write_text("\n".join([text[0], ",".join(first)] + text[2:]) + "\n")
   c.metadata_csv = str(tiny.metadata_csv)
   with pytest.raises(ValueError, match=r"metadata.csv:2: unknown split 'holdout'"):
-    datasets.load(c, seed=0)
+    datasets.load(c)
   (tiny.root / "train" / tiny.rows[-1]["filename"]).unlink()
   tiny.metadata_csv.write_text("\n".join(text) + "\n")
   c.on_bad_image = "skip"
   skipped = []
-  splits = datasets.load(c, seed=0, skipped=skipped)
+  splits = datasets.load(c, skipped=skipped)
   assert len(skipped) == 1 and skipped[0]["split"] == "test"
   assert skipped[0]["path"].endswith(tiny.rows[-1]["filename"])
   assert len(splits["test"]) == len([r for r in tiny.rows if r["split"] == "test"]) - 1

@@ -4,7 +4,6 @@ The generate runs use the tiny SD model the stage builds into the workdir, on
 the demo's digits-LT with one Few class (6 images) x 2 strengths x 2 seeds.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -18,6 +17,7 @@ import time
 import numpy as np
 import pytest
 
+from discl_jax import config as config_lib
 from discl_jax import seeding
 from discl_jax import workdir as wd
 from discl_jax.data import datasets
@@ -35,10 +35,7 @@ NUM_HARD = 6  # digit "nine" is the only class below few_threshold=7 (6 images)
 
 def make_config():
   """Returns the demo's runlocal config shrunk to 24 fast jobs."""
-  spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("runlocal")
+  c = config_lib.load_file(ROOT / "configs" / "demo.py", "runlocal")
   c.diffusion.tiny, c.diffusion.model = True, ""  # unit tests keep the random tiny SD
   c.data.few_threshold = 7
   c.diffusion.strengths = (0.5, 1.0)
@@ -79,7 +76,7 @@ def test_hard_stage_takes_every_image_of_few_classes(tmp_path):
   config = make_config()
   hard_stage.run(config, tmp_path)
   rows = wd.read_jsonl(wd.path(tmp_path, wd.HARD))
-  train = datasets.load(config.data, config.seed)["train"]
+  train = datasets.load(config.data)["train"]
   nines = [str(i) for i in train.ids[train.labels == 9]]
   assert [r["source_id"] for r in rows] == nines and len(rows) == NUM_HARD
   assert {(r["label"], r["class_name"], r["reason"], r["class_count"]) for r in rows} == {
@@ -91,7 +88,7 @@ def test_hard_stage_takes_every_image_of_few_classes(tmp_path):
 
 def test_hard_stage_explicit_classes_and_errors(tmp_path):
   config = make_config()
-  train = datasets.load(config.data, config.seed)["train"]
+  train = datasets.load(config.data)["train"]
   config.hard.classes = ("two", "nine")
   rows = hard_stage.select_hard(config, {"train": train}, tmp_path)
   assert {r["class_name"] for r in rows} == {"two", "nine"}
@@ -166,7 +163,7 @@ def test_generate_rejects_strength_outside_range(tmp_path):
 
 def test_generate_names_unreadable_source_image(tmp_path, monkeypatch):
   config = make_config()
-  train = datasets.load(config.data, config.seed)["train"]
+  train = datasets.load(config.data)["train"]
   nines = np.flatnonzero(train.labels == 9)
   paths = np.empty(len(train), dtype=object)
   for i in range(len(train)):

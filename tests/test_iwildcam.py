@@ -276,7 +276,7 @@ def test_class_without_common_name_is_named(root, tmp_path):
   lines[3] = lines[3].rsplit(",", 1)[0] + ","  # y=2 (dasyprocta punctata): empty common name
   labels.write_text("\n".join(lines) + "\n")
   config = make_config(data)
-  train = datasets.load(config.data, 0)["train"]
+  train = datasets.load(config.data)["train"]
   with pytest.raises(ValueError, match=r"labels.csv.*2 \('dasyprocta punctata'\)"):
     class_names_lib.caption_names(config.data, train.class_names)
   with pytest.raises(ValueError, match="dasyprocta punctata"):
@@ -285,7 +285,7 @@ def test_class_without_common_name_is_named(root, tmp_path):
 
 def test_unknown_eval_split_is_named(root):
   config = make_config(root / "data")
-  splits = datasets.load(config.data, 0)
+  splits = datasets.load(config.data)
   config.eval.splits = ("id_val", "ood_val")
   with pytest.raises(ValueError, match=r"no split 'ood_val'.*'id_test'"):
     loop.check_eval_splits(config.eval, splits, "iwildcam")
@@ -309,6 +309,6 @@ def test_flyp_needs_the_clip_model():
 def test_misclassified_rule_needs_the_clip_model(root):
   config = make_config(root / "data")
   config.train.model = "resnet32"
-  splits = datasets.load(config.data, 0)
+  splits = datasets.load(config.data)
   with pytest.raises(ValueError, match="hard.rule='misclassified'.*train.model='resnet32'"):
     hard_stage.select_hard(config, splits, root / "unused")

@@ -1,6 +1,5 @@
 """The eval stage and report: report.md and curves.png from a metrics.jsonl the test writes."""
 
-import importlib.util
 import io
 import json
 import pathlib
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from discl_jax import config as config_lib
 from discl_jax import workdir as wd
 from discl_jax.evaluation import report
 from discl_jax.stages import eval_stage
@@ -44,11 +44,8 @@ def _write_workdir(tmp_path, rows, best_epoch=4):
 
 
 def _demo_config():
-  path = pathlib.Path(__file__).resolve().parent.parent / "configs" / "demo.py"
-  spec = importlib.util.spec_from_file_location("demo_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.load_file(
+      pathlib.Path(__file__).resolve().parent.parent / "configs" / "demo.py")
 
 
 def test_eval_stage_writes_report_and_curves(tmp_path):

@@ -42,7 +42,7 @@ def prepared(tmp_path_factory):
   config = _config()
   base = tmp_path_factory.mktemp("score")
   clip.build_tiny_clip(wd.path(base, wd.MODELS, clip.TINY_CLIP), seed=config.seed)
-  train = datasets.load(config.data, config.seed)["train"]
+  train = datasets.load(config.data)["train"]
   store = spectrum_store.SpectrumStore(wd.path(base, wd.SPECTRUM))
   rng = np.random.default_rng(0)
   for label in (0, 3, 7):
@@ -111,7 +111,7 @@ def test_scores_equal_direct_clip_similarities(prepared, workdir):
   scorer = clip.ClipScorer(models, parallel.make_mesh(), batch_size=4)
   images = scorer.image_embeddings([records.read_rgb(store.image_path(r)) for r in rows])
   texts = scorer.text_embeddings([f"a photo of the digit {r['class_name']}" for r in rows])
-  train = datasets.load(config.data, config.seed)["train"]
+  train = datasets.load(config.data)["train"]
   where = {i: n for n, i in enumerate(train.ids)}
   sources = scorer.image_embeddings([train.image(where[r["source_id"]]) for r in rows])
   np.testing.assert_allclose([r["clip_text"] for r in rows], np.sum(images * texts, 1), atol=1e-5)

@@ -101,7 +101,7 @@ def _write_spectrum(workdir):
   c = config_lib.base_config()
   c.data.name, c.data.imbalance_ratio, c.data.max_per_class = "digits_lt", 10.0, 30
   c.data.val_per_class, c.data.test_per_class = 2, 4
-  train = datasets.load(c.data, 0)["train"]
+  train = datasets.load(c.data)["train"]
   groups = longtail.class_groups(train.class_counts(), 20, 8)
   store = spectrum_store.SpectrumStore(pathlib.Path(workdir, "spectrum"), 0, 1)
   rng = np.random.default_rng(0)

@@ -1,4 +1,9 @@
-"""`load(data_config, seed)`: every dataset's splits as LabeledImages-like objects.
+"""`load(data_config)`: every dataset's splits as LabeledImages-like objects.
+
+The splits depend on `data_config` alone: `data_config.split_seed` draws every
+random choice that defines the dataset (held-out carve-outs, the long-tail
+subsample), so runs that vary only the config's training `seed` share one
+train/val/test split.
 
 Long-tail datasets return "train" (long-tailed), "val" (balanced, carved from
 the source's train split before the long-tail subsampling, disjoint from train)
@@ -10,13 +15,13 @@ from discl_jax.data import digits
 NAMES = ("digits_lt", "cifar100_lt", "tfds", "imagenet_lt", "iwildcam")
 
 
-def load(data_config, seed, *, skipped=None):
-  """Returns {split name: LabeledImages} for `data_config.name`.
+def load(data_config, *, skipped=None):
+  """Returns {split name: LabeledImages} for `data_config.name`, drawn from `split_seed`.
 
   `skipped`, when a list, receives one dict {split, path, reason} per image
   left out under `data_config.on_bad_image == "skip"` (file-list datasets).
   """
-  name = data_config.name
+  name, seed = data_config.name, int(data_config.split_seed)
   if name == "digits_lt":
     return digits.load(
         seed, imbalance_ratio=data_config.imbalance_ratio,

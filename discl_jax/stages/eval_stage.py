@@ -51,7 +51,7 @@ def _per_class(config, predictions_path):
     if "test_pred" not in saved or "test_label" not in saved:
       raise ValueError(f"{predictions_path}: needs arrays test_pred and test_label")
     preds, labels = saved["test_pred"], saved["test_label"]
-  train = datasets.load(config.data, config.seed)["train"]
+  train = datasets.load(config.data)["train"]
   counts = train.class_counts()
   groups = longtail.class_groups(counts, config.data.many_threshold, config.data.few_threshold)
   return dict(preds=preds, labels=labels, class_names=train.class_names, groups=groups,

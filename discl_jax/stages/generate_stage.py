@@ -180,7 +180,7 @@ def run(config, workdir):
   todo = [r for r in owned if r["job_id"] not in done]
   logging.info("generate: %d jobs in all, %d for this process, %d still to do",
                len(expected), len(owned), len(todo))
-  train = datasets.load(config.data, config.seed)["train"]
+  train = datasets.load(config.data)["train"]
   index = _source_index(train, hard_rows)
   todo, sizes = _check_sources(train, index, todo, config.data.on_bad_image)
   checkpoint = model_dir(config, workdir)

@@ -118,7 +118,7 @@ def select_hard_with_figures(config, splits, workdir):
 
 def run(config, workdir):
   """Writes workdir/hard.jsonl (process 0) and logs the per-class counts."""
-  splits = datasets.load(config.data, config.seed)
+  splits = datasets.load(config.data)
   rows, figures = select_hard_with_figures(config, splits, workdir)
   per_class = collections.Counter(row["class_name"] for row in rows)
   logging.info("hard: %d images from %d classes: %s", len(rows), len(per_class),

@@ -158,7 +158,7 @@ def run(config, workdir):
                len(rows), sum(map(acceptance.is_scored, rows)), len(todo))
   checkpoint = clip.configured_model(config, workdir)  # every process: it may wait for process 0
   if todo:
-    splits = datasets.load(config.data, config.seed)
+    splits = datasets.load(config.data)
     sources = SourceImages(splits)
     missing = sources.missing({r["source_id"] for r in todo})
     if missing:

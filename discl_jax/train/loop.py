@@ -77,7 +77,7 @@ def load_data(config, workdir):
   The hard images are those of workdir/hard.jsonl (the `hard` stage) when it
   exists, else every training image of a Few class.
   """
-  splits = datasets.load(config.data, config.seed)
+  splits = datasets.load(config.data)
   eval_names = check_eval_splits(config.eval, splits, config.data.name)
   train = splits["train"]
   groups = longtail.class_groups(train.class_counts(), config.data.many_threshold,
