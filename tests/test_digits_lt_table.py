@@ -85,4 +85,7 @@ def test_smoke_table_runs_every_stage_and_resumes(table, tmp_path):
   stamps = [p.stat().st_mtime_ns for p in metrics_files]
   again = table.main(args, compile_cache=False)
   assert [p.stat().st_mtime_ns for p in metrics_files] == stamps
+  assert [r["trained_now"] for r in report["runs"]] == [True, True]
+  assert [r["trained_now"] for r in again["runs"]] == [False, False]
   assert again["table"] == report["table"]
+  assert again["table_last_epoch"] == report["table_last_epoch"]
