@@ -8,7 +8,8 @@ long-tailed data, DESIGN.md 1.6), on the demo config (`configs/demo.py`):
   1. spectrum: the demo's hard -> prompts -> generate -> score, once, into
      WORKDIR/spectrum (shipped digit generator and digit CLIP, seed 0);
   2. base: for each loss and training seed, `--base_epochs` epochs on real
-     data only from scratch (the demo's learning rate);
+     data only from scratch (`configs/demo.py:base`, which with CE and seed 0
+     made the demo's shipped base classifier);
   3. methods: from each base checkpoint, `--epochs` more epochs at
      `--learning_rate`, once per schedule: `none` is the plain CE / BS row,
      the others are DisCL's schedules on the shared spectrum, all with the
@@ -109,24 +110,26 @@ def check_protocol(workdir, protocol):
   wd.atomic_write_text(path, json.dumps(protocol, indent=2, sort_keys=True) + "\n")
 
 
-def spectrum_config(protocol):
-  """Returns the demo config whose hard -> score stages make the shared spectrum."""
-  return config_lib.load_file(DEMO_CONFIG, protocol["config"].partition(":")[2] or None)
+def demo_config(protocol, variant=""):
+  """Returns the demo config (with `variant` added to its argument) of this table's runs."""
+  arg = ",".join(filter(None, (protocol["config"].partition(":")[2], variant)))
+  return config_lib.load_file(DEMO_CONFIG, arg or None)
 
 
 def base_config(loss, seed, protocol):
-  """Returns the config of the real-only base run of (`loss`, `seed`)."""
-  c = spectrum_config(protocol)
+  """Returns the config of the real-only base run of (`loss`, `seed`): the demo's `base`."""
+  c = demo_config(protocol, "base")
   c.seed = seed
   c.train.loss = loss
   c.train.epochs = protocol["base_epochs"]
-  c.curriculum.schedule = "none"
   return c
 
 
 def method_config(loss, schedule, seed, protocol, init_checkpoint):
   """Returns the config of one method run: `schedule` fine-tuning the base checkpoint."""
-  c = base_config(loss, seed, protocol)
+  c = demo_config(protocol)
+  c.seed = seed
+  c.train.loss = loss
   c.train.epochs = protocol["epochs"]
   c.train.learning_rate = protocol["learning_rate"]
   c.train.init_checkpoint = str(init_checkpoint)
@@ -217,7 +220,7 @@ def main(argv=None, *, compile_cache=True):
 
   spectrum_dir = workdir / "spectrum"
   print(f"spectrum: {', '.join(SPECTRUM_STAGES)} -> {spectrum_dir}", flush=True)
-  pipeline.run_stages(spectrum_config(protocol), spectrum_dir, SPECTRUM_STAGES)
+  pipeline.run_stages(demo_config(protocol), spectrum_dir, SPECTRUM_STAGES)
   spectrum_seconds = time.perf_counter() - start
 
   runs = []
