@@ -133,12 +133,15 @@ def _abstract(tree):
 def restore_host(path):
   """Returns the pytree item at `path` (e.g. ckpt/<step>/state) as host numpy arrays.
 
-  Works whatever device count saved it (the saved shardings are ignored).
+  Works whatever device count saved it (the saved shardings are ignored). The
+  item is read by its handler directly: an item directory has no step metadata,
+  which a Checkpointer would warn about.
   """
-  checkpointer = ocp.StandardCheckpointer()
-  tree = checkpointer.metadata(path).item_metadata.tree
+  handler = ocp.StandardCheckpointHandler()
+  item = pathlib.Path(path)
+  tree = handler.metadata(item).tree
   target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree)
-  return checkpointer.restore(path, target)
+  return handler.restore(item, args=ocp.args.StandardRestore(target))
 
 
 def load_variables(path, target):
