@@ -16,8 +16,6 @@ ROOT = pathlib.Path(str(importlib.resources.files("discl_jax").joinpath("assets"
 # pool of `digits.partition(TRAINED_SPLIT_SEED, TRAINED_TEST_PER_CLASS)`, never its test split.
 TRAINED_SPLIT_SEED = 0
 TRAINED_TEST_PER_CLASS = 50
-
-
 KINDS = ("sd", "clip", "classifier")
 
 

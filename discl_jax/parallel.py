@@ -1,5 +1,7 @@
 """Device mesh, shardings and multi-host start-up (jit + NamedSharding, no pmap)."""
 
+import math
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -60,6 +62,19 @@ def data_size(mesh):
 def pad_to_multiple(n, multiple):
   """Returns the smallest integer >= n divisible by `multiple`."""
   return -(-n // multiple) * multiple
+
+
+def batch_sizes(train_batch, eval_batch, mesh):
+  """Returns (train, eval) global batch sizes; eval is padded to a multiple every process can split.
+
+  Raises ValueError when `train_batch` does not divide over the mesh's data
+  devices and the processes.
+  """
+  n_dev, n_proc = data_size(mesh), jax.process_count()
+  if train_batch % n_dev or train_batch % n_proc:
+    raise ValueError(f"train.batch_size={train_batch} must be divisible by the "
+                     f"{n_dev} devices of the mesh and {n_proc} processes")
+  return train_batch, pad_to_multiple(eval_batch, math.lcm(n_dev, n_proc))
 
 
 def barrier(name):

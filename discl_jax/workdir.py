@@ -18,6 +18,7 @@ MODELS = "models"
 CKPT = "ckpt"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tb"
+HARD_SUMMARY = "hard_summary.json"  # the hard stage's figures (misclassified rule)
 PREDICTIONS = "predictions.npz"   # val/test predictions of the best-val epoch
 TRAIN_RESULT = "train_result.json"
 REPORT = "report.md"

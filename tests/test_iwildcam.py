@@ -28,6 +28,7 @@ import pytest
 
 import iwildcam_fixture
 from discl_jax import config as config_lib
+from discl_jax import workdir as wd
 from discl_jax.data import class_names as class_names_lib
 from discl_jax.data import datasets
 from discl_jax.stages import hard_stage
@@ -199,7 +200,7 @@ def test_pipeline_runs_the_low_quality_path(one):
   assert all(r["pred_class_name"] != r["class_name"] for r in hard)
   names = {c[2]: c[3] for c in iwildcam_fixture.CLASSES}
   assert all(r["caption_name"] == names[r["class_name"]] for r in hard)
-  figures = json.loads((one / hard_stage.HARD_SUMMARY).read_text())
+  figures = json.loads((one / wd.HARD_SUMMARY).read_text())
   assert figures["num_hard"] == len(hard)
   assert sum(v["hard"] for v in figures["per_class"].values()) == len(hard)
   prompts = json.loads((one / "prompts.json").read_text())

@@ -43,6 +43,12 @@ _SCRIPT = textwrap.dedent("""
     result["sum_sharded"] = total.sharding.spec == data_spec
     replicated = parallel.put_replicated({"w": np.ones(3)}, mesh)
     result["replicated"] = replicated["w"].sharding.is_fully_replicated
+    result["batch_sizes"] = list(parallel.batch_sizes(16, 20, mesh))
+    try:
+      parallel.batch_sizes(12, 20, mesh)
+      result["bad_batch"] = ""
+    except ValueError as e:
+      result["bad_batch"] = str(e)
     print("RESULT" + json.dumps(result))
 """)
 
@@ -64,3 +70,5 @@ def test_put_batch_shards_over_8_cpu_devices():
   assert result["spec_ok"]
   assert result["sum_close"] and result["sum_sharded"]
   assert result["replicated"]
+  assert result["batch_sizes"] == [16, 24]   # eval padded to a multiple of the 8 devices
+  assert result["bad_batch"].startswith("train.batch_size=12 must be divisible by the 8 devices")

@@ -23,7 +23,6 @@ from discl_jax import workdir as wd
 from discl_jax.evaluation import metrics as metrics_lib
 
 CURVES = "curves.png"
-HARD_SUMMARY = "hard_summary.json"  # the hard stage's figures (low-quality tasks)
 COLUMNS = ("many", "medium", "few", "all", "macro_f1")
 _HEADERS = {"many": "Many", "medium": "Medium", "few": "Few", "all": "All", "macro_f1": "macro-F1"}
 _COLORS = {"all": "black", "many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
@@ -224,7 +223,7 @@ def write_report(workdir, rows, *, final=None, config=None, per_class=None):
   best = best_row(rows, (final or {}).get("best_epoch"))
   best_epoch = None if best is None else best.get("epoch")
   curves = wd.atomic_write_bytes(wd.path(workdir, CURVES), render_curves(rows, best_epoch))
-  hard_path = wd.path(workdir, HARD_SUMMARY)
+  hard_path = wd.path(workdir, wd.HARD_SUMMARY)
   hard = json.loads(hard_path.read_text(encoding="utf-8")) if hard_path.is_file() else None
   report = wd.atomic_write_text(
       wd.path(workdir, wd.REPORT),

@@ -64,7 +64,6 @@ def model_dir(config, workdir):
   return str(target)
 
 
-
 def _source_index(train, hard_rows):
   """Returns {source_id: row in train}; ValueError names a hard id not in train."""
   index = {str(s): i for i, s in enumerate(train.ids)}

@@ -3,7 +3,8 @@
 Writes workdir/hard.jsonl, one row per image: source_id, label, class_name,
 reason (the rule, or "listed_class") and class_count (the class's training
 images); iWildCam rows also carry caption_name (the class's common name, which
-the prompts use). Rules live in `RULES` (name -> function); `hard.classes`
+the prompts use). Rules live in `RULES` (name -> function returning
+(indices, reason, extra fields per index, figures or None)); `hard.classes`
 overrides the rule with an explicit list of class names.
 
 Rules:
@@ -27,25 +28,21 @@ from discl_jax import workdir as wd
 from discl_jax.data import class_names as class_names_lib
 from discl_jax.data import datasets
 from discl_jax.data import longtail
-from discl_jax.evaluation import report
 from discl_jax.train import clip_trainer
 from discl_jax.train import hardness
 
-HARD_SUMMARY = report.HARD_SUMMARY
-
 
 def few_classes(config, splits, workdir):
-  """Returns (indices, reason): every train image of a Few class (< data.few_threshold)."""
+  """Returns (indices, reason, {}, None): every train image of a Few class (< data.few_threshold)."""
   del workdir
   train = splits["train"]
   groups = longtail.class_groups(
       train.class_counts(), config.data.many_threshold, config.data.few_threshold)
-  return np.flatnonzero(groups[train.labels] == "few"), "few_class"
-
+  return np.flatnonzero(groups[train.labels] == "few"), "few_class", {}, None
 
 
 def misclassified(config, splits, workdir):
-  """Returns (indices, reason, (extra, figures)): train images the original-data model gets wrong.
+  """Returns (indices, reason, extra, figures): train images the original-data model gets wrong.
 
   The model is the configured CLIP (zero-shot head from `train.clip_templates`);
   `extra` maps index -> {true_prob, pred_class_name}; `figures` is
@@ -68,7 +65,7 @@ def misclassified(config, splits, workdir):
                              prob_quantile=config.hard.prob_quantile)
   figures["model"] = clip_trainer.clip_model_path(config, workdir)
   figures["train_accuracy"] = float(np.mean(out["pred"] == out["label"])) if len(out["pred"]) else None
-  return np.flatnonzero(selection.mask), "misclassified", (extra, figures)
+  return np.flatnonzero(selection.mask), "misclassified", extra, figures
 
 
 RULES = {"few_classes": few_classes, "misclassified": misclassified}
@@ -100,8 +97,7 @@ def select_hard_with_figures(config, splits, workdir):
   else:
     if config.hard.rule not in RULES:
       raise ValueError(f"unknown hard.rule {config.hard.rule!r}; available: {sorted(RULES)}")
-    indices, reason, *more = RULES[config.hard.rule](config, splits, workdir)
-    extra, figures = more[0] if more else ({}, None)
+    indices, reason, extra, figures = RULES[config.hard.rule](config, splits, workdir)
   captions = (class_names_lib.caption_names(config.data, train.class_names)
               if config.data.name == "iwildcam" else None)
   rows = []
@@ -130,7 +126,7 @@ def run(config, workdir):
     text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
     wd.atomic_write_text(wd.path(workdir, wd.HARD), text)
     if figures is not None:
-      wd.atomic_write_json(wd.path(workdir, HARD_SUMMARY), figures)
+      wd.atomic_write_json(wd.path(workdir, wd.HARD_SUMMARY), figures)
   if figures is not None:
     logging.info("hard: rule %s, %d of %d training images hard (train accuracy %s); "
                  "per class (hard/total): %s", figures["rule"], figures["num_hard"],

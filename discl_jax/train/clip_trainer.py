@@ -19,8 +19,6 @@ common name of `labels.csv` (columns y, english) beside the iWildCam
 metadata.csv when that file exists, else the dataset's class name.
 """
 
-import math
-
 import jax
 import numpy as np
 from absl import logging
@@ -52,10 +50,7 @@ class ClipTrainer:
     tc = config.train
     if tc.loss != "flyp":
       raise ValueError(f"train.model='clip' trains with train.loss='flyp', got {tc.loss!r}")
-    n_dev = parallel.data_size(mesh)
-    if tc.batch_size % n_dev or tc.batch_size % jax.process_count():
-      raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the "
-                       f"{n_dev} devices of the mesh and {jax.process_count()} processes")
+    _, self.eval_batch = parallel.batch_sizes(tc.batch_size, config.eval.batch_size, mesh)
     alpha = float(tc.wise_ft_alpha)
     if not 0.0 <= alpha <= 1.0:
       raise ValueError(f"train.wise_ft_alpha must be in [0, 1], got {alpha}")
@@ -77,8 +72,6 @@ class ClipTrainer:
     self.train_step = flyp.make_train_step(self.model, self.tx, mesh, ids, mask)
     self.head_fn = flyp.make_head_fn(self.model, mesh, ids, mask)
     self._eval_step = flyp.make_eval_step(self.model, mesh)
-    self.eval_batch = parallel.pad_to_multiple(
-        config.eval.batch_size, math.lcm(n_dev, jax.process_count()))
     self._zero_shot = None
     self._eval_cache = (None, None)
 

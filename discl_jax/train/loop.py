@@ -129,17 +129,12 @@ class Trainer:
     self.config = config
     self.mesh = mesh
     tc = config.train
-    n_dev = parallel.data_size(mesh)
-    if tc.batch_size % n_dev or tc.batch_size % jax.process_count():
-      raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the "
-                       f"{n_dev} devices of the mesh and {jax.process_count()} processes")
+    _, self.eval_batch = parallel.batch_sizes(tc.batch_size, config.eval.batch_size, mesh)
     self.model = resnet.get_model(tc.model, len(class_counts))
     self.loss_fn = losses.get_loss(tc.loss, class_counts)
     self.tx = optim.make_optimizer(tc)
     self.train_step = steps_lib.make_train_step(self.model, self.tx, self.loss_fn, mesh)
     self.eval_step = steps_lib.make_eval_step(self.model, mesh)
-    self.eval_batch = parallel.pad_to_multiple(
-        config.eval.batch_size, math.lcm(n_dev, jax.process_count()))
     self.image_size = config.data.image_size
     self.mean, self.std = transforms.IMAGENET_MEAN, transforms.IMAGENET_STD
 
