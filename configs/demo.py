@@ -14,7 +14,7 @@ from discl_jax import digit_models
 
 
 def get_config(arg=None):
-  """Returns the demo ConfigDict; `arg` may be "runlocal"."""
+  """Returns the demo ConfigDict; `arg` may hold "runlocal" (smoke size) and "base" (the base run)."""
   arg = config_lib.parse_arg(arg, runlocal=False, base=False)
   c = config_lib.base_config()
   c.seed = 0
