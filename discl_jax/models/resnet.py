@@ -8,6 +8,13 @@
 - `resnet8`: the CIFAR layout with one block per stage (16/32/64), for the demo.
 - `tiny`: the CIFAR layout with 2 stages of one block (8/16) for tests.
 
+`padding="torch"` pads as PyTorch does, so imported PyTorch weights
+(`train/import_torch.py`) give PyTorch's logits: k // 2 on each side of every
+convolution and 1 on each side of the stem max pool. XLA's "SAME" instead puts
+the extra row and column of a stride-2 layer at the bottom and right;
+`resnet8` and `tiny` keep "same", the padding the shipped digits ResNet-8 was
+trained with. Batch norm: eps 1e-5, flax momentum 0.9 (PyTorch's momentum 0.1).
+
 Constructors are `functools.partial`s of `ResNet`; `get_model(name, num_classes)`
 is the registry.
 """
@@ -74,6 +81,16 @@ def _shortcut(x, filters, strides, kind, conv, norm):
   return norm(name="shortcut_norm")(x)
 
 
+PADDINGS = ("torch", "same")
+
+
+def _conv(features, kernel_size, strides=(1, 1), *, mode, dtype, name=None):
+  """Returns a bias-free nn.Conv padded k // 2 on each side ("torch") or "SAME"."""
+  padding = [(k // 2, k // 2) for k in kernel_size] if mode == "torch" else "SAME"
+  return nn.Conv(features, kernel_size, strides, padding=padding, use_bias=False,
+                 dtype=dtype, kernel_init=nn.initializers.kaiming_normal(), name=name)
+
+
 class ResNet(nn.Module):
   """A ResNet classifier; `__call__(x, train)` returns logits [B, num_classes]."""
   stage_sizes: Sequence[int]
@@ -85,18 +102,21 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   act: Callable = nn.relu
 
+  padding: str = "torch"        # torch: PyTorch's symmetric padding; same: XLA SAME
+
   @nn.compact
   def __call__(self, x, train: bool = True):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             kernel_init=nn.initializers.kaiming_normal())
+    if self.padding not in PADDINGS:
+      raise ValueError(f"ResNet padding {self.padding!r}; valid: {', '.join(PADDINGS)}")
+    conv = functools.partial(_conv, mode=self.padding, dtype=self.dtype)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=0.9, epsilon=1e-5, dtype=self.dtype)
     x = x.astype(self.dtype)
     if self.stem == "imagenet":
-      x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)],
-               name="stem_conv")(x)
+      x = conv(self.num_filters, (7, 7), (2, 2), mode="torch", name="stem_conv")(x)
       x = self.act(norm(name="stem_norm")(x))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+      pool_padding = ((1, 1), (1, 1)) if self.padding == "torch" else "SAME"
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=pool_padding)
     else:
       x = conv(self.num_filters, (3, 3), name="stem_conv")(x)
       x = self.act(norm(name="stem_norm")(x))
@@ -112,12 +132,12 @@ class ResNet(nn.Module):
 
 ResNet10 = functools.partial(ResNet, stage_sizes=(1, 1, 1, 1), block_cls=BasicBlock)
 ResNet8 = functools.partial(ResNet, stage_sizes=(1, 1, 1), block_cls=BasicBlock,
-                            num_filters=16, stem="cifar", shortcut="pad")
+                            num_filters=16, stem="cifar", shortcut="pad", padding="same")
 ResNet32 = functools.partial(ResNet, stage_sizes=(5, 5, 5), block_cls=BasicBlock,
                              num_filters=16, stem="cifar", shortcut="pad")
 ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckBlock)
 ResNetTiny = functools.partial(ResNet, stage_sizes=(1, 1), block_cls=BasicBlock,
-                               num_filters=8, stem="cifar", shortcut="pad")
+                               num_filters=8, stem="cifar", shortcut="pad", padding="same")
 
 MODELS = {
     "resnet8": ResNet8,

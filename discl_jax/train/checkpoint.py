@@ -20,6 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from discl_jax.train import import_torch
+
 ITEMS = ("state", "curriculum", "data_iter", "plan", "meta")
 
 
@@ -148,12 +150,15 @@ def load_variables(path, target):
   """Returns {"params", "batch_stats"} from the train checkpoint at `path`.
 
   `path` is a checkpoint directory of this project (the newest step is used),
-  one step directory inside it, or that step's "state" item. Shapes must match
-  `target` (a TrainState); a mismatch raises ValueError naming the leaves.
+  one step directory inside it, or that step's "state" item; or a PyTorch
+  ResNet checkpoint file (`import_torch`). Shapes must match `target` (a
+  TrainState); a mismatch raises ValueError naming the leaves.
   """
   path = pathlib.Path(path).absolute()
   if not path.exists():
     raise FileNotFoundError(f"train.init_checkpoint {str(path)!r} does not exist")
+  if path.is_file():
+    return import_torch.load_variables(path, target)
   if (path / "state").is_dir():
     path = path / "state"
   elif not (path / "_METADATA").exists() and not (path / "_CHECKPOINT_METADATA").exists():
