@@ -120,7 +120,13 @@ def base_config():
       learning_rate=1e-3,
       weight_decay=1e-5,
       momentum=0.9,
+      nesterov=False,          # sgd: Nesterov momentum (PyTorch's)
+      lr_schedule="cosine",    # cosine: per step over the run | step: x lr_decay at each milestone
+      lr_milestones=(60, 80),  # lr_schedule=step: epochs from which the rate is x lr_decay once more
+      lr_decay=0.1,
+      warmup_epochs=0,         # rate x (epoch + 1) / warmup_epochs in the first epochs
       warmup_steps=0,
+      mixup_alpha=0.0,         # mixup: one lambda ~ Beta(alpha, alpha) per batch; 0: off
       batch_size=128,
       epochs=65,
       init_checkpoint="",

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from discl_jax import config as config_lib
 from discl_jax.train import checkpoint as checkpoint_lib
 from discl_jax.train import losses
 from discl_jax.train import optim
@@ -235,7 +236,8 @@ def test_unknown_loss_and_optimizer_list_valid_names():
 
 
 def test_learning_rate_warmup_then_cosine():
-  train = ml_collections.ConfigDict(dict(learning_rate=1.0, warmup_steps=4))
+  train = config_lib.base_config().train
+  train.update(learning_rate=1.0, warmup_steps=4)
   assert optim.learning_rate(train, 0, 0.0) == pytest.approx(0.25)
   assert optim.learning_rate(train, 3, 0.0) == pytest.approx(1.0)
   assert optim.learning_rate(train, 10, 0.5) == pytest.approx(0.5)

@@ -133,7 +133,8 @@ class Trainer:
     self.model = resnet.get_model(tc.model, len(class_counts))
     self.loss_fn = losses.get_loss(tc.loss, class_counts)
     self.tx = optim.make_optimizer(tc)
-    self.train_step = steps_lib.make_train_step(self.model, self.tx, self.loss_fn, mesh)
+    self.train_step = steps_lib.make_train_step(self.model, self.tx, self.loss_fn, mesh,
+                                                mixup_alpha=tc.mixup_alpha, seed=config.seed)
     self.eval_step = steps_lib.make_eval_step(self.model, mesh)
     self.image_size = config.data.image_size
     self.mean, self.std = transforms.IMAGENET_MEAN, transforms.IMAGENET_STD
@@ -167,6 +168,8 @@ class Trainer:
 def make_trainer(config, data, mesh, workdir):
   """Returns the trainer `train.model` asks for: ClipTrainer for "clip", else Trainer."""
   if config.train.model == "clip":
+    if config.train.mixup_alpha > 0:
+      raise ValueError("train.mixup_alpha > 0 needs a ResNet train.model; FLYP ('clip') has no mixup")
     return clip_trainer.ClipTrainer(config, data.train.class_names, mesh, workdir)
   if config.train.loss == "flyp":
     raise ValueError(f"train.loss='flyp' needs train.model='clip', got {config.train.model!r}")

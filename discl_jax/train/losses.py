@@ -1,12 +1,18 @@
-"""Classification losses: cross-entropy and Balanced Softmax.
+"""Classification losses: cross-entropy and Balanced Softmax; mixup of a batch.
 
 Balanced Softmax (Ren et al. 2020) is cross-entropy on logits shifted by the
 log of the training class prior, which undoes the long-tail label shift.
+Mixup (Zhang et al. 2018; the reference's base recipe uses alpha 0.2,
+DESIGN.md §6) blends each batch with a permutation of itself by one lambda
+~ Beta(alpha, alpha) per batch and blends the two labels' losses likewise.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from discl_jax import seeding
 
 
 def cross_entropy(logits, labels):
@@ -40,3 +46,22 @@ def get_loss(name, class_counts):
     prior = log_prior(class_counts)
     return lambda logits, labels: balanced_softmax(logits, labels, prior)
   raise ValueError(f"unknown loss {name!r} (config train.loss); valid: {', '.join(LOSSES)}")
+
+
+def mixup_key(seed, step):
+  """Returns the PRNG key of the mixup at global train `step` of a run with `seed`."""
+  run_key = jax.random.fold_in(jax.random.key(seed), seeding.stable_hash("train/mixup"))
+  return jax.random.fold_in(run_key, step)
+
+
+def mixup(key, images, alpha):
+  """Returns (lam * images + (1 - lam) * images[perm], perm [B], lam), lam ~ Beta(alpha, alpha)."""
+  lam_key, perm_key = jax.random.split(key)
+  lam = jax.random.beta(lam_key, alpha, alpha).astype(images.dtype)
+  perm = jax.random.permutation(perm_key, images.shape[0])
+  return lam * images + (1 - lam) * images[perm], perm, lam
+
+
+def mixup_loss(loss_fn, logits, labels, perm, lam):
+  """Returns per-example lam * loss(labels) + (1 - lam) * loss(labels[perm]) [B]."""
+  return lam * loss_fn(logits, labels) + (1 - lam) * loss_fn(logits, labels[perm])

@@ -10,20 +10,31 @@ import jax.numpy as jnp
 import optax
 
 from discl_jax import parallel
+from discl_jax.train import losses
 
 
-def make_train_step(model, tx, loss_fn, mesh):
+def make_train_step(model, tx, loss_fn, mesh, mixup_alpha=0.0, seed=0):
   """Returns jitted `train_step(state, batch, lr) -> (state, metrics)`.
 
   `batch` holds "image" [B, S, S, 3] and "label" [B]; `metrics` holds the
-  batch-mean "loss" and "accuracy". The input state is donated.
+  batch-mean "loss" and "accuracy" (of the unmixed labels). With
+  `mixup_alpha` > 0 each batch is mixed (`losses.mixup`) with the key of
+  (`seed`, state.step), so a resumed run mixes as an uninterrupted one. The
+  input state is donated.
   """
   def train_step(state, batch, lr):
+    images, labels = batch["image"], batch["label"]
+    if mixup_alpha > 0:
+      images, perm, lam = losses.mixup(losses.mixup_key(seed, state.step), images, mixup_alpha)
+      per_example = lambda logits: losses.mixup_loss(loss_fn, logits, labels, perm, lam)
+    else:
+      per_example = lambda logits: loss_fn(logits, labels)
+
     def loss_of(params):
       logits, updates = model.apply(
-          {"params": params, "batch_stats": state.batch_stats}, batch["image"],
+          {"params": params, "batch_stats": state.batch_stats}, images,
           train=True, mutable=["batch_stats"])
-      return loss_fn(logits, batch["label"]).mean(), (logits, updates["batch_stats"])
+      return per_example(logits).mean(), (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(
         loss_of, has_aux=True)(state.params)
