@@ -4,16 +4,20 @@
 #     --config.data.root=/data/imagenet --config.data.train_list=/data/ImageNet_LT_train.txt \
 #     --config.data.val_list=/data/ImageNet_LT_val.txt --config.data.test_list=/data/ImageNet_LT_test.txt
 #   variants: :schedule=none (CE baseline), :loss=balanced_softmax, :schedule=adaptive, ...
+# Like the reference, every variant fine-tunes a long-tail base ResNet-10 and refuses to start
+# without one: --config.train.init_checkpoint=PATH (LDMLR's PyTorch checkpoint, or this
+# project's), or train it first with :base (the reference's base recipe, real data only):
+#   discl --config=configs/imagenet_lt.py:base --workdir=runs/inlt_base --stage=train ...
 """ImageNet-LT (file lists) with ResNet-10, Adam 1e-3, 65 epochs, 60 curriculum epochs."""
 
 from discl_jax import config as config_lib
 
 
 def get_config(arg=None):
-  """Returns the ImageNet-LT ConfigDict; arg: schedule, loss, sd, runlocal."""
+  """Returns the ImageNet-LT ConfigDict; arg: schedule, loss, sd, runlocal, base."""
   arg = config_lib.parse_arg(
       arg, schedule="syn_to_real", loss="ce",
-      sd="stable-diffusion-v1-5/stable-diffusion-v1-5", runlocal=False)
+      sd="stable-diffusion-v1-5/stable-diffusion-v1-5", runlocal=False, base=False)
   c = config_lib.base_config()
   c.data.name = "imagenet_lt"
   c.data.image_size = 224
@@ -26,6 +30,9 @@ def get_config(arg=None):
   c.prompts.description_format = "a 8k real photo: {d}"
   c.diffusion.model = arg.sd
   config_lib.paper_longtail_recipe(c, model="resnet10", loss=arg.loss, schedule=arg.schedule)
+  c.train.require_init_checkpoint = True  # DESIGN.md §6: DisCL fine-tunes a long-tail base
+  if arg.base:
+    config_lib.reference_base_recipe(c)
 
   if arg.runlocal:
     config_lib.smoke_sized(c)

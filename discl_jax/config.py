@@ -100,6 +100,8 @@ def base_config():
       guidance_scale=10.0,
       negative_prompt="",
       resolution=0,            # shorter side; 0 keeps the input's own size
+      source_upsample=0,       # scale smaller source images up to this shorter side (LANCZOS)
+                               # before generation; 0: off (CIFAR100-LT: 128, the rebuttal's)
       slots=16,                # jobs in flight per sampler step (global)
       grid_sources=4,          # sources per class in the spectrum grid
   )
@@ -129,7 +131,9 @@ def base_config():
       mixup_alpha=0.0,         # mixup: one lambda ~ Beta(alpha, alpha) per batch; 0: off
       batch_size=128,
       epochs=65,
-      init_checkpoint="",
+      init_checkpoint="",      # start from: a ckpt dir of this project, or a PyTorch ResNet file
+                               # (.pth/.pt/.checkpoint or .safetensors; train/import_torch.py)
+      require_init_checkpoint=False,  # the train stage refuses to start with init_checkpoint empty
       log_every_steps=50,
       keep_checkpoints=2,
       # train.model="clip" (FLYP): the CLIP to fine-tune ("" uses score.model, or the
@@ -201,6 +205,22 @@ def paper_longtail_recipe(config, *, model, loss, schedule):
   config.curriculum.levels = (0.1, 0.3, 0.5)
   config.curriculum.curriculum_epochs = 60
   config.curriculum.nontail_fraction = 0.3
+  return config
+
+
+def reference_base_recipe(config):
+  """Returns `config` set to train the long-tail base classifier as the reference did (DESIGN.md §6).
+
+  SGD lr 0.1, Nesterov momentum 0.9, weight decay 2e-4, 5 warm-up epochs,
+  x0.1 at epochs 60 and 80, 100 epochs, batch 128, mixup alpha 0.2; real
+  data only (no curriculum, no synthetic images), from scratch.
+  """
+  config.train.update(
+      optimizer="sgd", learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=2e-4,
+      lr_schedule="step", lr_milestones=(60, 80), lr_decay=0.1, warmup_epochs=5,
+      epochs=100, batch_size=128, mixup_alpha=0.2, init_checkpoint="",
+      require_init_checkpoint=False)
+  config.curriculum.schedule = "none"
   return config
 
 

@@ -1,11 +1,22 @@
-"""The names prompts and captions use per class: common names where a dataset has them."""
+"""The names prompts and captions use per class: common names where a dataset has them.
+
+Text is built from readable names only: a file-list dataset without
+`data.class_names_file` has label numbers for names (and TFDS ImageNet has
+WordNet ids such as n01440764), which would make prompts and CLIP texts read
+"a photo of 417"; `text_names` refuses them. A name with "/" lists
+alternatives, which read as "a or b" (the reference's ImageNet names,
+DESIGN.md §6 "Class names").
+"""
 
 import csv
 import pathlib
+import re
 
 from absl import logging
 
 LABELS_CSV = "labels.csv"
+WORDNET_ID = re.compile(r"^n\d{8}$")
+NUMBERED_CLASSES = ("digits_lt",)  # datasets whose classes are numbers: the digits
 
 
 def read_common_names(path, class_names):
@@ -46,3 +57,37 @@ def caption_names(data_config, class_names):
       return read_common_names(labels, class_names)
     logging.warning("%s not found: captions use the class names", labels)
   return tuple(class_names)
+
+
+def readable(name):
+  """Returns `name` with "/"-separated alternatives joined by "or" ("a / b" -> "a or b")."""
+  return " or ".join(part.strip() for part in str(name).split("/") if part.strip())
+
+
+def check_readable(data_config, class_names, what):
+  """Returns None; ValueError when `what` would be built from label numbers or WordNet ids.
+
+  Digits-LT's classes are numbers, so its names pass.
+  """
+  if data_config.name in NUMBERED_CLASSES:
+    return
+  bad = sorted({str(n) for n in class_names
+                if str(n).strip().isdigit() or WORDNET_ID.match(str(n).strip())})
+  if bad:
+    raise ValueError(
+        f"{what} would be built from class names {bad[:5]} (data.name={data_config.name!r}), "
+        f"label numbers or WordNet ids, reading 'a photo of {bad[0]}'. Set "
+        "data.class_names_file to a file of readable names, one per line in label order "
+        "(the README's ImageNet-LT section says where ImageNet's come from)")
+
+
+def text_names(data_config, class_names, what):
+  """Returns the readable per-class names `what` (prompts, CLIP texts, captions) is built from.
+
+  Common names where the dataset has them (`caption_names`), "/" alternatives
+  joined by "or"; raises ValueError naming `data.class_names_file` for label
+  numbers or WordNet ids (`check_readable`).
+  """
+  names = caption_names(data_config, class_names)
+  check_readable(data_config, names, what)
+  return tuple(readable(n) for n in names)

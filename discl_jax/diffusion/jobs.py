@@ -36,6 +36,8 @@ def generation_fingerprint(config):
   fingerprint = {"seed": int(config.seed)}
   for section, keys in FINGERPRINT_KEYS.items():
     fingerprint[section] = {k: config[section][k] for k in keys}
+  if config.diffusion.source_upsample:  # recorded when set, so older stores stay valid
+    fingerprint["diffusion"]["source_upsample"] = config.diffusion.source_upsample
   descriptions = ""
   if config.prompts.source == "file":
     path = pathlib.Path(config.prompts.descriptions_file)

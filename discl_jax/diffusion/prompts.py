@@ -14,6 +14,7 @@ import json
 import pathlib
 
 from discl_jax import seeding
+from discl_jax.data import class_names as class_names_lib
 
 BUILTIN_TEMPLATES = {
     "photo": ("a photo of a {c}", "a close-up photo of a {c}", "a bright photo of a {c}",
@@ -27,8 +28,9 @@ BUILTIN_TEMPLATES = {
 
 
 def display_name(class_name):
-  """Returns the class name as it reads in a sentence ("great_white" -> "great white")."""
-  return str(class_name).replace("_", " ").strip()
+  """Returns the class name as it reads in a sentence ("great_white" -> "great white",
+  "baluster / handrail" -> "baluster or handrail")."""
+  return class_names_lib.readable(str(class_name).replace("_", " "))
 
 
 def expand_templates(templates):

@@ -21,6 +21,7 @@ from discl_jax import parallel
 from discl_jax import seeding
 from discl_jax import workdir as wd
 from discl_jax.data import datasets
+from discl_jax.data import upsample
 from discl_jax.data import records
 from discl_jax.data import spectrum_store
 from discl_jax.diffusion import jobs
@@ -179,7 +180,7 @@ def run(config, workdir):
   todo = [r for r in owned if r["job_id"] not in done]
   logging.info("generate: %d jobs in all, %d for this process, %d still to do",
                len(expected), len(owned), len(todo))
-  train = datasets.load(config.data)["train"]
+  train = upsample.upsampled(datasets.load(config.data)["train"], config.diffusion.source_upsample)
   index = _source_index(train, hard_rows)
   todo, sizes = _check_sources(train, index, todo, config.data.on_bad_image)
   checkpoint = model_dir(config, workdir)

@@ -11,6 +11,7 @@ from absl import logging
 
 from discl_jax import parallel
 from discl_jax import workdir as wd
+from discl_jax.data import class_names as class_names_lib
 from discl_jax.diffusion import prompts
 
 
@@ -36,6 +37,8 @@ def caption_named(hard_rows, source):
 def run(config, workdir):
   """Writes workdir/prompts.json (process 0) for the images in hard.jsonl."""
   hard_rows = caption_named(read_hard(workdir), config.prompts.source)
+  class_names_lib.check_readable(config.data, {row["class_name"] for row in hard_rows},
+                                 "the prompts (and later score's CLIP texts)")
   document = prompts.build_prompts(config.prompts, hard_rows, config.seed)
   used = collections.Counter(document["sources"].values())
   logging.info("prompts: %d images, %d classes, %d distinct prompts (source %s)",

@@ -168,7 +168,8 @@ def run(config, workdir):
     scorer = clip.ClipScorer(models, _mesh(config), config.score.batch_size)
     labels = sorted({int(r["label"]) for r in todo})
     # Common names where the dataset has them (iWildCam), else the class names.
-    names = class_names_lib.caption_names(config.data, next(iter(splits.values())).class_names)
+    names = class_names_lib.text_names(config.data, next(iter(splits.values())).class_names,
+                                       "score's CLIP texts")
     texts = class_texts(config.score.text_template, [names[l] for l in labels])
     text_embeddings = dict(zip(labels, scorer.text_embeddings(texts)))
     with tqdm.tqdm(total=len(todo), desc="score", unit="img",

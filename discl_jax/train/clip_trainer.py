@@ -65,7 +65,7 @@ class ClipTrainer:
                    self.image_size, config.data.image_size)
     self.mean, self.std = transforms.CLIP_MEAN, transforms.CLIP_STD
     self.templates = tuple(tc.clip_templates)
-    self.caption_names = class_names_lib.caption_names(config.data, class_names)
+    self.caption_names = class_names_lib.text_names(config.data, class_names, "FLYP captions")
     ids, mask = clip_classifier.caption_table(
         models.tokenizer, self.caption_names, self.templates)
     self.tx = optim.make_optimizer(tc)
