@@ -65,7 +65,8 @@ def base_config():
       val_list="",
       test_list="",
       metadata_csv="",         # WILDS iWildCam metadata.csv
-      class_names_file="",     # optional: one class name per line
+      class_names_file="",     # readable class names, one per line in label order (file lists,
+                               # name=tfds); text refuses label numbers and WordNet ids
       imbalance_ratio=100.0,   # n_max / n_min of the exponential profile
       max_per_class=0,         # n_max for the LT profile; 0: the largest class
       val_per_class=0,         # held-out validation images per class

@@ -148,3 +148,22 @@ def test_cifar100_lt_follows_the_rebuttal_and_records_upsampling():
   assert jobs.generation_fingerprint(c)["diffusion"]["source_upsample"] == 128
   demo = config_lib.load_file(ROOT / "configs/demo.py")
   assert "source_upsample" not in jobs.generation_fingerprint(demo)["diffusion"]
+
+
+def test_tfds_class_names_file_replaces_wordnet_ids(tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from discl_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  data = config_lib.base_config().data
+  data.update(name="tfds", tfds_name="imagenet2012", tfds_test_split="validation",
+              val_per_class=0)
+  names = tmp_path / "names.txt"
+  names.write_text("".join(f"class {i}\n" for i in range(1000)))
+  with tfds.testing.mock_data(num_examples=4):
+    assert datasets.load(data)["train"].class_names[0] == "n01440764"
+    data.class_names_file = str(names)
+    train = datasets.load(data)["train"]
+    assert train.class_names[0] == "class 0"
+    class_names_lib.check_readable(data, train.class_names, "texts")
+    names.write_text("tench\n")
+    with pytest.raises(ValueError, match="has 1 names; imagenet2012 has 1000 classes"):
+      datasets.load(data)

@@ -7,7 +7,8 @@
   imagenet2012, i_naturalist2018), read lazily (`TfdsImages`): labels in
   memory, images decoded when asked for. val = `val_per_class` per class from
   train (none when 0), test = `data.tfds_test_split` (default: "validation"
-  when the dataset has one, else "test").
+  when the dataset has one, else "test"). `data.class_names_file` replaces
+  the dataset's names (imagenet2012's are WordNet ids).
 
 Datasets must be prepared in the ArrayRecord format under `data.data_dir`;
 downloadable ones (cifar100) are prepared on first use, manual ones
@@ -19,6 +20,7 @@ import logging
 
 import numpy as np
 
+from discl_jax.data import filelists
 from discl_jax.data import longtail
 from discl_jax.data.records import LabeledImages
 
@@ -179,6 +181,11 @@ def load(data_config, seed):
   name, data_dir = data_config.tfds_name, data_config.data_dir
   b = builder(name, data_dir, data_config.manual_dir)
   names = class_names(b)
+  if data_config.class_names_file:  # e.g. readable names for imagenet2012's WordNet ids
+    names = filelists.read_class_names(data_config.class_names_file)
+    if len(names) != len(class_names(b)):
+      raise ValueError(f"data.class_names_file {data_config.class_names_file} has {len(names)} "
+                       f"names; {name} has {len(class_names(b))} classes")
   train = TfdsImages(name, "train", data_dir, scan_labels(b, "train"), names)
   test_split = _test_split(b, data_config.tfds_test_split)
   test = TfdsImages(name, test_split, data_dir, scan_labels(b, test_split), names)
