@@ -76,9 +76,9 @@ def _torch_state_dict(path):
 def torch_names(params):
   """Returns {flax module path (tuple): torch module name} for ResNet `params`.
 
-  Stages are told apart by the width of each block's first convolution; the
-  shortcut of block b is named `downsample` (torchvision) here and
-  `shortcut` is tried too (CIFAR option B) when the names are matched.
+  Stages are told apart by the width of each block's first convolution.
+  Names are torchvision's; `_lookup` also accepts the CIFAR ResNet's
+  `shortcut` (option B) for `downsample` and `linear` for `fc`.
   """
   names = {("stem_conv",): "conv1", ("stem_norm",): "bn1", ("head",): "fc"}
   blocks = sorted((int(m.group(2)), key) for key in params if (m := _BLOCK.match(key)))
