@@ -22,6 +22,7 @@ def get_config(arg=None):
   c.prompts.templates = ("a photo of a {c}", "a blurry photo of a {c}", "a {c} in a natural scene")
   c.diffusion.model = arg.sd
   config_lib.paper_longtail_recipe(c, model="resnet32", loss=arg.loss, schedule=arg.schedule)
+  c.curriculum.tail_fill = "pooled"  # the reference's one tail pool (DESIGN.md §6)
 
   if arg.runlocal:
     config_lib.smoke_sized(c)

@@ -26,6 +26,7 @@ def get_config(arg=None):
   c.prompts.description_format = "a 8k real photo: {d}"
   c.diffusion.model = arg.sd
   config_lib.paper_longtail_recipe(c, model="resnet10", loss=arg.loss, schedule=arg.schedule)
+  c.curriculum.tail_fill = "pooled"  # the reference's one tail pool (DESIGN.md §6)
 
   if arg.runlocal:
     config_lib.smoke_sized(c)

@@ -134,11 +134,12 @@ def base_config():
       wise_ft_alpha=1.0,
   )
   c.curriculum = dict(
-      schedule="syn_to_real",  # none | syn_to_real | real_to_syn | fixed | all_levels | text_only | random | adaptive
+      schedule="syn_to_real",  # none | resample | syn_to_real | real_to_syn | fixed | all_levels | text_only | random | adaptive
       levels=(0.1, 0.3, 0.5),  # image guidance lambda = 1 - strength
       curriculum_epochs=60,
       nontail_fraction=0.3,
       tail_share=0.0,          # tail share of each epoch; 0: tail classes / all classes (13.6 % on ImageNet-LT)
+      tail_fill="per_class",   # per_class: fill split evenly per tail class | pooled: one pool (the reference)
       signal="prob_gain",      # adaptive: prob_gain | loss_decrease
       val_sources_per_class=1,
       phase_epochs=1,
