@@ -88,6 +88,7 @@ def base_config():
       templates=("a photo of a {c}",),
       descriptions_file="",    # JSON {class: [descriptions]}
       description_format="a 8k real photo: {d}",
+      choice="per_seed",       # per_seed: per (class, image, generation seed), the reference | per_image
   )
   c.diffusion = dict(
       model="",                # local dir or hub id; "" with tiny=True builds one
