@@ -111,8 +111,8 @@ def base_config():
       text_template="a photo of {c}",
       threshold=0.30,          # keep clip_text >= threshold; a cosine in [-1, 1]
       batch_size=64,           # global images per jitted batch
-      regenerate=False,
-      max_regenerations=3,
+      regenerate=False,        # regenerate images at or below threshold (new prompt + noise), keep the best
+      max_regenerations=5,     # attempts after the first (the reference: 5)
   )
   c.train = dict(
       model="resnet32",        # resnet10 | resnet32 | resnet50 | tiny | clip

@@ -68,7 +68,8 @@ def accepted_rows(config, workdir):
   if not root.is_dir():
     return []
   return acceptance.accepted_rows(
-      spectrum_store.SpectrumStore(root).rows(), config.score.threshold)
+      spectrum_store.SpectrumStore(root).rows(), config.score.threshold,
+      acceptance.max_attempt(config.score))
 
 
 def load_data(config, workdir):
