@@ -36,6 +36,7 @@ def get_config(arg=None):
   c.train.require_init_checkpoint = True  # DESIGN.md §6: DisCL fine-tunes a long-tail base
   if arg.base:
     config_lib.reference_base_recipe(c)
+  c.curriculum.tail_fill = "pooled"  # the reference's one tail pool (DESIGN.md §6)
 
   if arg.runlocal:
     config_lib.smoke_sized(c)

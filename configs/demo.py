@@ -27,6 +27,7 @@ def get_config(arg=None):
   c.data.few_threshold = 15
 
   c.prompts.templates = ("a photo of the digit {c}", "a handwritten digit {c}")
+  c.prompts.choice = "per_image"  # two wordings of the class name; keeps the shipped spectrum
   # The project-trained digit generator and digit CLIP (discl_jax/assets/digits).
   c.diffusion.model = digit_models.path("sd")
   c.diffusion.strengths = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)

@@ -89,6 +89,7 @@ def base_config():
       templates=("a photo of a {c}",),
       descriptions_file="",    # JSON {class: [descriptions]}
       description_format="a 8k real photo: {d}",
+      choice="per_seed",       # per_seed: per (class, image, generation seed), the reference | per_image
   )
   c.diffusion = dict(
       model="",                # local dir or hub id; "" with tiny=True builds one
@@ -113,8 +114,8 @@ def base_config():
       text_template="a photo of {c}",
       threshold=0.30,          # keep clip_text >= threshold; a cosine in [-1, 1]
       batch_size=64,           # global images per jitted batch
-      regenerate=False,
-      max_regenerations=3,
+      regenerate=False,        # regenerate images at or below threshold (new prompt + noise), keep the best
+      max_regenerations=5,     # attempts after the first (the reference: 5)
   )
   c.train = dict(
       model="resnet32",        # resnet10 | resnet32 | resnet50 | tiny | clip
@@ -145,11 +146,12 @@ def base_config():
       wise_ft_alpha=1.0,
   )
   c.curriculum = dict(
-      schedule="syn_to_real",  # none | syn_to_real | real_to_syn | fixed | all_levels | text_only | random | adaptive
+      schedule="syn_to_real",  # none | resample | syn_to_real | real_to_syn | fixed | all_levels | text_only | random | adaptive
       levels=(0.1, 0.3, 0.5),  # image guidance lambda = 1 - strength
       curriculum_epochs=60,
       nontail_fraction=0.3,
       tail_share=0.0,          # tail share of each epoch; 0: tail classes / all classes (13.6 % on ImageNet-LT)
+      tail_fill="per_class",   # per_class: fill split evenly per tail class | pooled: one pool (the reference)
       signal="prob_gain",      # adaptive: prob_gain | loss_decrease
       val_sources_per_class=1,
       phase_epochs=1,

@@ -2,6 +2,7 @@ r"""The digits-LT table: CE and BS, alone and with DisCL's schedules, over train
 
   python experiments/digits_lt_table.py                       # the README's table (~45 min, 2 CPUs)
   python experiments/digits_lt_table.py --seeds=0 --schedules=none,syn_to_real --epochs=4
+  python experiments/digits_lt_table.py --schedules=none,syn_to_real,resample   # a subset
 
 Protocol (the reference's: DisCL fine-tunes a model already trained on the
 long-tailed data, DESIGN.md 1.6), on the demo config (`configs/demo.py`):
@@ -12,15 +13,18 @@ long-tailed data, DESIGN.md 1.6), on the demo config (`configs/demo.py`):
      made the demo's shipped base classifier);
   3. methods: from each base checkpoint, `--epochs` more epochs at
      `--learning_rate`, once per schedule: `none` is the plain CE / BS row,
-     the others are DisCL's schedules on the shared spectrum, all with the
-     same epochs, levels and curriculum epochs;
+     `resample` the reference's resampling baseline (real images only, sampled
+     as DisCL's epochs: how much of DisCL's Few gain is tail oversampling), the
+     others are DisCL's schedules on the shared spectrum, all with the same
+     epochs, levels and curriculum epochs;
   4. Many / Medium / Few / All test top-1 of each run's epoch chosen on val,
      as mean ± sample std over the seeds (the JSON also holds the same at
      each run's last epoch, free of the 50-image val split's selection noise).
 The dataset split (`data.split_seed`) and the spectrum are the same for every
 run; the training seed moves the initialisation, the per-epoch sampling and
 the batch order. Runs resume: a finished run is read back, a killed one
-continues from its checkpoint. Writes OUT/digits_lt_table.{json,md} and prints
+continues from its checkpoint; `--schedules` / `--losses` / `--seeds` pick a
+subset, and runs of a larger earlier call in the same workdir are reused. Writes OUT/digits_lt_table.{json,md} and prints
 the markdown.
 """
 
@@ -41,7 +45,8 @@ from discl_jax import workdir as wd
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "demo.py"
-SCHEDULES = ("none", "syn_to_real", "adaptive", "all_levels", "text_only", "real_to_syn")
+SCHEDULES = ("none", "resample", "syn_to_real", "adaptive", "all_levels", "text_only",
+             "real_to_syn")
 LOSSES = ("ce", "balanced_softmax")
 LOSS_NAMES = {"ce": "CE", "balanced_softmax": "BS"}
 GROUPS = ("many", "medium", "few", "all")
@@ -188,9 +193,11 @@ def summarize(runs, protocol, prefix="test/"):
 
 
 def method_name(loss, schedule):
-  """Returns the row label: "CE" for the plain run, "CE + DisCL syn_to_real" otherwise."""
+  """Returns the row label: "CE", "CE + resampling" or "CE + DisCL syn_to_real"."""
   name = LOSS_NAMES[loss]
-  return name if schedule == "none" else f"{name} + DisCL {schedule}"
+  if schedule == "none":
+    return name
+  return f"{name} + resampling" if schedule == "resample" else f"{name} + DisCL {schedule}"
 
 
 def to_markdown(rows):

@@ -378,3 +378,88 @@ def test_adaptive_resumes_from_a_checkpointed_state(tmp_path):
     state, plan = plan_epoch(spec, state, epoch, signals)
     assert plan.level == straight[epoch].level
     np.testing.assert_array_equal(plan.picks, straight[epoch].picks)
+
+
+def test_resample_is_the_real_epoch_sampling_in_every_epoch():
+  # The reference's baseline: real images only, non-tail re-subsampled and the
+  # tail share held with real tail images, exactly as a DisCL real epoch.
+  spec = _spec("resample", curriculum_epochs=4)
+  syn = _spec("syn_to_real", levels=(0.1, 0.3, 0.5), curriculum_epochs=4)
+  _, plans = _plans(spec, 6)
+  _, syn_plans = _plans(syn, 6)
+  train = _train()
+  for plan in plans:
+    assert plan.level is None and plan.phase == "real" and plan.num_synthetic == 0
+    _check_epoch_sizes(spec, plan)
+    assert _tail_count(spec, plan) / len(plan.picks) == pytest.approx(0.4, abs=0.01)
+    tail_real = np.sum(GROUPS[train.labels] == "few")
+    assert _tail_count(spec, plan) > tail_real  # the tail is oversampled, unlike `none`
+  for epoch in (3, 4, 5):  # syn_to_real's real stage and its real epochs after it
+    assert syn_plans[epoch].level is None
+    np.testing.assert_array_equal(plans[epoch].picks, syn_plans[epoch].picks)
+  assert spec.level_sets() == [] and spec.levels == ()
+
+
+def _class_mix(spec, plans, source):
+  counts = np.zeros(len(COUNTS))
+  for plan in plans:
+    rows = plan.picks[plan.picks[:, 0] == source, 1]
+    labels = spec.syn_labels[rows] if source == SYNTHETIC else spec.train_labels[rows]
+    counts += np.bincount(labels, minlength=len(COUNTS))
+  return counts
+
+
+def test_tail_fill_pooled_follows_the_pool_per_class_is_even():
+  # Fill 22 synthetic images per epoch (nontail 75, tail share 50, 28 real tail)
+  # from a pool of 56 rows per level: Few classes hold 12:8:5:3 of it.
+  few = np.asarray(COUNTS[6:], np.float64)
+  pooled = _spec("fixed", levels=(0.3,), curriculum_epochs=200, nontail_fraction=0.15,
+                 tail_fill="pooled")
+  per_class = _spec("fixed", levels=(0.3,), curriculum_epochs=200, nontail_fraction=0.15)
+  assert per_class.tail_fill == "per_class"  # the schema default keeps the old sampling
+  _, pooled_plans = _plans(pooled, 200)
+  _, even_plans = _plans(per_class, 2)
+  for plan in pooled_plans[:3] + even_plans:
+    _check_epoch_sizes(pooled, plan)
+    syn = plan.picks[plan.picks[:, 0] == SYNTHETIC, 1]
+    assert len(syn) == 22
+  for plan in pooled_plans:  # the pool is larger than the fill: drawn without replacement
+    syn = plan.picks[plan.picks[:, 0] == SYNTHETIC, 1]
+    assert len(np.unique(syn)) == len(syn)
+  mix = _class_mix(pooled, pooled_plans, SYNTHETIC)[6:]
+  np.testing.assert_allclose(mix / mix.sum(), few / few.sum(), atol=0.02)
+  for plan in even_plans:
+    mix = _class_mix(per_class, [plan], SYNTHETIC)[6:]
+    assert mix.max() - mix.min() <= 1
+
+
+def test_tail_fill_pooled_real_epochs_draw_the_tail_share_with_replacement():
+  spec = _spec("resample", curriculum_epochs=0, tail_fill="pooled")
+  _, plans = _plans(spec, 100)
+  for plan in plans[:3]:
+    _check_epoch_sizes(spec, plan)
+  few = np.asarray(COUNTS[6:], np.float64)
+  mix = _class_mix(spec, plans, REAL)[6:]
+  np.testing.assert_allclose(mix / mix.sum(), few / few.sum(), atol=0.02)
+  # Not every real tail image in every epoch: the share is one draw with replacement.
+  tail_rows = set(np.flatnonzero(spec.hard))
+  assert any(not tail_rows <= set(p.picks[:, 1].tolist()) for p in plans)
+
+
+def test_unknown_tail_fill_names_the_key():
+  with pytest.raises(ValueError, match="curriculum.tail_fill"):
+    _spec("syn_to_real", tail_fill="even")
+
+
+def test_tail_fill_pooled_class_without_synthetic_keeps_its_real_images():
+  train = _train()
+  rows = _synthetic_rows(train, skip={(9, 0.3)})
+  spec = _spec("fixed", train=train, rows=rows, levels=(0.3,), curriculum_epochs=2,
+               tail_fill="pooled")
+  _, plans = _plans(spec, 1)
+  plan = plans[0]
+  assert plan.fallback_classes == (9,)
+  _check_epoch_sizes(spec, plan)
+  real = plan.picks[plan.picks[:, 0] == REAL, 1]
+  assert np.sum(spec.train_labels[real] == 9) == COUNTS[9]
+  assert 9 not in set(spec.syn_labels[plan.picks[plan.picks[:, 0] == SYNTHETIC, 1]].tolist())

@@ -57,7 +57,7 @@ def test_a_workdir_keeps_its_protocol(table, tmp_path):
 def test_smoke_table_runs_every_stage_and_resumes(table, tmp_path):
   args = ["--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
           "--config_arg=runlocal", "--seeds=0", "--losses=ce",
-          "--schedules=none,text_only", "--base_epochs=1", "--epochs=2",
+          "--schedules=none,resample,text_only", "--base_epochs=1", "--epochs=2",
           "--curriculum_epochs=1"]
   report = table.main(args, compile_cache=False)
   work = tmp_path / "work"
@@ -73,7 +73,18 @@ def test_smoke_table_runs_every_stage_and_resumes(table, tmp_path):
   metrics = [json.loads(line) for line in
              (work / "runs" / "ce" / "text_only" / "seed0" / "metrics.jsonl").read_text().splitlines()]
   assert metrics[0]["num_synthetic"] > 0 and metrics[0]["curriculum_levels"] == [0.0]
-  assert [r["method"] for r in report["table"]] == ["CE", "CE + DisCL text_only"]
+  # The resampling baseline: real images only, sampled as the text-only run's real
+  # images (non-tail subsampled, the tail share held with real tail images).
+  plain, resampled = (
+      [json.loads(line) for line in
+       (work / "runs" / "ce" / name / "seed0" / "metrics.jsonl").read_text().splitlines()]
+      for name in ("none", "resample"))
+  for row in resampled:
+    assert row["num_synthetic"] == 0 and row["curriculum_phase"] == "real"
+    assert row["num_real"] == metrics[0]["num_real"] + metrics[0]["num_synthetic"]
+    assert row["num_real"] < plain[0]["num_real"]
+  assert [r["method"] for r in report["table"]] == [
+      "CE", "CE + resampling", "CE + DisCL text_only"]
   for row in report["table"]:
     assert 0.0 <= row["all_mean"] <= 100.0
   written = json.loads((tmp_path / "out" / "digits_lt_table.json").read_text())
@@ -81,11 +92,16 @@ def test_smoke_table_runs_every_stage_and_resumes(table, tmp_path):
   assert (tmp_path / "out" / "digits_lt_table.md").read_text() == table.to_markdown(report["table"])
   # A rerun reads every finished run back instead of training it again.
   metrics_files = sorted(work.glob("*/ce/**/metrics.jsonl"))
-  assert len(metrics_files) == 3
+  assert len(metrics_files) == 4
   stamps = [p.stat().st_mtime_ns for p in metrics_files]
   again = table.main(args, compile_cache=False)
   assert [p.stat().st_mtime_ns for p in metrics_files] == stamps
-  assert [r["trained_now"] for r in report["runs"]] == [True, True]
-  assert [r["trained_now"] for r in again["runs"]] == [False, False]
+  assert [r["trained_now"] for r in report["runs"]] == [True, True, True]
+  assert [r["trained_now"] for r in again["runs"]] == [False, False, False]
   assert again["table"] == report["table"]
   assert again["table_last_epoch"] == report["table_last_epoch"]
+  # A subset reuses the finished runs of the larger call.
+  subset = table.main(args[:-4] + ["--schedules=resample", "--base_epochs=1", "--epochs=2",
+                                   "--curriculum_epochs=1"], compile_cache=False)
+  assert [r["trained_now"] for r in subset["runs"]] == [False]
+  assert subset["table"] == report["table"][1:2]

@@ -118,12 +118,15 @@ def test_validate_strengths_names_the_bad_value(strengths, bad):
 def test_build_rows_and_resolution_policy():
   hard = [dict(source_id="a", label=1, class_name="one"),
           dict(source_id="b", label=1, class_name="one")]
-  rows = jobs.build_rows(hard, {"a": "pa", "b": "pb"}, (0.3, 1.0), 3)
+  rows = jobs.build_rows(hard, {"a": ["pa0", "pa1", "pa2"], "b": ["pb"] * 3}, (0.3, 1.0), 3)
   assert len(rows) == 2 * 2 * 3 and len({r["job_id"] for r in rows}) == 12
   assert rows[0]["job_id"] == "a|s0.300|seed0" and rows[0]["image_guidance"] == 0.7
   assert {r["prompt"] for r in rows if r["source_id"] == "b"} == {"pb"}
+  assert [r["prompt"] for r in rows if r["source_id"] == "a"] == ["pa0", "pa1", "pa2"] * 2
   with pytest.raises(KeyError, match="'b'.*prompts"):
-    jobs.build_rows(hard, {"a": "pa"}, (0.3,), 1)
+    jobs.build_rows(hard, {"a": ["pa"]}, (0.3,), 1)
+  with pytest.raises(ValueError, match="'a'.*per seed index 0..2.*rerun the `prompts` stage"):
+    jobs.build_rows(hard, {"a": "pa", "b": ["pb"] * 3}, (0.3,), 3)
   assert jobs.target_size(32, 32) == (32, 32)
   assert jobs.target_size(270, 480) == (272, 480)
   assert jobs.target_size(270, 480, resolution=256, multiple=64) == (256, 448)
@@ -333,7 +336,7 @@ def test_two_processes_share_one_workdir(killed_then_resumed, jax_cache, tmp_pat
 
 def test_jobs_split_across_processes_cover_everything_once():
   hard = [dict(source_id=f"s{i}", label=0, class_name="c") for i in range(8)]
-  rows = jobs.build_rows(hard, {f"s{i}": "p" for i in range(8)}, (0.5, 1.0), 2)
+  rows = jobs.build_rows(hard, {f"s{i}": ["p", "p"] for i in range(8)}, (0.5, 1.0), 2)
   owners = [[p for p in range(3) if seeding.process_owns(r["job_id"], p, 3)] for r in rows]
   assert all(len(o) == 1 for o in owners)
   assert {o[0] for o in owners} == {0, 1, 2}

@@ -188,7 +188,8 @@ def test_bad_config_values_are_clear_errors(prepared, workdir, tmp_path):
     score_stage.run(config, workdir)
   config = _config()
   config.score.regenerate = True
-  with pytest.raises(NotImplementedError, match="score.regenerate"):
+  config.score.max_regenerations = -1
+  with pytest.raises(ValueError, match="score.max_regenerations must be >= 0, got -1"):
     score_stage.run(config, workdir)
   with pytest.raises(FileNotFoundError, match="run the generate stage first"):
     score_stage.run(_config(), tmp_path / "empty")

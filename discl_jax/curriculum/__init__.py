@@ -11,9 +11,11 @@
 from discl_jax.curriculum.adaptive import iqr_filtered_mean, needs_signals, update
 from discl_jax.curriculum.schedules import plan_epoch, stages
 from discl_jax.curriculum.state import (
-    REAL, SCHEDULES, SIGNALS, SYNTHETIC, CurriculumSpec, CurriculumState, EpochPlan)
+    REAL, REAL_ONLY_SCHEDULES, SCHEDULES, SIGNALS, SYNTHETIC, TAIL_FILLS, CurriculumSpec,
+    CurriculumState, EpochPlan)
 
 __all__ = [
-    "CurriculumSpec", "CurriculumState", "EpochPlan", "REAL", "SCHEDULES", "SIGNALS",
-    "SYNTHETIC", "iqr_filtered_mean", "needs_signals", "plan_epoch", "stages", "update",
+    "CurriculumSpec", "CurriculumState", "EpochPlan", "REAL", "REAL_ONLY_SCHEDULES",
+    "SCHEDULES", "SIGNALS", "SYNTHETIC", "TAIL_FILLS", "iqr_filtered_mean", "needs_signals",
+    "plan_epoch", "stages", "update",
 ]

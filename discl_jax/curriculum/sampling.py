@@ -1,12 +1,19 @@
 """Per-epoch sample lists (the reference's sampling) and the curriculum validation set.
 
 Every epoch: the non-tail real images are subsampled to `nontail_fraction`
-(re-drawn each epoch), and the tail gets `tail_share` of the epoch's list:
-all real tail images, plus images that fill the rest of the share, split
-evenly over the tail classes. In a synthetic epoch the fill comes from the
-accepted synthetic images of the epoch's level(s); a tail class with none
-falls back to its own real images (resampled), with a warning at spec build.
-In a real-only epoch the fill is the real tail images resampled.
+(re-drawn each epoch), and the tail gets `tail_share` of the epoch's list.
+How the tail share is filled is `tail_fill`:
+  pooled     as the reference (DESIGN.md §6 "Sampling"): a synthetic epoch
+             takes all real tail images plus draws from ONE pool of every
+             accepted synthetic image at the epoch's level(s) over all tail
+             classes (with replacement only when the pool is too small), so
+             the class mix follows the pool; a real epoch draws the whole
+             share from the real tail images with replacement.
+  per_class  all real tail images, plus a fill split evenly over the tail
+             classes: in a synthetic epoch from each class's accepted
+             synthetic images (a class with none falls back to its own real
+             images, with a warning at spec build), in a real epoch from its
+             real images.
 The adaptive schedule instead trains its uniform phases on every real image and
 its synthetic phases on the hard images' synthetic versions plus the non-hard
 real images (`hard_replacement_picks`).
@@ -93,7 +100,8 @@ def epoch_picks(spec, level_set, rng):
   """Returns (picks int64 [K, 2], fallback classes): one epoch's sample list.
 
   `level_set` is the tuple of synthetic levels to fill the tail share with;
-  empty means real images only.
+  empty means real images only. Fallback classes are the tail classes with no
+  accepted synthetic image at those levels.
   """
   usable = spec.train_usable
   nontail = np.flatnonzero(usable & ~spec.hard)
@@ -104,6 +112,8 @@ def epoch_picks(spec, level_set, rng):
     tail_total = int(spec.tail_share / (1.0 - spec.tail_share) * num_nontail)
   else:  # every class is tail: no proportion to hold, the real tail images only
     tail_total = len(tail)
+  if spec.tail_fill == "pooled":
+    return _pooled_picks(spec, level_set, nontail_pick, tail, tail_total, rng)
   num_fill = max(0, tail_total - len(tail))
 
   classes = spec.tail_classes
@@ -123,6 +133,23 @@ def epoch_picks(spec, level_set, rng):
   real_rows = np.concatenate([nontail_pick, tail] + real_fill).astype(np.int64)
   syn_rows = np.concatenate([np.zeros([0], np.int64)] + syn_fill).astype(np.int64)
   return _picks(real_rows, syn_rows), tuple(fallback)
+
+
+def _pooled_picks(spec, level_set, nontail_pick, tail, tail_total, rng):
+  """Returns (picks, fallback classes) with the tail share filled from one pool (the reference)."""
+  syn_pool = np.zeros([0], np.int64)
+  if level_set:
+    syn_pool = np.flatnonzero(spec.syn_usable & level_mask(spec.syn_levels, level_set))
+  fallback = tuple(int(c) for c in np.setdiff1d(spec.tail_classes, spec.syn_labels[syn_pool])
+                   ) if level_set else ()
+  if len(syn_pool):
+    num_fill = max(0, tail_total - len(tail))
+    syn_rows = rng.choice(syn_pool, num_fill, replace=len(syn_pool) <= num_fill)
+    return _picks(np.concatenate([nontail_pick, tail]), np.sort(syn_rows)), fallback
+  if not len(nontail_pick) or not len(tail):  # no proportion to hold: the real tail once
+    return _picks(np.concatenate([nontail_pick, tail]), np.zeros([0], np.int64)), fallback
+  tail_rows = np.sort(rng.choice(tail, tail_total, replace=True))
+  return _picks(np.concatenate([nontail_pick, tail_rows]), np.zeros([0], np.int64)), fallback
 
 
 def hard_replacement_picks(spec, level_set, rng):

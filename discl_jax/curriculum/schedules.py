@@ -4,6 +4,9 @@ Stage schedules split the curriculum epochs into equal stages (the remainder
 goes to the earliest stages, as in the reference); every epoch from
 `curriculum_epochs` on is real only:
   none         real images only, every image once per epoch (CE / BS baselines).
+  resample     real images only, every epoch sampled as the other schedules'
+               real epochs (non-tail subsampled, tail share held with real tail
+               images): the reference's `augment_type='baseline'` (DESIGN.md §6).
   syn_to_real  levels in order, then a real stage: 0.1 -> 0.3 -> 0.5 -> real
                (60 curriculum epochs: 15 each).
   real_to_syn  the reverse: real -> 0.5 -> 0.3 -> 0.1.
@@ -38,9 +41,9 @@ def stages(spec):
   """Returns [(first epoch, end epoch, level set)] of the curriculum epochs.
 
   A level set is a tuple of levels; () is real only. Not defined for the
-  `none` and `adaptive` schedules (they have no fixed stages).
+  `none`, `resample` and `adaptive` schedules (they have no fixed stages).
   """
-  if spec.schedule in ("none", "adaptive"):
+  if spec.schedule in ("none", "resample", "adaptive"):
     raise ValueError(f"schedule {spec.schedule!r} has no fixed stages")
   if spec.schedule in ("fixed", "text_only", "all_levels"):
     sets = [spec.levels]
@@ -64,7 +67,7 @@ def stages(spec):
 
 def level_set_for(spec, state, epoch):
   """Returns (level set, phase) of `epoch` under `state` (adaptive: its current pick)."""
-  if spec.schedule == "none" or epoch >= spec.curriculum_epochs:
+  if spec.schedule in ("none", "resample") or epoch >= spec.curriculum_epochs:
     return (), "real"
   if spec.schedule == "adaptive":
     phase = adaptive.phase_of(spec, epoch)

@@ -18,8 +18,10 @@ import numpy as np
 
 from discl_jax.curriculum import sampling
 
-SCHEDULES = ("none", "syn_to_real", "real_to_syn", "fixed", "all_levels",
+SCHEDULES = ("none", "resample", "syn_to_real", "real_to_syn", "fixed", "all_levels",
              "text_only", "random", "adaptive")
+REAL_ONLY_SCHEDULES = ("none", "resample")  # never read the spectrum
+TAIL_FILLS = ("pooled", "per_class")
 SIGNALS = ("prob_gain", "loss_decrease")
 REAL = 0
 SYNTHETIC = 1
@@ -40,6 +42,7 @@ class CurriculumSpec:
       every later epoch trains on real data only.
     nontail_fraction: share of the non-tail real images drawn each epoch.
     tail_share: the tail's share of every epoch's sample list.
+    tail_fill: how the tail share is filled, one of TAIL_FILLS (see `sampling`).
     signal: the adaptive rule's progress signal, one of SIGNALS.
     phase_epochs: adaptive: epochs per uniform / synthetic phase.
     seed: the config seed every random choice derives from.
@@ -63,6 +66,7 @@ class CurriculumSpec:
   curriculum_epochs: int
   nontail_fraction: float
   tail_share: float
+  tail_fill: str
   signal: str
   phase_epochs: int
   seed: int
@@ -118,6 +122,9 @@ class CurriculumSpec:
     tail_share = float(config.get("tail_share", 0.0))
     if not 0.0 <= tail_share < 1.0:
       raise ValueError(f"curriculum.tail_share must be in [0, 1), got {tail_share}")
+    tail_fill = str(config.get("tail_fill", "per_class"))
+    if tail_fill not in TAIL_FILLS:
+      raise ValueError(f"unknown curriculum.tail_fill {tail_fill!r}; valid: {', '.join(TAIL_FILLS)}")
 
     train_labels = np.asarray(train.labels, np.int64)
     groups = np.asarray(groups)
@@ -145,7 +152,8 @@ class CurriculumSpec:
 
     spec = cls(
         schedule=schedule, levels=levels, curriculum_epochs=curriculum_epochs,
-        nontail_fraction=nontail_fraction, tail_share=tail_share, signal=signal,
+        nontail_fraction=nontail_fraction, tail_share=tail_share, tail_fill=tail_fill,
+        signal=signal,
         phase_epochs=phase_epochs, seed=int(seed), num_classes=train.num_classes,
         train_labels=train_labels, hard=hard, train_usable=train_usable,
         tail_classes=tail_classes, syn_labels=syn_labels, syn_levels=syn_levels,
@@ -155,7 +163,7 @@ class CurriculumSpec:
 
   def level_sets(self):
     """Returns the tuples of levels an epoch of this schedule may draw from."""
-    if self.schedule == "none":
+    if self.schedule in REAL_ONLY_SCHEDULES:
       return []
     if self.schedule == "all_levels":
       return [self.levels]
@@ -167,11 +175,13 @@ class CurriculumSpec:
     Those classes fall back to their real images (see `sampling.epoch_picks`).
     Returns {level set: array of such classes}.
     """
-    if self.schedule != "none" and len(self.tail_classes) == 0:
+    if self.schedule in REAL_ONLY_SCHEDULES:
+      return {}
+    if len(self.tail_classes) == 0:
       _log.warning(
           "curriculum %r: the train split has no hard (tail) images, so no epoch "
           "draws synthetic images", self.schedule)
-    if self.schedule != "none" and len(self.tail_classes) and not np.any(
+    if len(self.tail_classes) and not np.any(
         self.train_usable & ~self.hard):
       _log.warning(
           "curriculum %r: every training image is hard (tail), so there is no non-tail "
@@ -188,11 +198,13 @@ class CurriculumSpec:
       if len(missing):
         empty[level_set] = missing
         names = [class_names[c] if class_names is not None else int(c) for c in missing]
+        instead = ("get no synthetic images from the pooled tail fill, only their real "
+                   "images" if self.tail_fill == "pooled" else
+                   "fill their tail share with their real images instead")
         _log.warning(
             "curriculum %r: no accepted synthetic images at lambda=%s for %d tail "
-            "class(es) %s; epochs at this level fill their tail share with their "
-            "real images instead", self.schedule, _fmt_levels(level_set),
-            len(missing), names)
+            "class(es) %s; epochs at this level %s", self.schedule, _fmt_levels(level_set),
+            len(missing), names, instead)
     return empty
 
   def initial_state(self):
@@ -251,8 +263,8 @@ class EpochPlan:
     phase: "real" (real images only), "synthetic" (a synthetic stage or
       phase) or "uniform" (the adaptive schedule's uniform real phase).
     levels: every synthetic level the epoch draws from (empty: real only).
-    fallback_classes: tail classes whose synthetic pool was empty, filled
-      with their real images instead.
+    fallback_classes: tail classes with no synthetic image at the epoch's
+      level(s) (per_class: filled with their real images instead).
   """
   epoch: int
   level: float | None
@@ -290,7 +302,7 @@ def _schedule_levels(schedule, levels):
       raise ValueError(
           f"curriculum.levels holds {value}; a level is image guidance lambda = "
           "1 - strength, in [0, 1)")
-  if schedule == "none":
+  if schedule in REAL_ONLY_SCHEDULES:
     return ()
   if schedule == "text_only":
     return (TEXT_ONLY_LEVEL,)

@@ -3,6 +3,7 @@
 Layout under `root` (= workdir/spectrum):
 
   {class}/{source}/lambda{L:.2f}_seed{S}.png   one image (L = 1 - strength)
+  {class}/{source}/lambda{L:.2f}_seed{S}_retry{A}.png   regeneration attempt A
   manifest-{process:05d}.jsonl                  one row per image, per process
   scores-{process:05d}.jsonl                    CLIP scores, per process
   generation.json                               the generation config fingerprint
@@ -35,9 +36,10 @@ ROW_KEYS = ("job_id", "source_id", "label", "class_name", "strength",
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def job_id(source_id, strength, seed):
-  """Returns the id of the job making `source_id` at `strength` with `seed`."""
-  return f"{source_id}|s{float(strength):.3f}|seed{int(seed)}"
+def job_id(source_id, strength, seed, attempt=0):
+  """Returns the id of the job making `source_id` at `strength` with `seed` (and `attempt`)."""
+  base = f"{source_id}|s{float(strength):.3f}|seed{int(seed)}"
+  return f"{base}|retry{int(attempt)}" if attempt else base
 
 
 def image_guidance(strength):
@@ -51,20 +53,38 @@ def safe_component(name):
   return safe or "_"
 
 
-def relative_path(class_name, source_id, guidance, seed):
+def relative_path(class_name, source_id, guidance, seed, attempt=0):
   """Returns the image path of one job, relative to the store root (a str)."""
+  retry = f"_retry{int(attempt)}" if attempt else ""
   return (f"{safe_component(class_name)}/{safe_component(source_id)}/"
-          f"lambda{float(guidance):.2f}_seed{int(seed)}.png")
+          f"lambda{float(guidance):.2f}_seed{int(seed)}{retry}.png")
 
 
-def make_row(*, source_id, label, class_name, strength, seed, prompt):
-  """Returns the manifest row (dict) of one job, path included."""
+def make_row(*, source_id, label, class_name, strength, seed, prompt, attempt=0):
+  """Returns the manifest row (dict) of one job, path included.
+
+  A regeneration attempt (`attempt` > 0, `score.regenerate`) also records
+  `attempt` and `original_job_id`, the job it regenerates.
+  """
   guidance = image_guidance(strength)
-  return dict(
-      job_id=job_id(source_id, strength, seed), source_id=str(source_id),
+  row = dict(
+      job_id=job_id(source_id, strength, seed, attempt), source_id=str(source_id),
       label=int(label), class_name=str(class_name), strength=float(strength),
       image_guidance=guidance, seed=int(seed), prompt=str(prompt),
-      path=relative_path(class_name, source_id, guidance, seed))
+      path=relative_path(class_name, source_id, guidance, seed, attempt))
+  if attempt:
+    row.update(attempt=int(attempt), original_job_id=job_id(source_id, strength, seed))
+  return row
+
+
+def attempt_of(row):
+  """Returns the regeneration attempt of manifest `row` (0: the job's first image)."""
+  return int(row.get("attempt", 0))
+
+
+def original_job_id(row):
+  """Returns the id of the job `row` is an attempt of (its own id for attempt 0)."""
+  return row.get("original_job_id", row["job_id"])
 
 
 def encode_png(image_uint8):
@@ -226,6 +246,15 @@ class SpectrumStore:
                          clip_source=score.get("clip_source"),
                          score_error=score.get("error")))
     return merged
+
+  def repair_scores(self):
+    """Drops a torn last line (a kill mid-append) of this process's score shard; returns None."""
+    if not self.scores_path.exists():
+      return
+    data = self.scores_path.read_bytes()
+    if data and not data.endswith(b"\n"):
+      wd.atomic_write_bytes(self.scores_path, data[:data.rfind(b"\n") + 1])
+      logging.info("spectrum store %s: dropped a torn last score line", self.root)
 
   def add_scores(self, score_rows):
     """Appends `score_rows` ({job_id, clip_text, clip_source, error}) to this process's shard."""

@@ -38,6 +38,8 @@ def generation_fingerprint(config):
     fingerprint[section] = {k: config[section][k] for k in keys}
   if config.diffusion.source_upsample:  # recorded when set, so older stores stay valid
     fingerprint["diffusion"]["source_upsample"] = config.diffusion.source_upsample
+  if config.prompts.choice != "per_image":  # stores made before the key chose per image
+    fingerprint["prompts"]["choice"] = config.prompts.choice
   descriptions = ""
   if config.prompts.source == "file":
     path = pathlib.Path(config.prompts.descriptions_file)
@@ -79,7 +81,9 @@ def validate_strengths(strengths):
 def build_rows(hard_rows, prompt_by_source, strengths, seeds_per_level):
   """Returns every job's manifest row: each hard image x strength x seed index.
 
-  Raises KeyError naming a hard image that has no prompt.
+  `prompt_by_source` maps a source id to its prompts per seed index
+  (prompts.json "sources"). Raises KeyError naming a hard image that has no
+  prompt, ValueError when its list is not one prompt per seed index.
   """
   strengths = validate_strengths(strengths)
   if int(seeds_per_level) < 1:
@@ -90,11 +94,16 @@ def build_rows(hard_rows, prompt_by_source, strengths, seeds_per_level):
     if source not in prompt_by_source:
       raise KeyError(f"prompts.json has no prompt for hard image {source!r}: "
                      "rerun the `prompts` stage after `hard`")
+    per_seed = prompt_by_source[source]
+    if not isinstance(per_seed, list) or len(per_seed) < int(seeds_per_level):
+      raise ValueError(f"prompts.json gives hard image {source!r} {per_seed!r}, not a prompt "
+                       f"per seed index 0..{int(seeds_per_level) - 1} "
+                       "(diffusion.seeds_per_level): rerun the `prompts` stage")
     for strength in strengths:
       for seed in range(int(seeds_per_level)):
         rows.append(ss.make_row(
             source_id=source, label=hard["label"], class_name=hard["class_name"],
-            strength=strength, seed=seed, prompt=prompt_by_source[source]))
+            strength=strength, seed=seed, prompt=per_seed[seed]))
   paths = collections.Counter(row["path"] for row in rows)
   clashes = [p for p, n in paths.items() if n > 1]
   if clashes:

@@ -6,8 +6,16 @@ Two sources (`prompts.source`):
   file: a JSON file {class: [descriptions]} (e.g. LLM-written scene
       descriptions), each used as `description_format` ("a 8k real photo: {d}";
       "{c}" may appear too).
-Every hard image gets one prompt, chosen from its class's candidates by a stable
-hash of (seed, class, image id): the same on every run, host and process.
+The choice (`prompts.choice`) is deterministic, from a stable hash (never
+Python's `hash`), the same on every run, host and process:
+  per_seed   as the reference (DESIGN.md §6 "Prompts"), per (class, image,
+             generation seed): the hash of (seed, class, image id) picks the
+             candidate of seed index 0 and seed index k takes the k-th next one,
+             so an image's seeds get different descriptions (all distinct while
+             there are as many candidates as seeds).
+  per_image  one candidate per image for all its seeds (the hash's pick).
+A regeneration attempt a (`score.regenerate`) takes the candidate a places after
+its job's, a fresh description.
 """
 
 import json
@@ -16,6 +24,7 @@ import pathlib
 from discl_jax import seeding
 from discl_jax.data import class_names as class_names_lib
 
+CHOICES = ("per_seed", "per_image")
 BUILTIN_TEMPLATES = {
     "photo": ("a photo of a {c}", "a close-up photo of a {c}", "a bright photo of a {c}",
               "a cropped photo of a {c}", "a good photo of a {c}"),
@@ -103,18 +112,39 @@ def class_prompts(prompts_config, class_names):
   raise ValueError(f"unknown prompts.source {prompts_config.source!r}; valid: templates, file")
 
 
-def choose_prompt(candidates, class_name, source_id, seed):
-  """Returns the candidate chosen for image `source_id` by a stable hash."""
+def check_choice(choice):
+  """Returns `choice`; ValueError names prompts.choice when it is not one of CHOICES."""
+  if choice not in CHOICES:
+    raise ValueError(f"unknown prompts.choice {choice!r}; valid: {', '.join(CHOICES)}")
+  return choice
+
+
+def choose_prompt(candidates, class_name, source_id, seed, seed_index=0, attempt=0,
+                  choice="per_seed"):
+  """Returns the candidate of image `source_id` at generation seed index `seed_index`.
+
+  `attempt` > 0 is a regeneration attempt of that job (a fresh candidate).
+  """
   if not candidates:
     raise ValueError(f"no prompt candidates for class {class_name!r}")
-  return candidates[seeding.stable_hash("prompt", seed, class_name, source_id) % len(candidates)]
+  step = int(seed_index) if check_choice(choice) == "per_seed" else 0
+  first = seeding.stable_hash("prompt", seed, class_name, source_id)
+  return candidates[(first + step + int(attempt)) % len(candidates)]
 
 
-def build_prompts(prompts_config, hard_rows, seed):
-  """Returns the prompts document: {"classes": {class: [...]}, "sources": {id: prompt}}."""
+def build_prompts(prompts_config, hard_rows, seed, seeds_per_level):
+  """Returns the prompts document of `hard_rows` (see `prompts_stage`).
+
+  {"choice": prompts.choice, "classes": {class: [candidates]},
+   "source_classes": {id: class}, "sources": {id: [prompt of seed index 0, 1, ...]}}.
+  """
   hard_rows = list(hard_rows)
+  choice = check_choice(prompts_config.choice)
   classes = class_prompts(prompts_config, [row["class_name"] for row in hard_rows])
-  sources = {row["source_id"]: choose_prompt(classes[row["class_name"]], row["class_name"],
-                                             row["source_id"], seed)
+  sources = {row["source_id"]: [
+      choose_prompt(classes[row["class_name"]], row["class_name"], row["source_id"], seed, k,
+                    choice=choice) for k in range(int(seeds_per_level))]
              for row in hard_rows}
-  return {"classes": classes, "sources": sources}
+  source_classes = {row["source_id"]: row["class_name"] for row in hard_rows}
+  return {"choice": choice, "classes": classes, "source_classes": source_classes,
+          "sources": sources}

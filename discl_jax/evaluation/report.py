@@ -236,10 +236,11 @@ def _config_summary(config):
   parts = [
       f"data `{c.data.name}`", f"model `{c.train.model}`", f"loss `{c.train.loss}`",
       f"{c.train.epochs} epochs", f"schedule `{c.curriculum.schedule}`"]
-  if c.curriculum.schedule != "none":
+  if c.curriculum.schedule not in ("none", "resample"):  # resample: real epochs only
     parts += [f"levels {tuple(c.curriculum.levels)}",
-              f"{c.curriculum.curriculum_epochs} curriculum epochs",
-              f"non-tail fraction {c.curriculum.nontail_fraction}"]
+              f"{c.curriculum.curriculum_epochs} curriculum epochs"]
+  if c.curriculum.schedule != "none":
+    parts.append(f"non-tail fraction {c.curriculum.nontail_fraction}")
   parts.append(f"seed {c.seed}")
   return "Run: " + ", ".join(parts) + "."
 

@@ -58,7 +58,7 @@ def spectrum_cells(sources, rows, levels, load, seed=0):
   image-guidance values (one column each); the per-level seed `seed` is shown.
   """
   by_key = {(row["source_id"], f"{row['image_guidance']:.2f}", row["seed"]): row
-            for row in rows}
+            for row in rows if not row.get("attempt")}  # first images, not regenerations
   cells = []
   for source_id, real in sources:
     line = [real]

@@ -3,6 +3,9 @@
 A row is accepted when it was scored without error and its image-text cosine
 similarity `clip_text` is >= the threshold. Rows whose image could not be read
 carry an error naming the file; they are excluded and listed in the report.
+With `score.regenerate` a job may have several attempts (see
+`diffusion.regeneration`); its final row is the best-scoring attempt, and only
+final rows are filtered and trained on.
 """
 
 import collections
@@ -10,6 +13,8 @@ import io
 import math
 
 import numpy as np
+
+from discl_jax.data import spectrum_store
 
 
 def check_threshold(threshold):
@@ -36,10 +41,43 @@ def is_accepted(row, threshold):
           and row["clip_text"] >= threshold)
 
 
-def accepted_rows(rows, threshold):
-  """Returns the rows (manifest rows with scores merged) that pass the filter."""
+def max_attempt(score_config):
+  """Returns the last regeneration attempt `score_config` uses (0: regeneration off).
+
+  Raises ValueError naming score.max_regenerations when it is negative.
+  """
+  count = int(score_config.max_regenerations)
+  if count < 0:
+    raise ValueError(f"score.max_regenerations must be >= 0, got {count}")
+  return count if score_config.regenerate else 0
+
+
+def final_rows(rows, last_attempt=0):
+  """Returns one row per job: its best-scoring attempt among attempts 0..`last_attempt`.
+
+  Ties go to the earlier attempt; a job with no attempt scored without error
+  gives its attempt-0 row.
+  """
+  best = {}
+  for row in rows:
+    attempt = spectrum_store.attempt_of(row)
+    if attempt > last_attempt:
+      continue
+    job = spectrum_store.original_job_id(row)
+    key = (_valid_score(row), row["clip_text"] if _valid_score(row) else 0.0, -attempt)
+    if job not in best or key > best[job][0]:
+      best[job] = (key, row)
+  return [row for _, row in best.values()]
+
+
+def accepted_rows(rows, threshold, last_attempt=0):
+  """Returns the final rows (manifest rows with scores merged) that pass the filter."""
   threshold = check_threshold(threshold)
-  return [row for row in rows if is_accepted(row, threshold)]
+  return [row for row in final_rows(rows, last_attempt) if is_accepted(row, threshold)]
+
+
+def _valid_score(row):
+  return row.get("score_error") is None and row.get("clip_text") is not None
 
 
 def _rate(accepted, total):
@@ -61,16 +99,19 @@ def _summary(group_rows, threshold):
       clip_source_mean=float(source.mean()) if len(source) else None)
 
 
-def build_report(rows, threshold, *, model="", text_template=""):
+def build_report(rows, threshold, *, model="", text_template="", last_attempt=0):
   """Returns the acceptance report (a JSON-able dict) of merged manifest rows.
 
   Counts before (generated, scored) and after (accepted) the filter overall,
-  per image-guidance level, per class and per (class, level); the rows that
-  could not be scored, by path; and a warning for each (class, level) that is
-  left without an accepted image.
+  per image-guidance level, per class and per (class, level), of each job's
+  final row; the rows that could not be scored, by path; and a warning for
+  each (class, level) that is left without an accepted image. With
+  regeneration (`last_attempt` > 0) "regeneration" gives the acceptance of the
+  first attempts and of the final rows, overall and per level.
   """
   threshold = check_threshold(threshold)
-  rows = list(rows)
+  all_rows = list(rows)
+  rows = final_rows(all_rows, last_attempt)
   levels = sorted({float(r["image_guidance"]) for r in rows})
   classes = sorted({(int(r["label"]), r["class_name"]) for r in rows})
   by_level, by_class, by_pair = (collections.defaultdict(list) for _ in range(3))
@@ -97,10 +138,35 @@ def build_report(rows, threshold, *, model="", text_template=""):
             f"({len(pair_rows)} generated, threshold {threshold})")
   errors = [dict(job_id=r["job_id"], path=r["path"], error=r["score_error"])
             for r in rows if r.get("score_error") is not None]
-  return dict(
+  report = dict(
       threshold=threshold, model=model, text_template=text_template,
       overall=_summary(rows, threshold), per_level=per_level, per_class=per_class,
       per_class_level=per_class_level, errors=errors, warnings=warnings)
+  if last_attempt:
+    report["regeneration"] = _regeneration_summary(all_rows, rows, threshold, last_attempt)
+  return report
+
+
+def _regeneration_summary(all_rows, final, threshold, last_attempt):
+  """Returns acceptance of the first attempts ("before") and the final rows ("after")."""
+  first = [r for r in all_rows if spectrum_store.attempt_of(r) == 0]
+  retries = [r for r in all_rows if 0 < spectrum_store.attempt_of(r) <= last_attempt]
+
+  def entry(first_rows, final_rows_, retry_rows):
+    before, after = _summary(first_rows, threshold), _summary(final_rows_, threshold)
+    return dict(accepted_before=before["accepted"], rate_before=before["rate"],
+                accepted_after=after["accepted"], rate_after=after["rate"],
+                regenerated_jobs=len({spectrum_store.original_job_id(r) for r in retry_rows}),
+                attempts=len(retry_rows),
+                from_retry=sum(spectrum_store.attempt_of(r) > 0 for r in final_rows_
+                               if is_accepted(r, threshold)))
+
+  per_level = []
+  for level in sorted({float(r["image_guidance"]) for r in first}):
+    at = lambda rows: [r for r in rows if float(r["image_guidance"]) == level]
+    per_level.append(dict(image_guidance=level, **entry(at(first), at(final), at(retries))))
+  return dict(max_regenerations=last_attempt, overall=entry(first, final, retries),
+              per_level=per_level)
 
 
 def plot_png(report, rows):

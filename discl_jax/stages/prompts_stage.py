@@ -1,8 +1,9 @@
-"""Stage `prompts`: one text prompt per hard image, from the configured source.
+"""Stage `prompts`: a text prompt per hard image and generation seed, from the configured source.
 
 Reads workdir/hard.jsonl (template prompts use a row's caption_name, the
 iWildCam common name, when it has one); writes workdir/prompts.json:
-{"classes": {class: [candidate prompts]}, "sources": {source_id: prompt}}.
+{"choice": prompts.choice, "classes": {class: [candidate prompts]},
+ "source_classes": {source_id: class}, "sources": {source_id: [prompt per seed index]}}.
 """
 
 import collections
@@ -39,11 +40,12 @@ def run(config, workdir):
   hard_rows = caption_named(read_hard(workdir), config.prompts.source)
   class_names_lib.check_readable(config.data, {row["class_name"] for row in hard_rows},
                                  "the prompts (and later score's CLIP texts)")
-  document = prompts.build_prompts(config.prompts, hard_rows, config.seed)
-  used = collections.Counter(document["sources"].values())
-  logging.info("prompts: %d images, %d classes, %d distinct prompts (source %s)",
+  document = prompts.build_prompts(config.prompts, hard_rows, config.seed,
+                                   config.diffusion.seeds_per_level)
+  used = collections.Counter(p for per_seed in document["sources"].values() for p in per_seed)
+  logging.info("prompts: %d images, %d classes, %d distinct prompts (source %s, %s)",
                len(document["sources"]), len(document["classes"]), len(used),
-               config.prompts.source)
+               config.prompts.source, config.prompts.choice)
   if wd.is_main_process():
     wd.atomic_write_json(wd.path(workdir, wd.PROMPTS), document)
   parallel.barrier("stages.prompts")

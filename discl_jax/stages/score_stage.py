@@ -5,10 +5,15 @@ the image to its class text (`score.text_template`) and to its source image,
 and appends it to this process's score shard after every batch, so a killed
 run resumes with the rows it had not scored. An image that cannot be read gets
 a score row with an error naming its path: excluded from acceptance, listed in
-the report. Process 0 then writes workdir/acceptance.json and acceptance.png.
+the report. With `score.regenerate`, rounds of regeneration attempts follow
+(`diffusion.regeneration`): each round generates an attempt of every job whose
+attempts so far all scored at or below the threshold, into the same store, and
+scores it; a killed run resumes at the round and job it reached. Process 0 then
+writes workdir/acceptance.json and acceptance.png (of each job's best attempt).
 """
 
 import concurrent.futures
+import json
 
 import jax
 import numpy as np
@@ -22,6 +27,10 @@ from discl_jax.data import class_names as class_names_lib
 from discl_jax.data import datasets
 from discl_jax.data import records
 from discl_jax.data import spectrum_store
+from discl_jax.diffusion import jobs
+from discl_jax.diffusion import models as sd_models
+from discl_jax.diffusion import regeneration
+from discl_jax.diffusion import sampler as sampler_lib
 from discl_jax.scoring import acceptance
 from discl_jax.scoring import clip
 from discl_jax.scoring import preprocess
@@ -137,60 +146,158 @@ def _mesh(config):
   return parallel.make_mesh((-1,), devices=jax.local_devices())
 
 
+class Scoring:
+  """The CLIP scorer, source images and class text embeddings of a run, loaded on first use."""
+
+  def __init__(self, config, checkpoint):
+    self.config = config
+    self.checkpoint = checkpoint
+    self.sources = None
+    self._scorer, self._names, self._texts = None, None, {}
+
+  def _load(self):
+    if self._scorer is not None:
+      return
+    config = self.config
+    splits = datasets.load(config.data)
+    self.sources = SourceImages(splits)
+    models = clip.load_clip(self.checkpoint, config.score.dtype)
+    self._scorer = clip.ClipScorer(models, _mesh(config), config.score.batch_size)
+    # Common names where the dataset has them (iWildCam), else the class names.
+    self._names = class_names_lib.text_names(
+        config.data, next(iter(splits.values())).class_names, "score's CLIP texts")
+
+  def source_image(self, source_id):
+    """Returns the uint8 image of source `source_id`."""
+    self._load()
+    return self.sources.image(source_id)
+
+  def score(self, store, rows, desc="score"):
+    """Scores manifest `rows` into `store` (see `score_rows`); returns how many."""
+    self._load()
+    missing = self.sources.missing({r["source_id"] for r in rows})
+    if missing:
+      raise ValueError(f"score: {len(missing)} source id(s) of the manifest are not in "
+                       f"data {self.config.data.name!r}: {missing[:5]}")
+    labels = sorted({int(r["label"]) for r in rows} - self._texts.keys())
+    if labels:
+      texts = class_texts(self.config.score.text_template, [self._names[l] for l in labels])
+      self._texts.update(zip(labels, self._scorer.text_embeddings(texts)))
+    with tqdm.tqdm(total=len(rows), desc=desc, unit="img",
+                   disable=not wd.is_main_process()) as progress:
+      return score_rows(self._scorer, store, rows, self._texts, self.sources, progress)
+
+
 def run(config, workdir):
-  """Scores unscored manifest rows, then (process 0) writes the acceptance report.
+  """Scores unscored manifest rows, regenerates if asked, then (process 0) writes the report.
 
   Returns the report dict on process 0, None elsewhere.
   """
   threshold = acceptance.check_threshold(config.score.threshold)
   check_template(config.score.text_template)
-  if config.score.regenerate:
-    raise NotImplementedError(
-        "score.regenerate=True (regenerating rejected images with a new seed and prompt) "
-        "is not implemented yet; set score.regenerate=False")
+  last_attempt = acceptance.max_attempt(config.score)
   root = wd.path(workdir, wd.SPECTRUM)
   if not root.is_dir():
     raise FileNotFoundError(f"{root} does not exist: run the generate stage first")
   store = spectrum_store.SpectrumStore(root)
+  store.repair_scores()
   rows = store.rows()
   todo = [r for r in _owned(rows) if not acceptance.is_scored(r)]
   logging.info("score: %d rows, %d already scored, %d to score here",
                len(rows), sum(map(acceptance.is_scored, rows)), len(todo))
   checkpoint = clip.configured_model(config, workdir)  # every process: it may wait for process 0
+  scoring = Scoring(config, checkpoint)
   if todo:
-    splits = datasets.load(config.data)
-    sources = SourceImages(splits)
-    missing = sources.missing({r["source_id"] for r in todo})
-    if missing:
-      raise ValueError(f"score: {len(missing)} source id(s) of the manifest are not in "
-                       f"data {config.data.name!r}: {missing[:5]}")
-    models = clip.load_clip(checkpoint, config.score.dtype)
-    scorer = clip.ClipScorer(models, _mesh(config), config.score.batch_size)
-    labels = sorted({int(r["label"]) for r in todo})
-    # Common names where the dataset has them (iWildCam), else the class names.
-    names = class_names_lib.text_names(config.data, next(iter(splits.values())).class_names,
-                                       "score's CLIP texts")
-    texts = class_texts(config.score.text_template, [names[l] for l in labels])
-    text_embeddings = dict(zip(labels, scorer.text_embeddings(texts)))
-    with tqdm.tqdm(total=len(todo), desc="score", unit="img",
-                   disable=not wd.is_main_process()) as progress:
-      score_rows(scorer, store, todo, text_embeddings, sources, progress)
+    scoring.score(store, todo)
   parallel.barrier("stages.score.scored")
+  if last_attempt:
+    regenerate(config, workdir, store, scoring, threshold, last_attempt)
   if not wd.is_main_process():
     return None
-  return write_report(config, workdir, store.rows(), threshold)
+  return write_report(config, workdir, store.rows(), threshold, last_attempt)
 
 
-def write_report(config, workdir, rows, threshold):
+def regenerate(config, workdir, store, scoring, threshold, last_attempt):
+  """Runs regeneration rounds 1 .. `last_attempt` into `store`; returns the images made here.
+
+  Round a generates and scores attempt a of every job whose attempts so far
+  all scored at or below `threshold` (DESIGN.md §6 "CLIP filter"); it stops
+  early when no job needs another attempt.
+  """
+  prompt_document = _read_prompts(workdir)
+  store.check_fingerprint(jobs.generation_fingerprint(config))
+  sampler, made = None, 0
+  for attempt in range(1, last_attempt + 1):
+    first = regeneration.needing_attempt(store.rows(), threshold, attempt)
+    if not first:
+      break
+    rows = regeneration.attempt_rows(first, attempt, prompt_document, config.seed)
+    store.reconcile(rows)
+    done = store.done_job_ids()
+    owned = _owned(rows)
+    todo = [r for r in owned if r["job_id"] not in done]
+    logging.info("score: regeneration attempt %d: %d jobs at or below %s, %d to generate here",
+                 attempt, len(rows), threshold, len(todo))
+    if todo:
+      if sampler is None:
+        sampler = _sampler(config, workdir)
+      made += regeneration.generate_into(
+          sampler, store, todo, scoring.source_image,
+          resolution=config.diffusion.resolution, seed=config.seed)
+    ids = {r["job_id"] for r in owned}
+    unscored = [r for r in store.rows() if r["job_id"] in ids and not acceptance.is_scored(r)]
+    if unscored:
+      scoring.score(store, unscored, desc=f"score attempt {attempt}")
+    parallel.barrier(f"stages.score.regenerate.{attempt}")
+  return made
+
+
+def _read_prompts(workdir):
+  target = wd.path(workdir, wd.PROMPTS)
+  if not target.exists():
+    raise FileNotFoundError(f"{target} not found: score.regenerate needs the `prompts` stage's "
+                            "candidates")
+  try:
+    return json.loads(target.read_text(encoding="utf-8"))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{target} is not valid JSON: {e}") from e
+
+
+def _sampler(config, workdir):
+  """Returns the spectrum sampler of the generation config (the tiny model `generate` built)."""
+  if config.diffusion.tiny:
+    checkpoint = wd.path(workdir, wd.MODELS, "sd")
+    if not (checkpoint / "model_index.json").exists():
+      raise FileNotFoundError(f"{checkpoint} not found: run the generate stage first")
+  elif not config.diffusion.model:
+    raise ValueError("score.regenerate needs diffusion.model (or diffusion.tiny=True)")
+  else:
+    checkpoint = config.diffusion.model
+  sd = sd_models.load_sd(str(checkpoint), dtype=config.diffusion.dtype)
+  return sampler_lib.SpectrumSampler(
+      sd, num_inference_steps=config.diffusion.num_inference_steps,
+      guidance_scale=config.diffusion.guidance_scale,
+      negative_prompt=config.diffusion.negative_prompt,
+      scheduler=config.diffusion.scheduler, slots=config.diffusion.slots,
+      mesh=parallel.make_mesh(config.mesh.shape), dtype=config.diffusion.dtype)
+
+
+def write_report(config, workdir, rows, threshold, last_attempt=0):
   """Writes acceptance.json and acceptance.png to `workdir`; returns the report."""
   report = acceptance.build_report(
       rows, threshold, model="tiny" if config.score.tiny else config.score.model,
-      text_template=config.score.text_template)
+      text_template=config.score.text_template, last_attempt=last_attempt)
   wd.atomic_write_json(wd.path(workdir, ACCEPTANCE_JSON), report)
-  wd.atomic_write_bytes(wd.path(workdir, ACCEPTANCE_PNG), acceptance.plot_png(report, rows))
+  wd.atomic_write_bytes(wd.path(workdir, ACCEPTANCE_PNG), acceptance.plot_png(
+      report, acceptance.final_rows(rows, last_attempt)))
   overall = report["overall"]
   logging.info("score: accepted %d of %d scored images (threshold %s); %d unreadable",
                overall["accepted"], overall["scored"], threshold, overall["errors"])
+  if "regeneration" in report:
+    regen = report["regeneration"]["overall"]
+    logging.info("score: regeneration: %d attempts for %d jobs; accepted %d before, %d after",
+                 regen["attempts"], regen["regenerated_jobs"], regen["accepted_before"],
+                 regen["accepted_after"])
   for error in report["errors"]:
     logging.warning("score: excluded %s: %s", error["path"], error["error"])
   for warning in report["warnings"]:

@@ -68,7 +68,8 @@ def accepted_rows(config, workdir):
   if not root.is_dir():
     return []
   return acceptance.accepted_rows(
-      spectrum_store.SpectrumStore(root).rows(), config.score.threshold)
+      spectrum_store.SpectrumStore(root).rows(), config.score.threshold,
+      acceptance.max_attempt(config.score))
 
 
 def load_data(config, workdir):
@@ -82,7 +83,8 @@ def load_data(config, workdir):
   train = splits["train"]
   groups = longtail.class_groups(train.class_counts(), config.data.many_threshold,
                                  config.data.few_threshold)
-  rows = accepted_rows(config, workdir) if config.curriculum.schedule != "none" else []
+  real_only = config.curriculum.schedule in curriculum.REAL_ONLY_SCHEDULES
+  rows = [] if real_only else accepted_rows(config, workdir)
   synthetic = (spectrum_store.to_labeled_images(
       rows, train.class_names, wd.path(workdir, wd.SPECTRUM)) if rows else None)
   hard_rows = wd.read_jsonl(wd.path(workdir, wd.HARD))
