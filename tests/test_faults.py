@@ -1,0 +1,131 @@
+"""Faults a long run meets: torn appends, a full disk, a read-only workdir, two runs on one
+workdir, shared file modes, truncated model files, stray files in the spectrum store."""
+
+import errno
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from discl_jax import workdir as wd
+
+
+def _torn(path, rows, fragment='{"job_id": "torn'):
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows) + fragment)
+
+
+def test_append_trims_a_torn_last_line_first(tmp_path, caplog):
+  target = tmp_path / "scores-00000.jsonl"
+  _torn(target, [{"a": 1}, {"a": 2}])
+  assert wd.read_jsonl(target) == [{"a": 1}, {"a": 2}]
+  assert "torn last line" in caplog.text            # a reader says what it dropped
+  wd.append_jsonl(target, [{"a": 3}])
+  assert target.read_text().splitlines() == ['{"a": 1}', '{"a": 2}', '{"a": 3}']
+  assert wd.read_jsonl(target) == [{"a": 1}, {"a": 2}, {"a": 3}]
+  only_torn = tmp_path / "metrics.jsonl"
+  only_torn.write_text('{"epoch": 0, "val/al')
+  assert wd.trim_torn_tail(only_torn) == len('{"epoch": 0, "val/al')
+  assert only_torn.read_bytes() == b""
+  assert wd.trim_torn_tail(tmp_path / "missing.jsonl") == 0
+
+
+def test_disk_full_during_append_names_the_file_and_the_rerun_recovers(tmp_path, monkeypatch):
+  target = tmp_path / "manifest-00000.jsonl"
+  wd.append_jsonl(target, [{"job_id": "a"}])
+  real_open = open
+
+  class FullDisk:
+    """A text file that writes part of a line, then raises ENOSPC."""
+
+    def __init__(self, f):
+      self.f = f
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      self.f.close()
+
+    def write(self, text):
+      self.f.write(text[:7])
+      self.f.flush()
+      raise OSError(errno.ENOSPC, "No space left on device")
+
+  def full_open(file, mode="r", *args, **kwargs):
+    f = real_open(file, mode, *args, **kwargs)
+    return FullDisk(f) if mode == "a" else f
+
+  monkeypatch.setattr("builtins.open", full_open)
+  with pytest.raises(OSError, match=rf"No space left on device: '{target}'"):
+    wd.append_jsonl(target, [{"job_id": "b"}])
+  monkeypatch.undo()
+  assert target.read_text().endswith('{"job_i')      # the torn fragment is on disk
+  wd.append_jsonl(target, [{"job_id": "c"}])         # the rerun trims it, then appends
+  assert wd.read_jsonl(target) == [{"job_id": "a"}, {"job_id": "c"}]
+
+
+def test_atomic_writes_name_the_path_and_leave_no_temp_file(tmp_path, monkeypatch):
+  target = tmp_path / "report.md"
+
+  def no_space(fd, data):
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(os, "fsync", lambda fd: no_space(fd, b""))
+  with pytest.raises(OSError, match=rf"\[Errno 28\] No space left on device: '{target}'"):
+    wd.atomic_write_text(target, "hello")
+  monkeypatch.undo()
+
+  def read_only(*args, **kwargs):  # what mkstemp meets in a read-only folder (root ignores chmod)
+    raise PermissionError(errno.EROFS, "Read-only file system")
+  monkeypatch.setattr(wd.tempfile, "mkstemp", read_only)
+  with pytest.raises(PermissionError, match=rf"Read-only file system: '{target}'"):
+    wd.atomic_write_text(target, "hello")
+  monkeypatch.undo()
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_files_get_the_process_umask_not_0600(tmp_path):
+  old = os.umask(0o022)
+  try:
+    atomic = wd.atomic_write_text(tmp_path / "report.md", "x")
+    appended = wd.append_jsonl(tmp_path / "metrics.jsonl", [{"epoch": 0}])
+    assert stat.S_IMODE(atomic.stat().st_mode) == 0o644
+    assert stat.S_IMODE(appended.stat().st_mode) == 0o644
+    os.umask(0o077)
+    assert wd.process_umask() == 0o077
+    assert stat.S_IMODE(wd.atomic_write_text(tmp_path / "private", "x").stat().st_mode) == 0o600
+  finally:
+    os.umask(old)
+
+
+_HOLDER = textwrap.dedent("""
+    import sys, time
+    from discl_jax import workdir as wd
+    with wd.exclusive(sys.argv[1]):
+      print("locked", flush=True)
+      time.sleep(60)
+""")
+
+
+def test_one_workdir_one_run(tmp_path):
+  holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(wd.WorkdirBusy, match=rf"'{tmp_path}' is in use by another run "
+                       rf"\(pid {holder.pid}"):
+      with wd.exclusive(tmp_path):
+        pass
+    with pytest.raises(wd.WorkdirBusy, match=f"pid {holder.pid}"):   # what every stage run takes
+      pipeline.run_stages(config_lib.base_config(), tmp_path, ("hard",))
+    assert not (tmp_path / wd.HARD).exists() and not (tmp_path / wd.CONFIG).exists()
+  finally:
+    holder.kill()
+    holder.wait()
+  with wd.exclusive(tmp_path):                      # released when its holder dies (even SIGKILL)
+    with pytest.raises(wd.WorkdirBusy):
+      with wd.exclusive(tmp_path):                  # and exclusive within one process too
+        pass
