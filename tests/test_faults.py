@@ -11,6 +11,8 @@ import textwrap
 
 import pytest
 
+from discl_jax import config as config_lib
+from discl_jax import pipeline
 from discl_jax import workdir as wd
 
 
