@@ -59,6 +59,7 @@ def base_config():
       tfds_name="",            # for name=tfds (imagenet2012, i_naturalist2018, ...)
       tfds_test_split="",      # for name=tfds; "": validation if the dataset has it, else test
       data_dir="",             # TFDS data_dir
+      prepare=False,           # TFDS: download and prepare a dataset missing from data_dir
       manual_dir="",           # TFDS manual_dir (imagenet2012)
       root="",                 # image root for file-list datasets
       train_list="",           # ImageNet-LT style "path label" files
@@ -74,6 +75,7 @@ def base_config():
       many_threshold=100,      # >= this: Many
       few_threshold=20,        # < this: Few
       on_bad_image="error",    # error | skip (skipped files are counted and listed)
+      max_skip_fraction=0.01,  # on_bad_image=skip: more of a split unreadable than this is an error
       verify_images="exists",  # file lists at load: exists | header | decode
       augment=True,
       num_workers=0,           # grain worker processes (0: in-process)
@@ -110,8 +112,6 @@ def base_config():
       text_template="a photo of {c}",
       threshold=0.30,          # keep clip_text >= threshold; a cosine in [-1, 1]
       batch_size=64,           # global images per jitted batch
-      regenerate=False,
-      max_regenerations=3,
   )
   c.train = dict(
       model="resnet32",        # resnet10 | resnet32 | resnet50 | tiny | clip
@@ -153,12 +153,15 @@ def base_config():
 
 
 def validate(config):
-  """Returns `config` after checking every key against `base_config()`.
+  """Returns `config` after checking every key against `base_config()` and every value.
 
-  Raises KeyError naming the first unknown key by its full dotted path.
+  Raises KeyError naming the first unknown key by its full dotted path, and
+  ValueError listing every enum value, range or rule a value breaks
+  (`config_checks.check_values`).
   """
   _check_keys(config, base_config(), prefix="")
-  return config
+  from discl_jax import config_checks  # pylint: disable=g-import-not-at-top  (imports the owners of each enum)
+  return config_checks.check_values(config)
 
 
 def _check_keys(config, schema, prefix):

@@ -186,10 +186,6 @@ def test_bad_config_values_are_clear_errors(prepared, workdir, tmp_path):
   config.score.text_template = "a photo of a digit"
   with pytest.raises(ValueError, match="must contain"):
     score_stage.run(config, workdir)
-  config = _config()
-  config.score.regenerate = True
-  with pytest.raises(NotImplementedError, match="score.regenerate"):
-    score_stage.run(config, workdir)
   with pytest.raises(FileNotFoundError, match="run the generate stage first"):
     score_stage.run(_config(), tmp_path / "empty")
 

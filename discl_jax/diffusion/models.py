@@ -22,6 +22,7 @@ from discl_jax.diffusion import convert
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = tuple(_DTYPES)  # diffusion.dtype
 
 # Scheduler of SD 1.x (betas, offsets) under the DDIM class; the sampler reads the numbers.
 SD_SCHEDULER_CONFIG = {

@@ -15,6 +15,7 @@ import pathlib
 
 from discl_jax import seeding
 
+SOURCES = ("templates", "file")  # prompts.source
 BUILTIN_TEMPLATES = {
     "photo": ("a photo of a {c}", "a close-up photo of a {c}", "a bright photo of a {c}",
               "a cropped photo of a {c}", "a good photo of a {c}"),
@@ -98,7 +99,7 @@ def class_prompts(prompts_config, class_names):
     descriptions = load_descriptions(prompts_config.descriptions_file, class_names)
     return {c: [fmt.format(d=d, c=display_name(c)) for d in descriptions[c]]
             for c in class_names}
-  raise ValueError(f"unknown prompts.source {prompts_config.source!r}; valid: templates, file")
+  raise ValueError(f"unknown prompts.source {prompts_config.source!r}; valid: {', '.join(SOURCES)}")
 
 
 def choose_prompt(candidates, class_name, source_id, seed):

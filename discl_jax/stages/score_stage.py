@@ -144,10 +144,6 @@ def run(config, workdir):
   """
   threshold = acceptance.check_threshold(config.score.threshold)
   check_template(config.score.text_template)
-  if config.score.regenerate:
-    raise NotImplementedError(
-        "score.regenerate=True (regenerating rejected images with a new seed and prompt) "
-        "is not implemented yet; set score.regenerate=False")
   root = wd.path(workdir, wd.SPECTRUM)
   if not root.is_dir():
     raise FileNotFoundError(f"{root} does not exist: run the generate stage first")
