@@ -131,3 +131,42 @@ def test_one_workdir_one_run(tmp_path):
     with pytest.raises(wd.WorkdirBusy):
       with wd.exclusive(tmp_path):                  # and exclusive within one process too
         pass
+
+
+def _digits_config():
+  c = config_lib.base_config()
+  c.data.max_per_class = 30
+  c.data.imbalance_ratio = 10.0
+  c.data.val_per_class = 2
+  c.data.test_per_class = 4
+  c.data.image_size = 16
+  c.data.many_threshold, c.data.few_threshold = 20, 8
+  c.train.model = "tiny"
+  c.train.epochs = 1
+  c.score.threshold = 0.5
+  return c
+
+
+def test_a_discl_schedule_without_accepted_spectrum_says_which_stage_to_run(tmp_path):
+  from discl_jax.data import datasets, spectrum_store  # pylint: disable=g-import-not-at-top
+  from discl_jax.train import loop  # pylint: disable=g-import-not-at-top
+  config = _digits_config()
+  with pytest.raises(FileNotFoundError, match="syn_to_real.*run the generate and score stages"):
+    loop.train_and_evaluate(config, tmp_path)
+  train = datasets.load(config.data)["train"]
+  store = spectrum_store.SpectrumStore(wd.path(tmp_path, wd.SPECTRUM), 0, 1)
+  rows = [spectrum_store.make_row(source_id=train.ids[i], label=int(train.labels[i]),
+                                  class_name="x", strength=0.5, seed=0, prompt="p")
+          for i in (-1, -2)]
+  for row in rows:
+    store.add(row, train.image(0))
+  with pytest.raises(ValueError, match="none of the 2 spectrum images .* is scored: run the score"):
+    loop.train_and_evaluate(config, tmp_path)
+  store.add_scores([dict(job_id=r["job_id"], clip_text=0.2, clip_source=0.9, error=None)
+                    for r in rows])
+  with pytest.raises(ValueError, match=r"reaches score.threshold=0.5 \(best 0.200\)"):
+    loop.train_and_evaluate(config, tmp_path)
+  assert not wd.path(tmp_path, wd.METRICS).exists()
+  config.score.threshold = 0.1
+  assert [r["job_id"] for r in loop.accepted_rows(config, tmp_path)] == sorted(
+      r["job_id"] for r in rows)
