@@ -179,6 +179,22 @@ def append_jsonl(target, rows):
   return target
 
 
+@contextlib.contextmanager
+def reading_weights(target):
+  """Re-raises any error while reading weights file `target` as ValueError naming it.
+
+  A truncated msgpack otherwise fails with "Unpack failed: incomplete input"
+  and no file name.
+  """
+  try:
+    yield target
+  except (FileNotFoundError, PermissionError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (msgpack, safetensors, flax raise many kinds)
+    raise ValueError(f"cannot read model weights {str(target)!r} ({type(e).__name__}: {e}); the "
+                     "file may be truncated or damaged: copy or download it again") from e
+
+
 class WorkdirBusy(RuntimeError):
   """Another process holds the workdir's lock."""
 
