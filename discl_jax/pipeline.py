@@ -2,6 +2,7 @@
 
 import contextlib
 
+import jax
 from absl import logging
 
 from discl_jax import config_checks
@@ -24,7 +25,8 @@ def run_stages(config, workdir, names=stages.ORDER):
   config_checks.check_inputs(config, names)
   digit_models.check_heldout(config)
   wd.path(workdir).mkdir(parents=True, exist_ok=True)
-  lock = contextlib.nullcontext() if config.mesh.multi_host else wd.exclusive(workdir)
+  several = config.mesh.multi_host or jax.process_count() > 1
+  lock = contextlib.nullcontext() if several else wd.exclusive(workdir)
   with lock:
     if wd.is_main_process():
       wd.atomic_write_text(wd.path(workdir, wd.CONFIG), config.to_json_best_effort(indent=2) + "\n")
