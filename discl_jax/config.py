@@ -10,6 +10,8 @@ import pathlib
 
 import ml_collections
 
+from discl_jax import config_checks
+
 DEFAULT_STRENGTHS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -160,7 +162,6 @@ def validate(config):
   (`config_checks.check_values`).
   """
   _check_keys(config, base_config(), prefix="")
-  from discl_jax import config_checks  # pylint: disable=g-import-not-at-top  (imports the owners of each enum)
   return config_checks.check_values(config)
 
 
@@ -169,7 +170,8 @@ def _check_keys(config, schema, prefix):
     path = f"{prefix}{key}"
     if key not in schema:
       raise KeyError(
-          f"unknown config key {path!r}; valid keys here: {sorted(schema.keys())}")
+          f"unknown config key {path!r}{config_checks.suggestion(key, schema.keys())}; "
+          f"valid keys here: {sorted(schema.keys())}")
     if isinstance(schema[key], ml_collections.ConfigDict):
       if not isinstance(config[key], ml_collections.ConfigDict):
         raise TypeError(f"config key {path!r} must be a section, got {config[key]!r}")
@@ -232,7 +234,8 @@ def check_override_flags(argv):
         where = ".".join(walked) or "the top level"
         valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
         raise KeyError(
-            f"unknown config key {dotted!r} in flag {arg!r}; valid keys at {where}: {valid}")
+            f"unknown config key {dotted!r} in flag {arg!r}{config_checks.suggestion(part, valid)}; "
+            f"valid keys at {where}: {valid}")
       node = node[part]
       walked.append(part)
   return argv
