@@ -89,6 +89,14 @@ def test_enums_come_from_the_owning_modules():
     assert config_checks.get(schema, key) is not config_checks._MISSING, key
 
 
+def test_values_are_checked_before_the_first_stage(tmp_path):
+  config = config_lib.base_config()
+  config.train.epochs = -1          # used by the 5th stage only
+  with pytest.raises(ValueError, match="train.epochs=-1 must be an integer >= 1"):
+    pipeline.run_stages(config, tmp_path / "work")
+  assert not (tmp_path / "work").exists()
+
+
 def test_missing_inputs_are_named_before_any_stage(tmp_path):
   config = config_lib.base_config()
   config.data.name = "imagenet_lt"
