@@ -251,7 +251,10 @@ DATA_STAGES = ("hard", "generate", "score", "train", "eval")
 
 
 def _looks_like_path(name):
-  """Returns True when model `name` is a local path rather than a hub id ("owner/name")."""
+  """Returns True when model `name` is a local path rather than a hub id ("owner/name").
+
+  The rule `diffusion.models.resolve` and `scoring.clip.load_clip` apply.
+  """
   return name.startswith(("/", ".", "~")) or name.count("/") != 1 or "\\" in name
 
 
@@ -268,7 +271,7 @@ def _model_input(key, name):
 def _data_inputs(data):
   """Yields (key, path or None when unset, kind) of every file or folder `data` reads."""
   name = data.name
-  if data.get("class_names_file"):
+  if data.class_names_file:
     yield "data.class_names_file", pathlib.Path(data.class_names_file), "file"
   if name == "imagenet_lt":
     yield "data.root", pathlib.Path(data.root or "."), "directory"
@@ -287,7 +290,7 @@ def _data_inputs(data):
     elif csv_path.is_file():
       yield "data.root (default: train/ beside metadata.csv)", csv_path.parent / "train", "directory"
   elif name in ("tfds", "cifar100_lt"):
-    if data.data_dir and not data.get("prepare", False):
+    if data.data_dir and not data.prepare:
       yield "data.data_dir", pathlib.Path(data.data_dir), "directory"
     if data.manual_dir:
       yield "data.manual_dir", pathlib.Path(data.manual_dir), "directory"
