@@ -23,6 +23,7 @@ def get_config(arg=None):
       sd="stable-diffusion-v1-5/stable-diffusion-v1-5", runlocal=False, base=False)
   c = config_lib.base_config()
   c.data.name = "cifar100_lt"
+  c.data.prepare = True  # downloads CIFAR-100 (160 MB) into data.data_dir on first use
   c.data.imbalance_ratio = float(arg.ir)
   c.data.max_per_class = 500
   c.data.val_per_class = 10

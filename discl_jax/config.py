@@ -10,6 +10,8 @@ import pathlib
 
 import ml_collections
 
+from discl_jax import config_checks
+
 DEFAULT_STRENGTHS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -59,6 +61,7 @@ def base_config():
       tfds_name="",            # for name=tfds (imagenet2012, i_naturalist2018, ...)
       tfds_test_split="",      # for name=tfds; "": validation if the dataset has it, else test
       data_dir="",             # TFDS data_dir
+      prepare=False,           # TFDS: download and prepare a dataset missing from data_dir
       manual_dir="",           # TFDS manual_dir (imagenet2012)
       root="",                 # image root for file-list datasets
       train_list="",           # ImageNet-LT style "path label" files
@@ -75,6 +78,7 @@ def base_config():
       many_threshold=100,      # >= this: Many
       few_threshold=20,        # < this: Few
       on_bad_image="error",    # error | skip (skipped files are counted and listed)
+      max_skip_fraction=0.01,  # on_bad_image=skip: more of a split unreadable than this is an error
       verify_images="exists",  # file lists at load: exists | header | decode
       augment=True,
       num_workers=0,           # grain worker processes (0: in-process)
@@ -166,12 +170,14 @@ def base_config():
 
 
 def validate(config):
-  """Returns `config` after checking every key against `base_config()`.
+  """Returns `config` after checking every key against `base_config()` and every value.
 
-  Raises KeyError naming the first unknown key by its full dotted path.
+  Raises KeyError naming the first unknown key by its full dotted path, and
+  ValueError listing every enum value, range or rule a value breaks
+  (`config_checks.check_values`).
   """
   _check_keys(config, base_config(), prefix="")
-  return config
+  return config_checks.check_values(config)
 
 
 def _check_keys(config, schema, prefix):
@@ -179,7 +185,8 @@ def _check_keys(config, schema, prefix):
     path = f"{prefix}{key}"
     if key not in schema:
       raise KeyError(
-          f"unknown config key {path!r}; valid keys here: {sorted(schema.keys())}")
+          f"unknown config key {path!r}{config_checks.suggestion(key, schema.keys())}; "
+          f"valid keys here: {sorted(schema.keys())}")
     if isinstance(schema[key], ml_collections.ConfigDict):
       if not isinstance(config[key], ml_collections.ConfigDict):
         raise TypeError(f"config key {path!r} must be a section, got {config[key]!r}")
@@ -258,7 +265,8 @@ def check_override_flags(argv):
         where = ".".join(walked) or "the top level"
         valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
         raise KeyError(
-            f"unknown config key {dotted!r} in flag {arg!r}; valid keys at {where}: {valid}")
+            f"unknown config key {dotted!r} in flag {arg!r}{config_checks.suggestion(part, valid)}; "
+            f"valid keys at {where}: {valid}")
       node = node[part]
       walked.append(part)
   return argv

@@ -1,6 +1,24 @@
-"""Command line: `discl --config=configs/demo.py:ARG --workdir=DIR --stage=all`.
+"""discl: DisCL (diffusion curriculum) in JAX, from hard images to a trained classifier.
 
-Parses flags and dispatches to the stages; nothing else lives here.
+USAGE: discl --config=CONFIG[:VARIANTS] --workdir=DIR [--stage=STAGE] [--config.KEY=VALUE ...]
+
+Stages run in this order (--stage=all, the default) or one at a time; each
+reads and writes only files in --workdir, skips what is done and resumes
+where it was killed:
+%(stages)s
+
+CONFIG is a config file (configs/demo.py) or the name of a shipped config
+(demo); VARIANTS are comma-separated KEY=VALUE arguments of that config,
+and every config key can be overridden with --config.KEY=VALUE:
+%(configs)s
+
+Examples:
+  discl --config=configs/demo.py --workdir=workdir/demo
+  discl --config=demo:runlocal --workdir=/tmp/smoke
+  discl --config=cifar100_lt:ir=50,loss=balanced_softmax --workdir=runs/c100 --stage=train \\
+      --config.train.epochs=10
+
+Errors print one line; --verbosity=1 adds the traceback.
 """
 
 import logging as std_logging
@@ -15,15 +33,47 @@ from ml_collections import config_flags
 from discl_jax import config as config_lib
 from discl_jax import parallel
 from discl_jax import pipeline
+from discl_jax import shipped_configs
 from discl_jax import stages
 
+# What each stage writes into the workdir (shown by --help).
+STAGE_OUTPUTS = {
+    "hard": "hard.jsonl: the images that get a spectrum (hard.rule)",
+    "prompts": "prompts.json: one prompt per hard image",
+    "generate": "spectrum/ (PNGs + manifest), spectrum_grid_*.png",
+    "score": "CLIP scores in spectrum/, acceptance.json, acceptance.png",
+    "train": "ckpt/, metrics.jsonl, tb/, train_result.json",
+    "eval": "report.md, curves.png",
+}
+
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, e.g. configs/demo.py:runlocal.",
-    lock_config=True)
+    "config", None, "Config file or shipped config name, e.g. configs/demo.py:runlocal or "
+    "demo:runlocal.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every stage's files.")
 _STAGE = flags.DEFINE_enum(
     "stage", "all", ("all",) + stages.ORDER, "Which stage to run; all runs them in order.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+_HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull")
+
+
+def help_text():
+  """Returns the --help text: usage, stages and what they write, shipped configs, examples."""
+  stage_lines = "\n".join(f"  {name:<9} {STAGE_OUTPUTS.get(name, '')}" for name in stages.ORDER)
+  config_lines = []
+  for name in shipped_configs.names():
+    summary, variants = shipped_configs.describe(name)
+    config_lines.append(f"  {name:<12} {summary}")
+    config_lines.append(f"  {'':<12} configs/{name}.py; variants: "
+                        f"{', '.join(variants) if variants else 'none'}")
+  return __doc__ % {"stages": stage_lines, "configs": "\n".join(config_lines)}
+
+
+def one_line(error):
+  """Returns `error` as one line: its type and message, the message's lines joined."""
+  message = error.args[0] if isinstance(error, KeyError) and error.args else error
+  text = " | ".join(line.strip() for line in str(message).splitlines() if line.strip())
+  return f"{type(error).__name__}: {text}"
 
 
 def _quiet_library_info(record):
@@ -35,21 +85,53 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_quiet_library_info)
-  try:
-    config = config_lib.validate(_CONFIG.value)
-  except (KeyError, TypeError) as e:
-    filename = config_flags.get_config_filename(flags.FLAGS["config"])
-    sys.exit(f"discl: bad config {filename!r}: {e.args[0]}")
-  parallel.initialize(config)
   names = stages.ORDER if _STAGE.value == "all" else (_STAGE.value,)
   try:
+    try:
+      config = config_lib.validate(_CONFIG.value)
+    except (KeyError, TypeError, ValueError) as e:
+      filename = config_flags.get_config_filename(flags.FLAGS["config"])
+      raise type(e)(f"bad config {filename!r}: {e.args[0] if e.args else e}") from e
+    parallel.initialize(config)
     pipeline.run_stages(config, _WORKDIR.value, names)
-  except (stages.StageNotImplemented, ValueError, FileNotFoundError, KeyError) as e:
-    # Bad input: our own message names the file, key or value; the traceback
+  except Exception as e:  # pylint: disable=broad-except
+    # Every error is one line naming the file, key or value; the traceback
     # stays available with --verbosity=1.
     logging.debug("traceback of the error below", exc_info=True)
-    message = e.args[0] if isinstance(e, KeyError) and e.args else e
-    sys.exit(f"discl: {type(e).__name__}: {message}")
+    sys.exit(f"discl: {one_line(e)}")
+
+
+def _parse_flags(argv):
+  """Returns the arguments absl leaves; a bad flag or config file exits with one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    verbose = any(a.startswith(("--verbosity=", "-v=")) and not a.endswith(("=0", "=-1"))
+                  for a in argv)
+    if len(lines) > 1 and not verbose:  # a config file that raised: where, then what
+      lines = [lines[0].rstrip(":"), lines[-1]]
+    sys.exit("discl: " + " | ".join(lines))
+
+
+def _resolve_config_flag(argv):
+  """Returns `argv` with the --config value resolved (a shipped name becomes its file).
+
+  Exits with one line when the config file does not exist.
+  """
+  argv = list(argv)
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      spec, prefix = arg[len("--config="):], "--config="
+    elif arg == "--config" and i + 1 < len(argv):
+      spec, prefix, i = argv[i + 1], "", i + 1
+    else:
+      continue
+    try:
+      argv[i] = prefix + shipped_configs.resolve(spec)
+    except ValueError as e:
+      sys.exit(f"discl: {e}")
+  return argv
 
 
 def run():
@@ -57,11 +139,17 @@ def run():
   # The pinned diffusers / transformers warn once per Flax module they build.
   os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
   os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+  if any(arg in _HELP_FLAGS for arg in sys.argv[1:]):
+    print(help_text())
+    print("flags:")
+    print(flags.FLAGS.module_help(flags.FLAGS.find_module_defining_flag("workdir")))
+    sys.exit(0)
+  argv = _resolve_config_flag(sys.argv)
   try:
-    config_lib.check_override_flags(sys.argv[1:])
+    config_lib.check_override_flags(argv[1:])
   except KeyError as e:
     sys.exit(f"discl: {e.args[0]}")
-  app.run(main)
+  app.run(main, argv=argv, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

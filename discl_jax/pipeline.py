@@ -1,8 +1,11 @@
 """Runs stages in order on one workdir; importable from a notebook."""
 
+import contextlib
 
+import jax
 from absl import logging
 
+from discl_jax import config_checks
 from discl_jax import digit_models
 from discl_jax import stages
 from discl_jax import workdir as wd
@@ -11,21 +14,34 @@ from discl_jax import workdir as wd
 def run_stages(config, workdir, names=stages.ORDER):
   """Runs each stage in `names` on `workdir`; returns None.
 
-  Checks the config first (`preflight`), then records it in
-  `workdir/config.json` (process 0 only).
+  Before any stage, `preflight` checks every config value, that the inputs of
+  `names` exist and that the config can run them; then the workdir's lock is
+  taken (one run per workdir; in multi-host mode the processes share the
+  workdir and coordinate through their own shards instead) and the config is
+  recorded in `workdir/config.json` (process 0 only).
   """
+  runners = [stages.get(name) for name in names]
   preflight(config, names)
   wd.path(workdir).mkdir(parents=True, exist_ok=True)
-  if wd.is_main_process():
-    wd.atomic_write_text(wd.path(workdir, wd.CONFIG), config.to_json_best_effort(indent=2) + "\n")
-  for name in names:
-    logging.info("stage %s: start", name)
-    stages.get(name)(config, workdir)
-    logging.info("stage %s: done", name)
+  several = config.mesh.multi_host or jax.process_count() > 1
+  lock = contextlib.nullcontext() if several else wd.exclusive(workdir)
+  with lock:
+    if wd.is_main_process():
+      wd.atomic_write_text(wd.path(workdir, wd.CONFIG), config.to_json_best_effort(indent=2) + "\n")
+    for name, stage in zip(names, runners):
+      logging.info("stage %s: start", name)
+      stage(config, workdir)
+      logging.info("stage %s: done", name)
 
 
 def preflight(config, names):
-  """Returns None; raises ValueError before any stage runs when `config` cannot run `names`."""
+  """Returns None; raises before any stage when `config` cannot run `names`.
+
+  Checks values and inputs (`config_checks`), the digit models' held-out split
+  and, for `train`, a required long-tail base checkpoint.
+  """
+  config_checks.check_values(config)
+  config_checks.check_inputs(config, names)
   digit_models.check_heldout(config)
   tc = config.train
   if "train" in names and tc.require_init_checkpoint and not tc.init_checkpoint:

@@ -94,7 +94,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 def test_cifar100_lt_through_tfds_mock_data():
   c = _data_config(name="cifar100_lt", imbalance_ratio=4.0, max_per_class=4,
-                   val_per_class=1)
+                   val_per_class=1, prepare=True)  # mock_data: a no-op download_and_prepare
   with tfds.testing.mock_data(num_examples=1500):
     splits = datasets.load(c)
   train, val, test = splits["train"], splits["val"], splits["test"]
@@ -109,7 +109,7 @@ def test_cifar100_lt_through_tfds_mock_data():
 
 def test_generic_tfds_is_lazy_and_keeps_labels():
   c = _data_config(name="tfds", tfds_name="imagenet2012", tfds_test_split="validation",
-                   val_per_class=0)
+                   val_per_class=0, prepare=True)
   with tfds.testing.mock_data(num_examples=12):
     splits = datasets.load(c)
     train, test = splits["train"], splits["test"]
@@ -135,3 +135,18 @@ def test_generic_tfds_is_lazy_and_keeps_labels():
 def test_missing_tfds_name_is_named():
   with pytest.raises(ValueError, match="data.tfds_name"):
     datasets.load(_data_config(name="tfds"))
+
+
+def test_an_unprepared_tfds_dataset_is_never_downloaded_unless_asked(tmp_path, monkeypatch):
+  def no_download(self, *args, **kwargs):
+    raise AssertionError(f"download_and_prepare of {self.name} was called")
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_download)
+  for name, extra in (("cifar100_lt", {}), ("tfds", {"tfds_name": "i_naturalist2018"})):
+    c = _data_config(name=name, data_dir=str(tmp_path / "tfds"), **extra)
+    with pytest.raises(FileNotFoundError, match=r"not prepared in data_dir .*tfds.*"
+                       r"nothing was downloaded.*data.prepare=True"):
+      datasets.load(c)
+  assert not any((tmp_path / "tfds").rglob("*.array_record*"))
+  c.prepare = True
+  with pytest.raises(RuntimeError, match="download_and_prepare of i_naturalist2018 was called"):
+    datasets.load(c)

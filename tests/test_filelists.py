@@ -12,6 +12,7 @@ from discl_jax.data.records import BadImageError
 
 def _data_config(**overrides):
   c = config_lib.base_config().data
+  c.max_skip_fraction = 0.5  # the fixtures' splits hold a handful of images
   for key, value in overrides.items():
     c[key] = value
   return c
@@ -195,3 +196,18 @@ def test_iwildcam_errors_name_the_file(tmp_path):
   assert len(skipped) == 1 and skipped[0]["split"] == "test"
   assert skipped[0]["path"].endswith(tiny.rows[-1]["filename"])
   assert len(splits["test"]) == len([r for r in tiny.rows if r["split"] == "test"]) - 1
+
+
+def test_a_split_with_no_readable_image_or_too_many_skipped_is_an_error(imagenet_lt, tmp_path):
+  imagenet_lt.on_bad_image = "skip"
+  imagenet_lt.root = str(tmp_path / "wrong_root")
+  with pytest.raises(BadImageError, match=r"split 'train': 9 of 9 listed images are unreadable"
+                     r".*wrong_root"):
+    datasets.load(imagenet_lt)
+  imagenet_lt.root = str(tmp_path / "images")
+  (tmp_path / "images" / "test" / "c1" / "img0.png").unlink()
+  imagenet_lt.max_skip_fraction = 0.1
+  with pytest.raises(BadImageError, match=r"split 'test': 1 of 6 .*max_skip_fraction=0.1"):
+    datasets.load(imagenet_lt)
+  imagenet_lt.max_skip_fraction = 0.2
+  assert len(datasets.load(imagenet_lt)["test"]) == 5

@@ -99,7 +99,9 @@ def test_scores_every_row_and_writes_the_report(prepared, workdir):
   empty = {(e["class_name"], e["image_guidance"]) for e in report["per_class_level"]
            if e["accepted"] == 0}
   assert len(report["warnings"]) == len(empty)
-  assert acceptance.accepted_rows(rows, -0.1) == accepted
+  assert acceptance.accepted_rows(rows, -0.1) == sorted(accepted, key=lambda r: r["job_id"])
+  # Training reads the accepted rows in job-id order, whatever the manifest's row order.
+  assert acceptance.accepted_rows(rows[::-1], -0.1) == acceptance.accepted_rows(rows, -0.1)
 
 
 def test_scores_equal_direct_clip_similarities(prepared, workdir):
@@ -166,6 +168,26 @@ def test_missing_and_corrupt_images_are_reported_by_path(prepared, workdir):
     assert merged[bad["job_id"]]["score_error"] is not None
   accepted = acceptance.accepted_rows(store.rows(), _config().score.threshold)
   assert {missing["job_id"], corrupt["job_id"]}.isdisjoint(r["job_id"] for r in accepted)
+  # The next `score` retries the failed rows: a repaired image is scored, not an error forever.
+  shutil.copy(wd.path(prepared[1], wd.SPECTRUM, corrupt["path"]), store.image_path(corrupt))
+  report = score_stage.run(_config(), workdir)
+  merged = {r["job_id"]: r for r in store.rows()}
+  assert merged[corrupt["job_id"]]["clip_text"] is not None
+  assert merged[corrupt["job_id"]]["score_error"] is None
+  assert merged[missing["job_id"]]["score_error"] is not None
+  assert report["overall"]["errors"] == 1 and report["overall"]["scored"] == 23
+  assert len(_score_lines(workdir)) == 26          # 24 + the two retried rows
+
+
+def test_a_torn_score_shard_is_trimmed_and_its_row_rescored(prepared, workdir):
+  score_stage.run(_config(), workdir)
+  shard = next(wd.path(workdir, wd.SPECTRUM).glob("scores-*.jsonl"))
+  text = shard.read_text()
+  shard.write_text(text[:-25])                     # a disk-full append: the last row torn
+  report = score_stage.run(_config(), workdir)
+  lines = shard.read_text().splitlines()
+  assert len(lines) == 24 and all(json.loads(line) for line in lines)
+  assert report["overall"]["scored"] == 24
 
 
 def test_unreachable_threshold_warns_for_every_class_and_level(prepared, workdir):

@@ -73,7 +73,7 @@ def test_reconcile_drops_missing_files_duplicates_and_torn_line(tmp_path):
   assert ss.SpectrumStore(tmp_path, 0, 1).reconcile()["kept"] == 3
 
 
-def test_reconcile_readds_known_orphans_and_removes_unknown_and_temp(tmp_path):
+def test_reconcile_readds_known_orphans_removes_own_temp_and_never_deletes_stray_files(tmp_path):
   store = ss.SpectrumStore(tmp_path, 0, 1)
   known, unknown = _row(seed=0), _row(seed=1)
   # Files written just before a kill, with no manifest row.
@@ -83,15 +83,22 @@ def test_reconcile_readds_known_orphans_and_removes_unknown_and_temp(tmp_path):
     path.write_bytes(ss.encode_png(_image(3)))
   temp = store.image_path(known).parent / ".lambda0.70_seed2.png.k2j4x9_a.tmp"
   temp.write_bytes(b"half a png")
+  # Files a user put there: never ours to delete.
+  strays = [store.image_path(known).parent / "my_pick.png", tmp_path / "notes" / "best.png",
+            store.image_path(known).parent / ".my_pick.png.backup1.tmp"]
+  for stray in strays:
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"user data")
   counts = store.reconcile(expected_rows=[known])
-  assert counts["readded"] == 1 and counts["removed_orphans"] == 1
-  assert counts["removed_temp"] == 1
-  assert not temp.exists() and not store.image_path(unknown).exists()
+  assert counts["readded"] == 1 and counts["removed_temp"] == 1
+  assert counts["left_unknown"] == 1 + len(strays)
+  assert not temp.exists() and store.image_path(unknown).exists()
+  assert all(stray.read_bytes() == b"user data" for stray in strays)
   assert store.done_job_ids() == {known["job_id"]}
   assert [r["job_id"] for r in ss.SpectrumStore(tmp_path, 0, 1).rows()] == [known["job_id"]]
   # A second reconcile changes nothing.
   again = store.reconcile(expected_rows=[known])
-  assert again == dict(counts, readded=0, removed_orphans=0, removed_temp=0)
+  assert again == dict(counts, readded=0, removed_temp=0)
 
 
 def test_processes_write_own_shards_and_leave_foreign_files(tmp_path):

@@ -13,8 +13,10 @@ else from `categories.csv` beside the csv (columns y, name) when present. Splits
 At load time every image is checked (`data.verify_images`: "exists" stats the
 file, "header" opens it, "decode" decodes it). A bad image raises
 BadImageError naming the file (and the list line), or with
-`data.on_bad_image="skip"` is left out and reported. A bad label raises
-ValueError naming the file and line. Ids are the paths as listed.
+`data.on_bad_image="skip"` is left out and reported; a split that keeps none
+of its listed images, or skips more than `data.max_skip_fraction` of them, is
+an error naming the split, the root and the first unreadable file. A bad label
+raises ValueError naming the file and line. Ids are the paths as listed.
 """
 
 import csv
@@ -107,11 +109,28 @@ def _checked(split_name, rel_paths, labels, wheres, root, class_names, data_conf
       report.append({"split": split_name, "path": path, "reason": f"{where}: {reason}"})
     else:
       raise BadImageError(f"{reason}: {path} (listed at {where})")
+  _check_skipped(split_name, len(rel_paths), len(keep), report, root, data_config)
   keep = np.asarray(keep, np.int64)
   return LabeledImages(
       ids=np.asarray(rel_paths, dtype=str)[keep] if len(keep) else np.zeros(0, str),
       labels=np.asarray(labels, np.int64)[keep], class_names=tuple(class_names),
       paths=np.asarray(full, dtype=str) if full else np.zeros(0, str))
+
+
+def _check_skipped(split_name, listed, kept, report, root, data_config):
+  """Raises BadImageError when split `split_name` kept none of its `listed` images or
+  skipped more than `data.max_skip_fraction` of them; returns None otherwise."""
+  skipped = listed - kept
+  if not skipped:
+    return
+  limit = float(data_config.max_skip_fraction)
+  if kept and skipped <= limit * listed:
+    return
+  first = next(r for r in report if r["split"] == split_name)
+  raise BadImageError(
+      f"split {split_name!r}: {skipped} of {listed} listed images are unreadable "
+      f"({skipped / listed:.1%}; data.max_skip_fraction={limit:g}) under data.root "
+      f"{str(root)!r}; e.g. {first['path']}: {first['reason']}")
 
 
 def load_imagenet_lt(data_config, seed=0):
@@ -125,6 +144,9 @@ def load_imagenet_lt(data_config, seed=0):
     if not lists[split]:
       raise ValueError(f"data.name='imagenet_lt' needs data.{split}_list")
   parsed = {s: read_split_file(p, num_classes) for s, p in lists.items() if p}
+  for split, (paths, _, _) in parsed.items():
+    if not paths:
+      raise ValueError(f"data.{split}_list {lists[split]} lists no images")
   if names is None:
     num_classes = 1 + max(int(l.max()) for _, l, _ in parsed.values() if len(l))
     names = tuple(str(c) for c in range(num_classes))

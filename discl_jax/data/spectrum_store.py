@@ -10,8 +10,10 @@ Layout under `root` (= workdir/spectrum):
 
 Each process writes only its own shards and its own image files; readers merge
 all shards. Images are written atomically before their manifest row, so after a
-kill the only possible damage is a file without a row (re-added or removed by
-`reconcile`), a torn last manifest line, or a leftover temp file.
+kill the only possible damage is a file without a row (re-added by
+`reconcile`), a torn last manifest line (trimmed), or a leftover temp file of
+our own atomic writes (removed). Nothing else under `root` is ever deleted:
+files the store did not write are left where they are.
 """
 
 import io
@@ -34,6 +36,9 @@ SCORES_GLOB = "scores-*.jsonl"
 ROW_KEYS = ("job_id", "source_id", "label", "class_name", "strength",
             "image_guidance", "seed", "prompt", "path")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# The temp file of an atomic write (workdir.atomic_write_bytes: mkstemp's 8 random characters).
+_IMAGE_NAME = re.compile(r"^lambda\d+\.\d\d_seed-?\d+\.png$")  # relative_path's file name
+_TEMP = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
 
 
 def job_id(source_id, strength, seed, attempt=0):
@@ -155,13 +160,15 @@ class SpectrumStore:
 
     Drops rows whose image is missing and duplicate rows, repairs a torn last
     line, re-adds image files without a row when `expected_rows` (rows from
-    `make_row`) names their job and this process owns it, removes other
-    row-less images and leftover temp files that are this process's (all of
-    them when it is the only process). Returns a dict of counts.
+    `make_row`) names their job and this process owns it, and removes the
+    leftover temp files of this process's own atomic writes. Every other file
+    is left alone (counted as left_unknown, or left_foreign when another
+    process may own it): the store never deletes what it did not write.
+    Returns a dict of counts.
     """
     self.root.mkdir(parents=True, exist_ok=True)
     counts = dict(kept=0, dropped_missing=0, dropped_duplicate=0, readded=0,
-                  removed_orphans=0, removed_temp=0, left_foreign=0)
+                  removed_temp=0, left_unknown=0, left_foreign=0)
     raw = self.manifest_path.read_text(encoding="utf-8") if self.manifest_path.exists() else ""
     own_rows = wd.read_jsonl(self.manifest_path)
     kept, seen = [], set()
@@ -179,29 +186,28 @@ class SpectrumStore:
     other_paths = {row["path"] for row in self._other_shard_rows()}
     expected = {row["path"]: row for row in (expected_rows or ())}
     recorded = {row["path"] for row in kept} | other_paths
+    unknown = []
     for file in sorted(self.root.rglob("*")):
       if not file.is_file():
         continue
       rel = file.relative_to(self.root).as_posix()
-      if file.name.startswith(".") and file.name.endswith(".tmp"):
-        target = file.parent / file.name[1:].rsplit(".", 2)[0]
-        if target in (self.manifest_path, self.scores_path) or self._owns_path(
-            target.relative_to(self.root).as_posix(), expected):
+      temp = _TEMP.match(file.name)
+      if temp:
+        target = file.parent / temp.group("target")
+        if self._wrote_temp(target, expected):
           file.unlink()
           counts["removed_temp"] += 1
-        else:
-          counts["left_foreign"] += 1
-        continue
-      if not file.name.endswith(".png") or rel in recorded:
+          continue
+      elif rel in recorded or file.parent == self.root:
         continue
       row = expected.get(rel)
-      if row is not None and self._owns(row["job_id"]) and row["job_id"] not in seen:
+      if not temp and row is not None and self._owns(row["job_id"]) and row["job_id"] not in seen:
         kept.append(dict(row))
         seen.add(row["job_id"])
         counts["readded"] += 1
-      elif self._owns_path(rel, expected):
-        file.unlink()
-        counts["removed_orphans"] += 1
+      elif self.process_count == 1:
+        counts["left_unknown"] += 1
+        unknown.append(rel)
       else:
         counts["left_foreign"] += 1
     counts["kept"] = len(kept)
@@ -209,6 +215,9 @@ class SpectrumStore:
     if text != raw:
       wd.atomic_write_text(self.manifest_path, text)
     self._done = None
+    if unknown:
+      logging.warning("spectrum store %s: left %d file(s) that no job of this run wrote "
+                      "(not deleted), e.g. %s", self.root, len(unknown), unknown[0])
     if any(counts[k] for k in counts if k != "kept"):
       logging.info("spectrum store %s reconciled: %s", self.root, counts)
     return counts
@@ -273,11 +282,16 @@ class SpectrumStore:
     return self.process_count == 1 or seeding.process_owns(
         job, self.process_index, self.process_count)
 
-  def _owns_path(self, rel, expected):
-    row = expected.get(rel)
+  def _wrote_temp(self, target, expected):
+    """Returns True when `target` is a file this process writes atomically here."""
+    if target in (self.manifest_path, self.scores_path) or (
+        target == self.root / GENERATION and self.process_index == 0):
+      return True
+    row = expected.get(target.relative_to(self.root).as_posix())
     if row is not None:
       return self._owns(row["job_id"])
-    return self.process_count == 1
+    return self.process_count == 1 and target.parent != self.root and bool(
+        _IMAGE_NAME.match(target.name))
 
   def _all_manifest_rows(self):
     rows, seen = [], set()

@@ -10,9 +10,10 @@
   when the dataset has one, else "test"). `data.class_names_file` replaces
   the dataset's names (imagenet2012's are WordNet ids).
 
-Datasets must be prepared in the ArrayRecord format under `data.data_dir`;
-downloadable ones (cifar100) are prepared on first use, manual ones
-(imagenet2012) from `data.manual_dir`. Preparing needs TensorFlow; reading
+Datasets must be prepared in the ArrayRecord format under `data.data_dir`. A
+dataset that is not there is an error naming the data_dir, never a silent
+download: only `data.prepare=True` downloads (cifar100, 160 MB) or prepares
+(imagenet2012 from `data.manual_dir`) it. Preparing needs TensorFlow; reading
 does not. Ids are "{tfds name}/{split}/{record index}".
 """
 
@@ -30,13 +31,26 @@ def _tfds():
   return tfds
 
 
-def builder(name, data_dir="", manual_dir=""):
-  """Returns the prepared TFDS builder of `name` (prepares it if it is not yet)."""
+def builder(name, data_dir="", manual_dir="", prepare=False):
+  """Returns the prepared TFDS builder of `name`.
+
+  Raises FileNotFoundError naming the data_dir when the dataset is not
+  prepared there, unless `prepare` (data.prepare) allows downloading and
+  preparing it.
+  """
   tfds = _tfds()
   try:
     b = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f"data.tfds_name {name!r}: no such TFDS dataset ({e})") from e
+  if not prepare:
+    if not b.is_prepared():
+      raise FileNotFoundError(
+          f"TFDS dataset {name!r} is not prepared in data_dir {str(b.data_dir)!r} "
+          f"(data.data_dir={data_dir!r}); nothing was downloaded. Point data.data_dir at "
+          f"its prepared copy, prepare it once with `tfds build {name} "
+          f"--file_format=array_record`, or set data.prepare=True to download and prepare it.")
+    return b
   try:
     b.download_and_prepare(
         file_format="array_record",
@@ -165,7 +179,7 @@ def _test_split(b, requested):
 def load(data_config, seed):
   """Returns {"train", "val", "test"} for data.name cifar100_lt or tfds."""
   if data_config.name == "cifar100_lt":
-    b = builder("cifar100", data_config.data_dir, data_config.manual_dir)
+    b = builder("cifar100", data_config.data_dir, data_config.manual_dir, data_config.prepare)
     full = in_memory_split(b, "train")
     test = in_memory_split(b, "test")
     val_idx, rest_idx = longtail.take_per_class(
@@ -179,7 +193,7 @@ def load(data_config, seed):
   if not data_config.tfds_name:
     raise ValueError("data.name='tfds' needs data.tfds_name (e.g. imagenet2012)")
   name, data_dir = data_config.tfds_name, data_config.data_dir
-  b = builder(name, data_dir, data_config.manual_dir)
+  b = builder(name, data_dir, data_config.manual_dir, data_config.prepare)
   names = class_names(b)
   if data_config.class_names_file:  # e.g. readable names for imagenet2012's WordNet ids
     names = filelists.read_class_names(data_config.class_names_file)

@@ -15,6 +15,8 @@ import re
 import numpy as np
 from flax import traverse_util
 
+from discl_jax import workdir as wd
+
 # PyTorch attention projections and the names diffusers' Flax VAE gives them.
 _ATTENTION_RENAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out_0": "proj_attn"}
 # PyTorch buffers that are not parameters in Flax.
@@ -26,7 +28,7 @@ def read_safetensors(files):
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   tensors = {}
   for file in files:
-    with safe_open(str(file), framework="flax") as f:
+    with wd.reading_weights(file), safe_open(str(file), framework="flax") as f:
       for name in f.keys():
         tensors[name] = np.asarray(f.get_tensor(name), dtype=np.float32)
   return tensors

@@ -18,10 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from discl_jax import seeding
+from discl_jax import workdir as wd
 from discl_jax.diffusion import convert
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = tuple(_DTYPES)  # diffusion.dtype
 
 # Scheduler of SD 1.x (betas, offsets) under the DDIM class; the sampler reads the numbers.
 SD_SCHEDULER_CONFIG = {
@@ -130,7 +132,8 @@ def _load_diffusers(cls, root, subfolder, dtype):
   """Returns (module, float32 params) of a diffusers Flax class from msgpack or safetensors."""
   folder = root / subfolder
   if (folder / "diffusion_flax_model.msgpack").is_file():
-    return cls.from_pretrained(str(root), subfolder=subfolder, dtype=dtype)
+    with wd.reading_weights(folder / "diffusion_flax_model.msgpack"):
+      return cls.from_pretrained(str(root), subfolder=subfolder, dtype=dtype)
   files = convert.safetensors_files(folder, "diffusion_pytorch_model")
   if not files:
     raise FileNotFoundError(
@@ -146,7 +149,8 @@ def _load_text_encoder(root, dtype):
   from transformers import CLIPTextConfig, FlaxCLIPTextModel  # pylint: disable=g-import-not-at-top
   folder = root / "text_encoder"
   if (folder / "flax_model.msgpack").is_file():
-    return FlaxCLIPTextModel.from_pretrained(str(folder), dtype=dtype, _do_init=False)
+    with wd.reading_weights(folder / "flax_model.msgpack"):
+      return FlaxCLIPTextModel.from_pretrained(str(folder), dtype=dtype, _do_init=False)
   files = convert.safetensors_files(folder, "model")
   if not files:
     raise FileNotFoundError(f"no flax_model.msgpack or model*.safetensors in {str(folder)!r}")

@@ -24,6 +24,7 @@ import pathlib
 from discl_jax import seeding
 from discl_jax.data import class_names as class_names_lib
 
+SOURCES = ("templates", "file")  # prompts.source
 CHOICES = ("per_seed", "per_image")
 BUILTIN_TEMPLATES = {
     "photo": ("a photo of a {c}", "a close-up photo of a {c}", "a bright photo of a {c}",
@@ -109,7 +110,7 @@ def class_prompts(prompts_config, class_names):
     descriptions = load_descriptions(prompts_config.descriptions_file, class_names)
     return {c: [fmt.format(d=d, c=display_name(c)) for d in descriptions[c]]
             for c in class_names}
-  raise ValueError(f"unknown prompts.source {prompts_config.source!r}; valid: templates, file")
+  raise ValueError(f"unknown prompts.source {prompts_config.source!r}; valid: {', '.join(SOURCES)}")
 
 
 def check_choice(choice):

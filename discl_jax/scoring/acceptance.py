@@ -71,13 +71,41 @@ def final_rows(rows, last_attempt=0):
 
 
 def accepted_rows(rows, threshold, last_attempt=0):
-  """Returns the final rows (manifest rows with scores merged) that pass the filter."""
+  """Returns the final rows (manifest rows with scores merged) that pass the filter, by job id.
+
+  Ordered by job id, not manifest order: an image regenerated after a crash
+  appends its row at the end of the manifest, and training must not change.
+  """
   threshold = check_threshold(threshold)
-  return [row for row in final_rows(rows, last_attempt) if is_accepted(row, threshold)]
+  return sorted((row for row in final_rows(rows, last_attempt) if is_accepted(row, threshold)),
+                key=lambda row: row["job_id"])
 
 
 def _valid_score(row):
   return row.get("score_error") is None and row.get("clip_text") is not None
+
+
+def raise_nothing_accepted(rows, threshold, root, schedule):
+  """Raises the error for a curriculum `schedule` with no accepted row in `rows` (of `root`).
+
+  FileNotFoundError: no spectrum (run generate and score); ValueError: nothing
+  scored (run score) or nothing at `threshold`.
+  """
+  fix = "or train on real data only with curriculum.schedule=none"
+  if not rows:
+    raise FileNotFoundError(
+        f"curriculum.schedule={schedule!r} trains on synthetic images, but there are none in "
+        f"{root}: run the generate and score stages first ({fix})")
+  scored = [r for r in rows if r.get("clip_text") is not None]
+  if not scored:
+    raise ValueError(
+        f"curriculum.schedule={schedule!r}: none of the {len(rows)} spectrum images in {root} "
+        f"is scored: run the score stage first ({fix})")
+  best = max(r["clip_text"] for r in scored)
+  raise ValueError(
+      f"curriculum.schedule={schedule!r}: none of the {len(scored)} scored spectrum images "
+      f"reaches score.threshold={threshold} (best {best:.3f}); lower the threshold "
+      f"(acceptance.json shows the scores per level) ({fix})")
 
 
 def _rate(accepted, total):

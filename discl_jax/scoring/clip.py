@@ -82,7 +82,8 @@ def load_clip(model=DEFAULT_MODEL, dtype="float32"):
   shapes = jax.eval_shape(lambda: flax_model.init_weights(jax.random.key(0), flax_model.input_shape))
   flax_file = _resolve(model, FLAX_WEIGHTS)
   if flax_file is not None:
-    params = flax_model.load_flax_weights(str(flax_file))
+    with wd.reading_weights(flax_file):
+      params = flax_model.load_flax_weights(str(flax_file))
   else:
     torch_file = _resolve(model, SAFETENSORS_WEIGHTS)
     if torch_file is None:
@@ -90,7 +91,8 @@ def load_clip(model=DEFAULT_MODEL, dtype="float32"):
           f"CLIP model {model} has neither {FLAX_WEIGHTS} nor {SAFETENSORS_WEIGHTS} "
           f"(a {TORCH_WEIGHTS} must be converted to {SAFETENSORS_WEIGHTS} first)")
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    params = from_pytorch_state_dict(load_file(str(torch_file)), shapes)
+    with wd.reading_weights(torch_file):
+      params = from_pytorch_state_dict(load_file(str(torch_file)), shapes)
     flax_file = torch_file
   params = _checked(params, shapes, flax_file)
   params = jax.tree.map(lambda p: jnp.asarray(p, DTYPES[dtype]), params)

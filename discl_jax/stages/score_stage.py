@@ -5,7 +5,8 @@ the image to its class text (`score.text_template`) and to its source image,
 and appends it to this process's score shard after every batch, so a killed
 run resumes with the rows it had not scored. An image that cannot be read gets
 a score row with an error naming its path: excluded from acceptance, listed in
-the report. With `score.regenerate`, rounds of regeneration attempts follow
+the report, and scored again by the next run (after `generate` has remade
+it). With `score.regenerate`, rounds of regeneration attempts follow
 (`diffusion.regeneration`): each round generates an attempt of every job whose
 attempts so far all scored at or below the threshold, into the same store, and
 scores it; a killed run resumes at the round and job it reached. Process 0 then
@@ -202,9 +203,11 @@ def run(config, workdir):
   store = spectrum_store.SpectrumStore(root)
   store.repair_scores()
   rows = store.rows()
-  todo = [r for r in _owned(rows) if not acceptance.is_scored(r)]
-  logging.info("score: %d rows, %d already scored, %d to score here",
-               len(rows), sum(map(acceptance.is_scored, rows)), len(todo))
+  # Unscored rows and rows whose image could not be read last time (retried).
+  todo = [r for r in _owned(rows) if r.get("clip_text") is None]
+  logging.info("score: %d rows, %d already scored, %d to score here (%d retried)",
+               len(rows), sum(r.get("clip_text") is not None for r in rows), len(todo),
+               sum(r.get("score_error") is not None for r in todo))
   checkpoint = clip.configured_model(config, workdir)  # every process: it may wait for process 0
   scoring = Scoring(config, checkpoint)
   if todo:

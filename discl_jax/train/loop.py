@@ -60,16 +60,19 @@ class Data:
 
 
 def accepted_rows(config, workdir):
-  """Returns the spectrum rows whose CLIP text score is >= `score.threshold`.
+  """Returns the spectrum rows whose CLIP text score is >= `score.threshold`, by job id.
 
-  A missing spectrum directory gives [] (real data only).
+  Raises FileNotFoundError / ValueError naming the stage to run when the
+  curriculum has no spectrum, no scores or no accepted image to train on.
   """
   root = wd.path(workdir, wd.SPECTRUM)
-  if not root.is_dir():
-    return []
-  return acceptance.accepted_rows(
-      spectrum_store.SpectrumStore(root).rows(), config.score.threshold,
-      acceptance.max_attempt(config.score))
+  rows = spectrum_store.SpectrumStore(root).rows() if root.is_dir() else []
+  accepted = acceptance.accepted_rows(rows, config.score.threshold,
+                                      acceptance.max_attempt(config.score))
+  if not accepted:
+    acceptance.raise_nothing_accepted(rows, config.score.threshold, root,
+                                      config.curriculum.schedule)
+  return accepted
 
 
 def load_data(config, workdir):
