@@ -79,14 +79,15 @@ class PicksSource(grain.RandomAccessDataSource):
 
 class _TrainView(grain.RandomMapTransform):
 
-  def __init__(self, size, augment, mean, std):
+  def __init__(self, size, augment, mean, std, recipe):
     self._size, self._augment, self._mean, self._std = size, augment, mean, std
+    self._recipe = recipe
 
   def random_map(self, element, rng):
     if self._augment:
-      image = transforms.train_transform(element["image"], self._size, rng)
+      image = transforms.train_view(self._recipe, element["image"], self._size, rng)
     else:
-      image = transforms.center_crop_resize(element["image"], self._size)
+      image = transforms.eval_view(self._recipe, element["image"], self._size)
     element["image"] = normalize(image, self._mean, self._std)
     del element["mask"]
     return element
@@ -94,14 +95,14 @@ class _TrainView(grain.RandomMapTransform):
 
 class _EvalView(grain.MapTransform):
 
-  def __init__(self, size, mean, std):
-    self._size, self._mean, self._std = size, mean, std
+  def __init__(self, size, mean, std, recipe):
+    self._size, self._mean, self._std, self._recipe = size, mean, std, recipe
 
   def map(self, element):
     if element["image"] is None:
       image = np.zeros((self._size, self._size, 3), np.uint8)
     else:
-      image = transforms.center_crop_resize(element["image"], self._size)
+      image = transforms.eval_view(self._recipe, element["image"], self._size)
     element["image"] = normalize(image, self._mean, self._std)
     return element
 
@@ -162,6 +163,12 @@ def _local_batch(batch_size, shard):
   return batch_size // count
 
 
+def _recipe(name):
+  if name not in transforms.RECIPES:
+    raise ValueError(f"unknown transform recipe {name!r}; valid: {', '.join(transforms.RECIPES)}")
+  return name
+
+
 def epoch_order(num_picks, seed, epoch):
   """Returns the permutation of an epoch's picks, from (seed, epoch) alone."""
   return seeding.numpy_rng(seed, "train_loader/order", epoch).permutation(num_picks)
@@ -169,8 +176,10 @@ def epoch_order(num_picks, seed, epoch):
 
 def train_loader(sources, picks, *, image_size, batch_size, seed, epoch,
                  augment=True, shard=None, num_workers=0, on_bad_image="error",
-                 mean=transforms.IMAGENET_MEAN, std=transforms.IMAGENET_STD):
+                 mean=transforms.IMAGENET_MEAN, std=transforms.IMAGENET_STD, recipe="resnet"):
   """Returns a grain DataLoader over one epoch of `picks`, shuffled from (seed, epoch).
+
+  `recipe` names the transforms (`transforms.RECIPES`: "resnet" or "clip").
 
   Batches: {"image": float32 [b, S, S, 3] normalised, "label", "source", "row":
   int32 [b]} with b = batch_size // process_count; the remainder is dropped.
@@ -190,7 +199,7 @@ def train_loader(sources, picks, *, image_size, batch_size, seed, epoch,
       shuffle=False, num_epochs=1,
       seed=seeding.stable_hash("train_loader/augment", seed, epoch) & 0x7FFFFFFF)
   operations = [_DropBad()] if on_bad_image == "skip" else []
-  operations += [_TrainView(image_size, augment, mean, std),
+  operations += [_TrainView(image_size, augment, mean, std, _recipe(recipe)),
                  grain.Batch(local, drop_remainder=True)]
   return _with_skipped(grain.DataLoader(
       data_source=source, sampler=sampler, operations=operations,
@@ -199,8 +208,10 @@ def train_loader(sources, picks, *, image_size, batch_size, seed, epoch,
 
 def eval_loader(split, *, image_size, batch_size, shard=None, num_workers=0,
                 on_bad_image="error", mean=transforms.IMAGENET_MEAN,
-                std=transforms.IMAGENET_STD):
+                std=transforms.IMAGENET_STD, recipe="resnet"):
   """Returns a grain DataLoader over `split` in order, every image exactly once.
+
+  `recipe` names the eval transform (`transforms.RECIPES`).
 
   Batches add "mask" float32 [b]: 0 for padding (the split is padded to a
   multiple of batch_size so every process yields the same number of batches)
@@ -219,7 +230,7 @@ def eval_loader(split, *, image_size, batch_size, shard=None, num_workers=0,
       num_records=padded,
       shard_options=grain.ShardOptions(shard[0], shard[1], drop_remainder=True),
       shuffle=False, num_epochs=1, seed=0)
-  operations = [_PadMask(len(split)), _EvalView(image_size, mean, std),
+  operations = [_PadMask(len(split)), _EvalView(image_size, mean, std, _recipe(recipe)),
                 grain.Batch(local, drop_remainder=False)]
   return _with_skipped(grain.DataLoader(
       data_source=source, sampler=sampler, operations=operations,

@@ -7,7 +7,9 @@
 - the model is a CLIP (`train.clip_model`; "" uses `score.model`, or with
   `score.tiny` the tiny CLIP built once into workdir/models/clip), loaded and
   trained in float32;
-- images are standardised with CLIP's mean/std at CLIP's input size;
+- images get CLIP's own transforms (`transforms.recipe_for("clip")`: FLYP's
+  RandomResizedCrop(scale 0.9-1, bicubic) for training, resize + center crop
+  for evaluation) and CLIP's mean/std, at CLIP's input size;
 - each training image gets a caption template from `flyp.caption_choices`
   (seed, image id, epoch) and the step is FLYP's contrastive step;
 - predictions use the zero-shot head rebuilt from the current text encoder,
@@ -114,7 +116,7 @@ class ClipTrainer:
     loader = pipeline.eval_loader(split, image_size=self.image_size,
                                   batch_size=self.eval_batch, shard=(0, 1),
                                   on_bad_image=self.config.data.on_bad_image,
-                                  mean=self.mean, std=self.std)
+                                  mean=self.mean, std=self.std, recipe="clip")
     return gather_predictions(loader, self.eval_batch, self.mesh,
                               lambda batch: self._eval_step(params, head, batch))
 

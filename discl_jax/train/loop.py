@@ -258,7 +258,7 @@ def train_and_evaluate(config, workdir):
             sources, picks, image_size=trainer.image_size, batch_size=tc.batch_size,
             seed=config.seed, epoch=epoch, augment=config.data.augment, shard=shard,
             num_workers=config.data.num_workers, on_bad_image=config.data.on_bad_image,
-            mean=trainer.mean, std=trainer.std))
+            mean=trainer.mean, std=trainer.std, recipe=transforms.recipe_for(tc.model)))
       if mid_epoch:
         iterator = ckpt.restore_iterator(latest, iterator)
       batch_index = meta["batches_done"]
