@@ -32,6 +32,9 @@ def _default_shard():
 class PicksSource(grain.RandomAccessDataSource):
   """Record k decodes `sources[picks[k, 0]].image(picks[k, 1])`.
 
+  Picks [K, 3] carry a third column the record passes on as "template" (FLYP's
+  caption template of each (image, caption) pair, `flyp.pair_picks`).
+
   With `on_bad_image="skip"` an unreadable image yields a record with image
   None and mask 0, and its message (naming the file) is logged and appended to
   `self.skipped` (the loader's `.skipped`; filled in-process, i.e. with
@@ -42,7 +45,7 @@ class PicksSource(grain.RandomAccessDataSource):
     if on_bad_image not in ON_BAD_IMAGE:
       raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
     self._sources = tuple(sources)
-    self._picks = np.asarray(picks, np.int64).reshape(-1, 2)
+    self._picks = as_picks(picks)
     self._on_bad_image = on_bad_image
     self.skipped = []
     bad = (self._picks[:, 0] < 0) | (self._picks[:, 0] >= len(self._sources))
@@ -63,7 +66,7 @@ class PicksSource(grain.RandomAccessDataSource):
     return f"PicksSource(picks={len(self._picks)}:{digest}, sources={sizes})"
 
   def __getitem__(self, k):
-    s, row = (int(v) for v in self._picks[k])
+    s, row = (int(v) for v in self._picks[k, :2])
     source = self._sources[s]
     try:
       image = source.image(row)
@@ -73,8 +76,11 @@ class PicksSource(grain.RandomAccessDataSource):
       logging.warning("skipping unreadable image: %s", e)
       self.skipped.append(str(e))
       image = None
-    return {"image": image, "label": np.int32(source.labels[row]),
-            "source": np.int32(s), "row": np.int32(row), "mask": np.float32(image is not None)}
+    record = {"image": image, "label": np.int32(source.labels[row]),
+              "source": np.int32(s), "row": np.int32(row), "mask": np.float32(image is not None)}
+    if self._picks.shape[1] == 3:
+      record["template"] = np.int32(self._picks[k, 2])
+    return record
 
 
 class _TrainView(grain.RandomMapTransform):
@@ -163,6 +169,12 @@ def _local_batch(batch_size, shard):
   return batch_size // count
 
 
+def as_picks(picks):
+  """Returns int64 picks [K, 2] (source, row), or [K, 3] with a template column."""
+  picks = np.asarray(picks, np.int64)
+  return picks if picks.ndim == 2 and picks.shape[1] == 3 else picks.reshape(-1, 2)
+
+
 def _recipe(name):
   if name not in transforms.RECIPES:
     raise ValueError(f"unknown transform recipe {name!r}; valid: {', '.join(transforms.RECIPES)}")
@@ -182,13 +194,14 @@ def train_loader(sources, picks, *, image_size, batch_size, seed, epoch,
   `recipe` names the transforms (`transforms.RECIPES`: "resnet" or "clip").
 
   Batches: {"image": float32 [b, S, S, 3] normalised, "label", "source", "row":
-  int32 [b]} with b = batch_size // process_count; the remainder is dropped.
+  int32 [b]} (plus "template" for picks [K, 3]) with b = batch_size //
+  process_count; the remainder is dropped.
   Augmentation draws from grain's per-record rng (seeded from seed and epoch).
   """
   shard = _default_shard() if shard is None else tuple(shard)
   local = _local_batch(batch_size, shard)
   _absl_flags_ready(num_workers)
-  picks = np.asarray(picks, np.int64).reshape(-1, 2)
+  picks = as_picks(picks)
   if len(picks) < batch_size:
     raise ValueError(f"an epoch of {len(picks)} picks is smaller than one batch ({batch_size})")
   picks = picks[epoch_order(len(picks), seed, epoch)]

@@ -10,8 +10,9 @@
 - images get CLIP's own transforms (`transforms.recipe_for("clip")`: FLYP's
   RandomResizedCrop(scale 0.9-1, bicubic) for training, resize + center crop
   for evaluation) and CLIP's mean/std, at CLIP's input size;
-- each training image gets a caption template from `flyp.caption_choices`
-  (seed, image id, epoch) and the step is FLYP's contrastive step;
+- an epoch trains on every (image, caption template) pair of its picks
+  (`flyp.pair_picks`, the last batch filled at random) and the step is
+  FLYP's contrastive step;
 - predictions use the zero-shot head rebuilt from the current text encoder,
   optionally of WiSE-FT weights (`train.wise_ft_alpha` < 1 mixes in the
   zero-shot weights at evaluation only).
@@ -27,6 +28,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from discl_jax import parallel
+from discl_jax import seeding
 from discl_jax.data import class_names as class_names_lib
 from discl_jax.data import pipeline
 from discl_jax.data import transforms
@@ -85,12 +87,15 @@ class ClipTrainer:
       self._zero_shot = jax.tree.map(np.asarray, jax.device_get(state.params))
     return state
 
+  def train_picks(self, picks, epoch):
+    """Returns the epoch's training records: (source, row, template) for every pair of `picks`."""
+    rng = seeding.numpy_rng(self.config.seed, "flyp/fill", epoch)
+    return flyp.pair_picks(picks, len(self.templates), self.config.train.batch_size, rng)
+
   def batch_inputs(self, batch, sources, epoch):
     """Returns the host arrays of one train batch: image, label and the caption template."""
-    ids = [sources[s].ids[r] for s, r in zip(np.asarray(batch["source"]),
-                                             np.asarray(batch["row"]))]
-    templates = flyp.caption_choices(self.config.seed, ids, epoch, len(self.templates))
-    return {"image": batch["image"], "label": batch["label"], "template": templates}
+    del sources, epoch
+    return {"image": batch["image"], "label": batch["label"], "template": batch["template"]}
 
   def eval_params(self, state):
     """Returns (params, head [D, C]) used for predictions: WiSE-FT mixed when alpha < 1.

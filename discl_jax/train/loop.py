@@ -138,6 +138,11 @@ class Trainer:
     self.image_size = config.data.image_size
     self.mean, self.std = transforms.IMAGENET_MEAN, transforms.IMAGENET_STD
 
+  def train_picks(self, picks, epoch):
+    """Returns the epoch's training records: the plan's (source, row) picks as they are."""
+    del epoch
+    return picks
+
   def batch_inputs(self, batch, sources, epoch):
     """Returns the host arrays of one train batch the step reads: image and label."""
     del sources, epoch
@@ -240,7 +245,7 @@ def train_and_evaluate(config, workdir):
         if curriculum.needs_signals(data.spec, epoch):
           signals["val_probs"] = validation_probs(trainer, state, data)
         cstate, plan = curriculum.plan_epoch(data.spec, cstate, epoch, signals)
-        picks, plan_summary = plan.picks, plan.summary()
+        picks, plan_summary = trainer.train_picks(plan.picks, epoch), plan.summary()
         if signals and int(np.asarray(cstate.level_index)) >= 0:
           # The adaptive pick of this phase and why: mean progress per candidate level
           # (curriculum.levels, then real), the chosen index into that list.
