@@ -4,7 +4,13 @@
 # names for captions and prompts) beside metadata.csv:
 #   discl --config=configs/iwildcam.py --workdir=runs/iwildcam \
 #     --config.data.metadata_csv=/data/iwildcam_v2.0/metadata.csv
-# Hard images: what the zero-shot CLIP misclassifies on the train split (hard.rule).
+# Two steps, as the reference (DESIGN.md §6): the hard images are those a model trained
+# on iWildCam gets wrong on the train split (about 6 %), so first the FLYP baseline, then
+# DisCL from its checkpoint (a DisCL schedule without hard.model_checkpoint is refused):
+#   discl --config=configs/iwildcam.py:schedule=none --workdir=runs/flyp --config.data.metadata_csv=...
+#   discl --config=configs/iwildcam.py --workdir=runs/discl --config.data.metadata_csv=... \
+#     --config.hard.model_checkpoint=runs/flyp/ckpt
+# experiments/iwildcam_table.py runs both over seeds. The `empty` class gets no spectrum.
 # The best epoch is chosen on the OOD validation split's macro-F1 (eval.select_*).
 """iWildCam with FLYP-style CLIP fine-tuning and the adaptive (DoCL-style) curriculum."""
 
@@ -20,6 +26,7 @@ def get_config(arg=None):
   c.data.num_workers = 8
 
   c.hard.rule = "misclassified"
+  c.hard.exclude_classes = ("empty",)
   c.prompts.templates = ("a photo of {c} in the wild",)
   c.diffusion.model = "stable-diffusion-v1-5/stable-diffusion-v1-5"
   c.diffusion.dtype = "bfloat16"

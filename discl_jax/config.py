@@ -82,6 +82,9 @@ def base_config():
       rule="few_classes",      # few_classes | misclassified
       classes=(),              # explicit class names; overrides the rule's split
       prob_quantile=0.0,       # misclassified: also mark true-class prob below this quantile
+      model_checkpoint="",     # misclassified: ckpt dir of a schedule=none run whose train errors
+                               # are hard ("zero_shot": the CLIP as loaded); a DisCL schedule needs it
+      exclude_classes=(),      # class names never hard (iwildcam: ("empty",))
   )
   c.prompts = dict(
       source="templates",      # templates | file

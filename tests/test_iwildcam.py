@@ -49,6 +49,8 @@ def make_config(data_root):
   c.data.metadata_csv = str(pathlib.Path(data_root) / "metadata.csv")
   c.data.image_size = 32
   c.hard.rule = "misclassified"
+  c.hard.model_checkpoint = "zero_shot"  # tests/test_hardness.py covers a trained checkpoint
+  c.hard.exclude_classes = ("empty",)
   c.prompts.templates = ("a photo of {c} in the wild",)
   c.diffusion.tiny = True
   c.diffusion.model = ""
@@ -197,6 +199,7 @@ def one(root):
 def test_pipeline_runs_the_low_quality_path(one):
   hard = [json.loads(l) for l in (one / "hard.jsonl").read_text().splitlines()]
   assert hard and all(r["reason"] == "misclassified" for r in hard)
+  assert all(r["class_name"] != "empty" for r in hard)
   assert all(r["pred_class_name"] != r["class_name"] for r in hard)
   names = {c[2]: c[3] for c in iwildcam_fixture.CLASSES}
   assert all(r["caption_name"] == names[r["class_name"]] for r in hard)

@@ -123,9 +123,11 @@ def hard_section(figures):
   """Returns markdown lines for the hard-image rule and its per-class figures."""
   rule = figures.get("rule", {})
   out = [f"Rule: misclassified={rule.get('misclassified')}, true-class probability quantile "
-         f"{rule.get('prob_quantile')} (threshold {figures.get('prob_threshold')}); model "
-         f"`{figures.get('model', '-')}`, train accuracy {_pct(figures.get('train_accuracy'))} %. "
-         f"{figures.get('num_hard')} of {figures.get('num_images')} training images are hard.",
+         f"{rule.get('prob_quantile')} (threshold {figures.get('prob_threshold')}), classes "
+         f"never hard {rule.get('excluded_classes', [])}; model `{figures.get('model', '-')}`, "
+         f"train accuracy {_pct(figures.get('train_accuracy'))} %. "
+         f"{figures.get('num_hard')} of {figures.get('num_images')} training images are hard "
+         f"({_pct(figures.get('hard_share'))} %).",
          "", "| class | hard | total |", "|---|---:|---:|"]
   for name, counts in figures.get("per_class", {}).items():
     out.append(f"| {name} | {counts.get('hard')} | {counts.get('total')} |")
