@@ -57,6 +57,12 @@ def get_config(arg=None):
   c.curriculum.schedule = arg.schedule
   c.curriculum.levels = (0.5, 0.6, 0.7, 0.8, 0.9)
   c.curriculum.curriculum_epochs = 15
+  # DoCL as the reference (DESIGN.md §6): uniform phases of 30,000 real image-caption rows,
+  # synthetic phases of every accepted row at g* plus the non-hard real images, 2,000
+  # validation images with every level.
+  c.curriculum.uniform_rows = 30_000
+  c.curriculum.merge_real = True
+  c.curriculum.val_sources = 2_000
 
   if arg.runlocal:
     config_lib.smoke_sized(c)

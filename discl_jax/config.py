@@ -143,8 +143,11 @@ def base_config():
       nontail_fraction=0.3,
       tail_share=0.0,          # tail share of each epoch; 0: tail classes / all classes (13.6 % on ImageNet-LT)
       signal="prob_gain",      # adaptive: prob_gain | loss_decrease
-      val_sources_per_class=1,
-      phase_epochs=1,
+      val_sources=100,         # adaptive: hard images (every level accepted) held out to measure
+                               # progress, with their synthetic images (reference: 2,000)
+      uniform_rows=0,          # adaptive: training rows per uniform phase (FLYP: image-caption
+                               # rows; reference 30,000); 0: every real image once
+      merge_real=True,         # adaptive: synthetic phases also train on the non-hard real images
   )
   c.eval = dict(
       batch_size=256,

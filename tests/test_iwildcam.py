@@ -78,8 +78,8 @@ def make_config(data_root):
   c.curriculum.schedule = "adaptive"
   c.curriculum.levels = (0.5, 0.75)
   c.curriculum.curriculum_epochs = EPOCHS
-  c.curriculum.phase_epochs = 1
-  c.curriculum.val_sources_per_class = 1
+  c.curriculum.uniform_rows = 24  # uniform phases of 3 steps (12 images x 2 captions)
+  c.curriculum.val_sources = 3
   # Every real image each epoch, and a tail share above the hard classes' 3/4 so the
   # synthetic phases draw synthetic rows on top of the real hard images.
   c.curriculum.nontail_fraction = 1.0

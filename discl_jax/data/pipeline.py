@@ -187,11 +187,12 @@ def epoch_order(num_picks, seed, epoch):
 
 
 def train_loader(sources, picks, *, image_size, batch_size, seed, epoch,
-                 augment=True, shard=None, num_workers=0, on_bad_image="error",
+                 shuffle=True, augment=True, shard=None, num_workers=0, on_bad_image="error",
                  mean=transforms.IMAGENET_MEAN, std=transforms.IMAGENET_STD, recipe="resnet"):
   """Returns a grain DataLoader over one epoch of `picks`, shuffled from (seed, epoch).
 
-  `recipe` names the transforms (`transforms.RECIPES`: "resnet" or "clip").
+  `recipe` names the transforms (`transforms.RECIPES`: "resnet" or "clip");
+  `shuffle=False` keeps the order of `picks` (already drawn by the caller).
 
   Batches: {"image": float32 [b, S, S, 3] normalised, "label", "source", "row":
   int32 [b]} (plus "template" for picks [K, 3]) with b = batch_size //
@@ -204,7 +205,8 @@ def train_loader(sources, picks, *, image_size, batch_size, seed, epoch,
   picks = as_picks(picks)
   if len(picks) < batch_size:
     raise ValueError(f"an epoch of {len(picks)} picks is smaller than one batch ({batch_size})")
-  picks = picks[epoch_order(len(picks), seed, epoch)]
+  if shuffle:
+    picks = picks[epoch_order(len(picks), seed, epoch)]
   source = PicksSource(sources, picks, on_bad_image)
   sampler = grain.IndexSampler(
       num_records=len(source),
