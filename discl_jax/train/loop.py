@@ -283,7 +283,8 @@ def train_and_evaluate(config, workdir):
       # Running sums stay on device (float32), so steps dispatch without a host sync.
       sums = {"loss": np.float32(meta["epoch_loss_sum"]),
               "accuracy": np.float32(meta["epoch_acc_sum"])}
-      started = time.time()
+      if meta["batches_done"] == 0 or mid_epoch:  # a stream epoch spans several segments
+        started = time.time()
       for batch in iterator if iterator is not None else ():
         if batch_index >= num_steps:
           break
