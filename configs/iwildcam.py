@@ -1,14 +1,14 @@
 # WILDS iWildCam, the paper's low-quality task (DESIGN.md 1.1, 1.5, 1.6): CLIP ViT-B/16,
 # FLYP fine-tuning, adaptive curriculum. Needs the WILDS v2.0 layout (images in train/
 # beside metadata.csv, categories.csv) plus FLYP's labels.csv (y,name,english: the common
-# names for captions and prompts) beside metadata.csv:
-#   discl --config=configs/iwildcam.py --workdir=runs/iwildcam \
-#     --config.data.metadata_csv=/data/iwildcam_v2.0/metadata.csv
+# names for captions and prompts) beside metadata.csv (data.metadata_csv).
 # Two steps, as the reference (DESIGN.md §6): the hard images are those a model trained
 # on iWildCam gets wrong on the train split (about 6 %), so first the FLYP baseline, then
 # DisCL from its checkpoint (a DisCL schedule without hard.model_checkpoint is refused):
-#   discl --config=configs/iwildcam.py:schedule=none --workdir=runs/flyp --config.data.metadata_csv=...
-#   discl --config=configs/iwildcam.py --workdir=runs/discl --config.data.metadata_csv=... \
+#   discl --config=configs/iwildcam.py:schedule=none --workdir=runs/flyp \
+#     --config.data.metadata_csv=/data/iwildcam_v2.0/metadata.csv
+#   discl --config=configs/iwildcam.py --workdir=runs/discl \
+#     --config.data.metadata_csv=/data/iwildcam_v2.0/metadata.csv \
 #     --config.hard.model_checkpoint=runs/flyp/ckpt
 # experiments/iwildcam_table.py runs both over seeds. The `empty` class gets no spectrum.
 # The best epoch is chosen on the OOD validation split's macro-F1 (eval.select_*).
