@@ -87,6 +87,9 @@ def base_config():
       rule="few_classes",      # few_classes | misclassified
       classes=(),              # explicit class names; overrides the rule's split
       prob_quantile=0.0,       # misclassified: also mark true-class prob below this quantile
+      model_checkpoint="",     # misclassified: ckpt dir of a schedule=none run whose train errors
+                               # are hard ("zero_shot": the CLIP as loaded); a DisCL schedule needs it
+      exclude_classes=(),      # class names never hard (iwildcam: ("empty",))
   )
   c.prompts = dict(
       source="templates",      # templates | file
@@ -157,8 +160,11 @@ def base_config():
       tail_share=0.0,          # tail share of each epoch; 0: tail classes / all classes (13.6 % on ImageNet-LT)
       tail_fill="per_class",   # per_class: fill split evenly per tail class | pooled: one pool (the reference)
       signal="prob_gain",      # adaptive: prob_gain | loss_decrease
-      val_sources_per_class=1,
-      phase_epochs=1,
+      val_sources=100,         # adaptive: hard images (every level accepted) held out to measure
+                               # progress, with their synthetic images (reference: 2,000)
+      uniform_rows=0,          # adaptive: training rows per uniform phase (FLYP: image-caption
+                               # rows; reference 30,000); 0: every real image once
+      merge_real=True,         # adaptive: synthetic phases also train on the non-hard real images
   )
   c.eval = dict(
       batch_size=256,

@@ -138,8 +138,8 @@ RANGES = {
     "curriculum.curriculum_epochs": _count(0),
     "curriculum.nontail_fraction": _unit(low_open=True),
     "curriculum.tail_share": _unit(high_open=True),
-    "curriculum.val_sources_per_class": _count(0),
-    "curriculum.phase_epochs": _count(1),
+    "curriculum.val_sources": _count(0),
+    "curriculum.uniform_rows": _count(0),
     "eval.batch_size": _count(1),
 }
 

@@ -9,6 +9,7 @@ from discl_jax import config_checks
 from discl_jax import digit_models
 from discl_jax import stages
 from discl_jax import workdir as wd
+from discl_jax.stages import hard_stage
 
 
 def run_stages(config, workdir, names=stages.ORDER):
@@ -37,12 +38,14 @@ def run_stages(config, workdir, names=stages.ORDER):
 def preflight(config, names):
   """Returns None; raises before any stage when `config` cannot run `names`.
 
-  Checks values and inputs (`config_checks`), the digit models' held-out split
-  and, for `train`, a required long-tail base checkpoint.
+  Checks values and inputs (`config_checks`), the digit models' held-out
+  split, the hard rule's model checkpoint and, for `train`, a required
+  long-tail base checkpoint.
   """
   config_checks.check_values(config)
   config_checks.check_inputs(config, names)
   digit_models.check_heldout(config)
+  hard_stage.check_config(config)
   tc = config.train
   if "train" in names and tc.require_init_checkpoint and not tc.init_checkpoint:
     raise ValueError(

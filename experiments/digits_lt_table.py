@@ -140,7 +140,7 @@ def method_config(loss, schedule, seed, protocol, init_checkpoint):
   c.train.init_checkpoint = str(init_checkpoint)
   c.curriculum.schedule = schedule
   c.curriculum.curriculum_epochs = protocol["curriculum_epochs"]
-  c.curriculum.val_sources_per_class = 2  # adaptive: 2 hard images per Few class, every level
+  c.curriculum.val_sources = 6  # adaptive: 6 hard images with every level (2 per Few class before)
   return c
 
 

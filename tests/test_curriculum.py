@@ -9,7 +9,7 @@ import pytest
 from discl_jax import config as config_lib
 from discl_jax.curriculum import (
     REAL, SCHEDULES, SYNTHETIC, CurriculumSpec, CurriculumState, iqr_filtered_mean,
-    needs_signals, plan_epoch, stages, update)
+    plan_epoch, stages, update)
 from discl_jax.curriculum import sampling
 from discl_jax.data.records import LabeledImages
 
@@ -53,14 +53,11 @@ def _spec(schedule, train=None, rows=None, **overrides):
   return CurriculumSpec.from_config(c, train=train, groups=GROUPS, synthetic_rows=rows, seed=0)
 
 
-def _plans(spec, epochs, probs_fn=None):
+def _plans(spec, epochs):
   state = spec.initial_state()
   plans = []
   for epoch in range(epochs):
-    signals = None
-    if needs_signals(spec, epoch):
-      signals = {"val_probs": probs_fn(epoch)}
-    state, plan = plan_epoch(spec, state, epoch, signals)
+    state, plan = plan_epoch(spec, state, epoch)
     plans.append(plan)
   return state, plans
 
@@ -189,50 +186,6 @@ def test_plans_are_deterministic_and_seed_dependent():
   assert not np.array_equal(a[0].picks, d[0].picks)
 
 
-def test_adaptive_phases_validation_set_and_picks():
-  spec = _spec("adaptive", levels=(0.1, 0.3, 0.5), curriculum_epochs=8, phase_epochs=2,
-               val_sources_per_class=1)
-  real_rows, syn_rows = spec.validation()
-  assert len(real_rows) == 4  # one per Few class
-  assert syn_rows.shape == (3, 4)
-  for g, level in enumerate(spec.levels):
-    assert np.allclose(spec.syn_levels[syn_rows[g]], level)
-    assert np.array_equal(spec.syn_labels[syn_rows[g]], spec.train_labels[real_rows])
-  assert [needs_signals(spec, e) for e in range(10)] == [
-      True, False, True, False, False, False, True, False, False, False]
-  with pytest.raises(ValueError, match="val_probs"):
-    plan_epoch(spec, spec.initial_state(), 0, None)
-
-  # Level 0.3's validation images gain most between reference points.
-  def probs(epoch):
-    p = np.full([4, 4], 0.2, np.float32)
-    p[1] += 0.1 * epoch  # lambda = 0.3
-    return p
-
-  state, plans = _plans(spec, 10, probs)
-  assert [p.phase for p in plans] == ["uniform"] * 2 + ["synthetic"] * 2 + ["uniform"] * 2 + [
-      "synthetic"] * 2 + ["real"] * 2
-  assert [p.level for p in plans] == [None, None, 0.3, 0.3, None, None, 0.3, 0.3, None, None]
-  assert int(state.level_index) == 1
-  val_sources = set(real_rows.tolist())
-  val_synthetic = set(np.flatnonzero(np.isin(spec.syn_sources, real_rows)).tolist())
-  assert len(val_synthetic) == 4 * len(LEVELS) * SEEDS
-  usable = np.flatnonzero(spec.train_usable)
-  nonhard = np.flatnonzero(spec.train_usable & ~spec.hard)
-  hard = np.flatnonzero(spec.train_usable & spec.hard)
-  for plan in plans:
-    real = np.sort(plan.picks[plan.picks[:, 0] == REAL, 1])
-    syn = plan.picks[plan.picks[:, 0] == SYNTHETIC, 1]
-    if plan.level is None:  # uniform phases and after the curriculum: every real image once
-      assert np.array_equal(real, usable) and len(syn) == 0
-    else:  # {hard images at the chosen level} U {non-hard real}, DESIGN.md 1.5
-      assert np.array_equal(real, nonhard)
-      assert np.allclose(spec.syn_levels[syn], plan.level)
-      assert sorted(spec.syn_sources[syn].tolist()) == hard.tolist()
-    assert not val_sources & set(plan.picks[plan.picks[:, 0] == REAL, 1].tolist())
-    assert not val_synthetic & set(plan.picks[plan.picks[:, 0] == SYNTHETIC, 1].tolist())
-
-
 def test_adaptive_rule_uses_the_iqr_filtered_mean():
   # Level 0: small gains with one huge outlier; the raw mean would pick it.
   ref = np.full([3, 10], 0.02, np.float32)
@@ -273,7 +226,7 @@ def test_update_rejects_bad_val_probs():
 def test_state_is_a_pytree():
   state = CurriculumState.create(3, 5)
   leaves, treedef = jax.tree.flatten(state)
-  assert len(leaves) == 4
+  assert len(leaves) == 6
   assert jax.tree.unflatten(treedef, leaves).ref_probs.shape == (4, 5)
 
 
@@ -355,29 +308,6 @@ def test_hard_ids_mark_single_images_as_tail():
   assert _tail_count(spec, plans[0]) == int(0.2 / 0.8 * int(0.3 * nontail))
   syn = plans[0].picks[plans[0].picks[:, 0] == SYNTHETIC, 1]
   assert set(spec.syn_labels[syn].tolist()) == {0, 1}
-
-
-def test_adaptive_resumes_from_a_checkpointed_state(tmp_path):
-  ocp = pytest.importorskip("orbax.checkpoint")
-  spec = _spec("adaptive", levels=(0.1, 0.3, 0.5), curriculum_epochs=8)
-  rng = np.random.default_rng(0)
-  probs = {e: rng.uniform(size=(4, len(spec.val_real_rows))).astype(np.float32) for e in range(8)}
-  _, straight = _plans(spec, 8, probs.get)
-
-  state = spec.initial_state()
-  for epoch in range(5):
-    signals = {"val_probs": probs[epoch]} if needs_signals(spec, epoch) else None
-    state, _ = plan_epoch(spec, state, epoch, signals)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(tmp_path / "curriculum", state)
-  checkpointer.wait_until_finished()
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, spec.initial_state())
-  state = checkpointer.restore(tmp_path / "curriculum", target)
-  for epoch in range(5, 8):
-    signals = {"val_probs": probs[epoch]} if needs_signals(spec, epoch) else None
-    state, plan = plan_epoch(spec, state, epoch, signals)
-    assert plan.level == straight[epoch].level
-    np.testing.assert_array_equal(plan.picks, straight[epoch].picks)
 
 
 def test_resample_is_the_real_epoch_sampling_in_every_epoch():

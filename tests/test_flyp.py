@@ -2,6 +2,7 @@
 
 import csv
 import functools
+import math
 import os
 import subprocess
 import sys
@@ -89,19 +90,17 @@ def test_flyp_loss_through_the_model_matches_numpy(clip):
                              rtol=1e-4, atol=1e-4)
 
 
-def test_caption_choices_are_deterministic_per_image_and_epoch():
-  ids = [f"img{i}" for i in range(400)]
-  first = flyp.caption_choices(0, ids, epoch=3, num_templates=2)
-  np.testing.assert_array_equal(first, flyp.caption_choices(0, ids, epoch=3, num_templates=2))
-  # an image's caption does not depend on the other images of the call
-  np.testing.assert_array_equal(first[::-1], flyp.caption_choices(0, ids[::-1], 3, 2))
-  np.testing.assert_array_equal(first[10:20], flyp.caption_choices(0, ids[10:20], 3, 2))
-  assert first.dtype == np.int32 and set(first) == {0, 1}
-  assert 150 < first.sum() < 250  # both templates about equally often
-  assert (first != flyp.caption_choices(0, ids, 4, 2)).mean() > 0.3  # epochs differ
-  assert (first != flyp.caption_choices(1, ids, 3, 2)).mean() > 0.3  # seeds differ
+def test_an_epoch_is_every_image_caption_pair_in_ceil_2n_over_batch_steps():
+  picks = np.stack([np.zeros(13, np.int64), np.arange(13)], 1)
+  pairs = flyp.pair_picks(picks, 2, 8, np.random.default_rng(0))
+  assert pairs.shape == (32, 3) and len(pairs) // 8 == math.ceil(2 * 13 / 8)
+  every = {(int(r), int(t)) for _, r, t in pairs[:26]}
+  assert every == {(r, t) for r in range(13) for t in range(2)}  # each pair once ...
+  assert len({tuple(p) for p in pairs[26:]}) == 6  # ... then 6 distinct fill pairs
+  assert len(flyp.pair_picks(picks[:12], 2, 8, np.random.default_rng(0))) == 24  # no fill
+  assert len(flyp.pair_picks(picks[:3], 2, 16, np.random.default_rng(0))) == 16  # 6 pairs < batch
   with pytest.raises(ValueError, match="num_templates"):
-    flyp.caption_choices(0, ids, 0, 0)
+    flyp.pair_picks(picks, 0, 8, np.random.default_rng(0))
 
 
 def test_iwildcam_fixture_reads_back_and_gives_captions(tmp_path):

@@ -49,6 +49,8 @@ def make_config(data_root):
   c.data.metadata_csv = str(pathlib.Path(data_root) / "metadata.csv")
   c.data.image_size = 32
   c.hard.rule = "misclassified"
+  c.hard.model_checkpoint = "zero_shot"  # tests/test_hardness.py covers a trained checkpoint
+  c.hard.exclude_classes = ("empty",)
   c.prompts.templates = ("a photo of {c} in the wild",)
   c.diffusion.tiny = True
   c.diffusion.model = ""
@@ -76,8 +78,8 @@ def make_config(data_root):
   c.curriculum.schedule = "adaptive"
   c.curriculum.levels = (0.5, 0.75)
   c.curriculum.curriculum_epochs = EPOCHS
-  c.curriculum.phase_epochs = 1
-  c.curriculum.val_sources_per_class = 1
+  c.curriculum.uniform_rows = 24  # uniform phases of 3 steps (12 images x 2 captions)
+  c.curriculum.val_sources = 3
   # Every real image each epoch, and a tail share above the hard classes' 3/4 so the
   # synthetic phases draw synthetic rows on top of the real hard images.
   c.curriculum.nontail_fraction = 1.0
@@ -197,6 +199,7 @@ def one(root):
 def test_pipeline_runs_the_low_quality_path(one):
   hard = [json.loads(l) for l in (one / "hard.jsonl").read_text().splitlines()]
   assert hard and all(r["reason"] == "misclassified" for r in hard)
+  assert all(r["class_name"] != "empty" for r in hard)
   assert all(r["pred_class_name"] != r["class_name"] for r in hard)
   names = {c[2]: c[3] for c in iwildcam_fixture.CLASSES}
   assert all(r["caption_name"] == names[r["class_name"]] for r in hard)
@@ -209,13 +212,20 @@ def test_pipeline_runs_the_low_quality_path(one):
 
   rows = _metrics(one)
   assert [r["epoch"] for r in rows] == list(range(EPOCHS))
-  assert [r["curriculum_phase"] for r in rows] == ["uniform", "synthetic"] * (EPOCHS // 2)
-  # Ties (see sources_as_spectrum) go to the first level: [uniform, 0.5, uniform, 0.5].
-  assert [r["curriculum_level"] for r in rows] == [None, 0.5, None, 0.5]
-  for row in (rows[1], rows[3]):
-    assert row["curriculum_choice"] == 0 and len(set(row["curriculum_gains"])) == 1
-    assert row["num_synthetic"] > 0
-  assert "curriculum_gains" not in rows[0] and rows[2]["num_synthetic"] == 0
+  # FLYP's epoch: every (image, caption) pair of the 29 usable real images (32 less 3 held
+  # out for the curriculum), ceil(2 * 29 / 8) = 8 steps; the adaptive phases stream across
+  # epochs: uniform 24 rows = 3 steps, synthetic (21 hard at g*, 8 non-hard real) 8 steps:
+  # epochs of 3 + 5, 3 + 3 + 2, 6 + 2, 1 + 7 steps.
+  assert [r["step"] for r in rows] == [8, 16, 24, 32]
+  assert [r["curriculum_phases"] for r in rows] == [
+      ["uniform", "synthetic"], ["synthetic", "uniform", "synthetic"],
+      ["synthetic", "uniform"], ["uniform", "synthetic"]]
+  assert [r["curriculum_phase_index"] for r in rows] == [1, 3, 4, 5]
+  assert all(r["num_real"] + r["num_synthetic"] == 64 and r["num_synthetic"] > 0 for r in rows)
+  # Ties (see sources_as_spectrum) go to the first level, 0.5, at every pick (none in epoch 2).
+  assert all(r["curriculum_levels"] == [0.5] for r in rows)
+  assert [r.get("curriculum_choice") for r in rows] == [0, 0, None, 0]
+  assert all(len(set(r["curriculum_gains"])) == 1 for r in rows if "curriculum_gains" in r)
   for split in ("id_val", "id_test", "val", "test"):
     for metric in ("all", "macro_f1", "loss"):
       assert np.isfinite(rows[-1][f"{split}/{metric}"])
@@ -225,7 +235,8 @@ def test_pipeline_runs_the_low_quality_path(one):
   assert result["id_test/macro_f1"] == rows[best]["id_test/macro_f1"]
   report = (one / "report.md").read_text()
   assert "id_val" in report and "macro-F1" in report and "`val/macro_f1`" in report
-  assert "## Adaptive curriculum choices" in report and "| 1 | 0.50 |" in report
+  assert "## Adaptive curriculum choices" in report and "| 0 | 0.50 |" in report
+  assert "## Result at the epoch chosen on id_val" in report
   assert "## Hard images" in report and f"{len(hard)} of {figures['num_images']}" in report
   assert (one / "curves.png").exists() and any((one / "tb").iterdir())
   with np.load(one / "predictions.npz") as saved:

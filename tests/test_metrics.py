@@ -40,16 +40,21 @@ def test_macro_f1_matches_sklearn(seed):
   rng = np.random.default_rng(seed)
   labels = rng.integers(0, 12, size=200)
   preds = np.where(rng.random(200) < 0.5, labels, rng.integers(0, 15, size=200))
-  expected = sklearn_metrics.f1_score(labels, preds, average="macro", zero_division=0)
+  expected = sklearn_metrics.f1_score(labels, preds, average="macro", labels=np.unique(labels),
+                                      zero_division=0)
   assert metrics.macro_f1(preds, labels) == pytest.approx(expected, abs=1e-12)
 
 
-def test_macro_f1_with_classes_never_predicted_or_never_present():
+def test_macro_f1_is_wilds_average_over_present_classes():
+  """WILDS: f1_score(average="macro", labels=unique(y_true)); differs from the union here."""
   sklearn_metrics = pytest.importorskip("sklearn.metrics")
   labels = np.array([0, 0, 1, 1, 2])
   preds = np.array([0, 3, 3, 1, 4])  # class 2 never predicted; 3, 4 never true
-  expected = sklearn_metrics.f1_score(labels, preds, average="macro", zero_division=0)
-  assert metrics.macro_f1(preds, labels) == pytest.approx(expected, abs=1e-12)
+  wilds = sklearn_metrics.f1_score(labels, preds, average="macro", labels=np.unique(labels),
+                                   zero_division=0)
+  union = sklearn_metrics.f1_score(labels, preds, average="macro", zero_division=0)
+  assert wilds == pytest.approx((2 / 3 + 2 / 3 + 0) / 3) and union == pytest.approx(4 / 15)
+  assert metrics.macro_f1(preds, labels) == pytest.approx(wilds, abs=1e-12)
 
 
 def test_split_metrics_keys():

@@ -122,3 +122,20 @@ def test_torn_last_metrics_line_is_ignored(tmp_path):
     f.write(json.dumps({"epoch": 6})[:5])  # a killed writer's half line
   report_path, _ = eval_stage.run(_demo_config(), tmp_path)
   assert "## Last epoch (5)" in report_path.read_text()
+
+
+def test_iwildcam_report_adds_the_epoch_chosen_on_id_val():
+  rows = []
+  for e, (id_val, val) in enumerate([(0.2, 0.1), (0.6, 0.3), (0.5, 0.4), (0.6, 0.2)]):
+    rows.append({"epoch": e, **{f"{s}/macro_f1": v for s, v in
+                                (("id_val", id_val), ("val", val), ("test", val - 0.05),
+                                 ("id_test", id_val - 0.05))}})
+  final = {"best_epoch": 2, "selected_on": "val/macro_f1"}
+  assert report.id_val_row(rows, "val/macro_f1")["epoch"] == 1  # the first of the ties
+  assert report.id_val_row(rows, "id_val/macro_f1") is None
+  text = report.render_markdown(rows, final=final)
+  assert "## Result at the best validation epoch (2)" in text
+  assert "## Result at the epoch chosen on id_val (1)" in text and "## Last epoch (3)" in text
+  section = text.split("## Result at the epoch chosen on id_val (1)")[1].split("##")[0]
+  assert "| id_test | - | - | - | - | 55.00 |" in section
+  assert "epoch chosen on id_val" not in report.render_markdown(_rows())  # no id_val split

@@ -4,11 +4,15 @@
                                     synthetic_rows=..., seed=config.seed)
   state = spec.initial_state()
   for epoch in ...:
-    signals = {"val_probs": ...} if needs_signals(spec, epoch) else None
-    state, plan = plan_epoch(spec, state, epoch, signals)
+    if in_stream(spec, epoch):   # adaptive curriculum epochs: segments of its phase stream
+      state, records, summary = next_segment(spec, state, steps_left=..., batch_size=...,
+                                             records_fn=..., measure=...)
+    else:
+      state, plan = plan_epoch(spec, state, epoch)
 """
 
-from discl_jax.curriculum.adaptive import iqr_filtered_mean, needs_signals, update
+from discl_jax.curriculum.adaptive import (
+    epoch_steps, in_stream, iqr_filtered_mean, merge_summaries, next_segment, reset, update)
 from discl_jax.curriculum.schedules import plan_epoch, stages
 from discl_jax.curriculum.state import (
     REAL, REAL_ONLY_SCHEDULES, SCHEDULES, SIGNALS, SYNTHETIC, TAIL_FILLS, CurriculumSpec,
@@ -16,6 +20,7 @@ from discl_jax.curriculum.state import (
 
 __all__ = [
     "CurriculumSpec", "CurriculumState", "EpochPlan", "REAL", "REAL_ONLY_SCHEDULES",
-    "SCHEDULES", "SIGNALS", "SYNTHETIC", "TAIL_FILLS", "iqr_filtered_mean", "needs_signals",
-    "plan_epoch", "stages", "update",
+    "SCHEDULES", "SIGNALS", "SYNTHETIC", "TAIL_FILLS", "epoch_steps", "in_stream",
+    "iqr_filtered_mean", "merge_summaries", "next_segment", "plan_epoch", "reset", "stages",
+    "update",
 ]

@@ -14,9 +14,8 @@ How the tail share is filled is `tail_fill`:
              synthetic images (a class with none falls back to its own real
              images, with a warning at spec build), in a real epoch from its
              real images.
-The adaptive schedule instead trains its uniform phases on every real image and
-its synthetic phases on the hard images' synthetic versions plus the non-hard
-real images (`hard_replacement_picks`).
+The adaptive schedule instead trains on a stream of uniform and synthetic
+phases (`adaptive.py`); its validation set comes from `validation_set`.
 """
 
 import numpy as np
@@ -55,12 +54,12 @@ def level_mask(syn_levels, level_set):
   return mask
 
 
-def validation_set(train_labels, hard, syn_sources, syn_levels, levels, per_class, seed):
+def validation_set(hard, syn_sources, syn_levels, levels, count, seed):
   """Returns (real rows [V], synthetic rows [len(levels), V]) of the curriculum validation set.
 
   Candidates are hard real images that have at least one synthetic row at every
-  level; `per_class` of them per class are drawn deterministically from `seed`,
-  and for each level the lowest-numbered synthetic row of that image is used.
+  level; `count` of them in all (DESIGN.md §6: 2,000) are drawn deterministically
+  from `seed`, and for each level the lowest-numbered synthetic row of that image is used.
   """
   syn_sources = np.asarray(syn_sources)
   first_row = []
@@ -70,18 +69,13 @@ def validation_set(train_labels, hard, syn_sources, syn_levels, levels, per_clas
     for r in rows:
       first.setdefault(int(syn_sources[r]), int(r))
     first_row.append(first)
-  complete = [i for i in np.flatnonzero(hard) if all(i in f for f in first_row)]
-  complete = np.asarray(complete, np.int64)
-  chosen = []
-  for c in np.unique(train_labels[complete]) if len(complete) else []:
-    members = complete[train_labels[complete] == c]
-    rng = seeding.numpy_rng(seed, "curriculum-validation", int(c))
-    take = min(per_class, len(members))
-    chosen.extend(np.sort(rng.choice(members, take, replace=False)).tolist())
-  real_rows = np.asarray(sorted(chosen), np.int64)
+  complete = np.asarray([i for i in np.flatnonzero(hard) if all(i in f for f in first_row)],
+                        np.int64)
+  rng = seeding.numpy_rng(seed, "curriculum-validation")
+  real_rows = np.sort(rng.choice(complete, min(count, len(complete)), replace=False))
   syn_rows = np.asarray([[f[int(i)] for i in real_rows] for f in first_row],
                         np.int64).reshape(len(levels), len(real_rows))
-  return real_rows, syn_rows
+  return real_rows.astype(np.int64), syn_rows
 
 
 def classes_without_synthetic(spec, level_set):
@@ -150,32 +144,6 @@ def _pooled_picks(spec, level_set, nontail_pick, tail, tail_total, rng):
     return _picks(np.concatenate([nontail_pick, tail]), np.zeros([0], np.int64)), fallback
   tail_rows = np.sort(rng.choice(tail, tail_total, replace=True))
   return _picks(np.concatenate([nontail_pick, tail_rows]), np.zeros([0], np.int64)), fallback
-
-
-def hard_replacement_picks(spec, level_set, rng):
-  """Returns (picks int64 [K, 2], fallback classes): an adaptive synthetic phase's list.
-
-  DESIGN.md 1.5: {hard images at the chosen level} U {non-hard real}. Every
-  usable non-hard real image once, and each hard image replaced by one of its
-  accepted synthetic images at a level of `level_set` (drawn at random); a hard
-  image with none stays real, and its class is reported as a fallback.
-  """
-  usable = spec.train_usable
-  nontail = np.flatnonzero(usable & ~spec.hard)
-  syn_ok = np.flatnonzero(spec.syn_usable & level_mask(spec.syn_levels, level_set))
-  by_source = {}
-  for row in syn_ok:
-    by_source.setdefault(int(spec.syn_sources[row]), []).append(int(row))
-  real_rows, syn_rows, fallback = [nontail], [], set()
-  for source in np.flatnonzero(usable & spec.hard):
-    candidates = by_source.get(int(source))
-    if candidates:
-      syn_rows.append(int(rng.choice(candidates)))
-    else:
-      real_rows.append(np.asarray([source], np.int64))
-      fallback.add(int(spec.train_labels[source]))
-  real = np.concatenate(real_rows).astype(np.int64)
-  return _picks(real, np.asarray(syn_rows, np.int64)), tuple(sorted(fallback))
 
 
 def _picks(real_rows, syn_rows):

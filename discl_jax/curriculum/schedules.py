@@ -15,20 +15,15 @@ goes to the earliest stages, as in the reference); every epoch from
   fixed        the one level of `levels` for all curriculum epochs.
   all_levels   every level of `levels` mixed for all curriculum epochs.
   text_only    lambda = 0 (strength 1.0) for all curriculum epochs.
-  adaptive     uniform / synthetic phases; see `adaptive.py`.
+  adaptive     a stream of uniform / synthetic phases counted in steps during the
+               curriculum epochs (`adaptive.next_segment`), real only after.
 """
-
-import logging
 
 import numpy as np
 
 from discl_jax import seeding
-from discl_jax.curriculum import adaptive
 from discl_jax.curriculum import sampling
 from discl_jax.curriculum.state import EpochPlan
-
-_log = logging.getLogger(__name__)
-
 
 def stage_lengths(total, num_stages):
   """Returns int [num_stages] epochs per stage, summing to `total`, earliest stages longest."""
@@ -70,44 +65,29 @@ def level_set_for(spec, state, epoch):
   if spec.schedule in ("none", "resample") or epoch >= spec.curriculum_epochs:
     return (), "real"
   if spec.schedule == "adaptive":
-    phase = adaptive.phase_of(spec, epoch)
-    index = int(np.asarray(state.level_index))
-    if phase != "synthetic" or index < 0 or index >= len(spec.levels):
-      return (), phase
-    return (spec.levels[index],), phase
+    raise ValueError(f"epoch {epoch} of the adaptive curriculum is a stretch of its phase "
+                     "stream (adaptive.next_segment), not an epoch plan")
   for start, end, level_set in stages(spec):
     if start <= epoch < end:
       return level_set, "synthetic" if level_set else "real"
   return (), "real"
 
 
-def plan_epoch(spec, state, epoch, signals=None):
+def plan_epoch(spec, state, epoch):
   """Returns (state, EpochPlan) for `epoch`; pure given its arguments.
 
-  `signals` must hold "val_probs" when `adaptive.needs_signals(spec, epoch)`;
-  it is ignored otherwise. Randomness comes from (spec.seed, epoch).
+  Randomness comes from (spec.seed, epoch). The adaptive schedule's curriculum
+  epochs are not planned here but streamed (`adaptive.next_segment`).
   """
   epoch = int(epoch)
-  if adaptive.needs_signals(spec, epoch):
-    if not signals or signals.get("val_probs") is None:
-      raise ValueError(
-          f"epoch {epoch} of the adaptive curriculum needs signals['val_probs']: the "
-          "true-class probabilities of the curriculum validation set (spec.validation())")
-    state = adaptive.update(state, signals["val_probs"], spec.signal)
-    if bool(np.asarray(state.has_ref)) and int(np.asarray(state.level_index)) >= 0:
-      _log.info("adaptive curriculum: epoch %d picks %s (mean progress per candidate %s)",
-                epoch, _candidate_name(spec, int(np.asarray(state.level_index))),
-                np.round(np.asarray(state.gains), 5).tolist())
   if spec.schedule == "none":
     return state, EpochPlan(epoch=epoch, level=None, picks=sampling.all_real_picks(spec), phase="real")
   level_set, phase = level_set_for(spec, state, epoch)
+  if spec.schedule == "adaptive":  # after its curriculum epochs: every real image
+    return state, EpochPlan(epoch=epoch, level=None, picks=sampling.all_real_picks(spec),
+                            phase=phase)
   rng = seeding.numpy_rng(spec.seed, "curriculum-epoch", epoch)
-  if spec.schedule != "adaptive":
-    picks, fallback = sampling.epoch_picks(spec, level_set, rng)
-  elif level_set:
-    picks, fallback = sampling.hard_replacement_picks(spec, level_set, rng)
-  else:
-    picks, fallback = sampling.all_real_picks(spec), ()
+  picks, fallback = sampling.epoch_picks(spec, level_set, rng)
   if not level_set:
     level = None
   elif len(level_set) == 1:
@@ -117,7 +97,3 @@ def plan_epoch(spec, state, epoch, signals=None):
   return state, EpochPlan(epoch=epoch, level=level, picks=picks, phase=phase,
                           levels=tuple(float(v) for v in level_set),
                           fallback_classes=fallback)
-
-
-def _candidate_name(spec, index):
-  return "real" if index >= len(spec.levels) else f"lambda={spec.levels[index]:.2f}"

@@ -44,7 +44,10 @@ class CurriculumSpec:
     tail_share: the tail's share of every epoch's sample list.
     tail_fill: how the tail share is filled, one of TAIL_FILLS (see `sampling`).
     signal: the adaptive rule's progress signal, one of SIGNALS.
-    phase_epochs: adaptive: epochs per uniform / synthetic phase.
+    uniform_rows: adaptive: training rows of each uniform phase (0: every
+      usable real image); `rows_per_image` rows per image.
+    merge_real: adaptive: synthetic phases also train on the non-hard real images.
+    rows_per_image: training records per image (FLYP: one per caption template).
     seed: the config seed every random choice derives from.
     num_classes: classes of the dataset.
     train_labels: int [N] labels of the real train split (source 0).
@@ -68,7 +71,9 @@ class CurriculumSpec:
   tail_share: float
   tail_fill: str
   signal: str
-  phase_epochs: int
+  uniform_rows: int
+  merge_real: bool
+  rows_per_image: int
   seed: int
   num_classes: int
   train_labels: np.ndarray
@@ -84,7 +89,7 @@ class CurriculumSpec:
 
   @classmethod
   def from_config(cls, config, *, train, groups, synthetic_rows=(), seed=0,
-                  hard_ids=None):
+                  hard_ids=None, rows_per_image=1):
     """Returns the spec of `config` (the `curriculum` section) for this data.
 
     Args:
@@ -96,6 +101,8 @@ class CurriculumSpec:
       seed: the config seed.
       hard_ids: ids of the real images that are hard (`hard.jsonl`); None
         means every training image of a "few" class.
+      rows_per_image: training records the trainer makes of one image (FLYP:
+        one per caption template), for `uniform_rows`.
 
     Raises ValueError naming the key for an unknown schedule or signal and for
     values out of range.
@@ -113,12 +120,12 @@ class CurriculumSpec:
     nontail_fraction = float(config["nontail_fraction"])
     if not 0.0 < nontail_fraction <= 1.0:
       raise ValueError(f"curriculum.nontail_fraction must be in (0, 1], got {nontail_fraction}")
-    phase_epochs = int(config["phase_epochs"])
-    if phase_epochs < 1:
-      raise ValueError(f"curriculum.phase_epochs must be >= 1, got {phase_epochs}")
-    val_per_class = int(config["val_sources_per_class"])
-    if val_per_class < 0:
-      raise ValueError(f"curriculum.val_sources_per_class must be >= 0, got {val_per_class}")
+    uniform_rows = int(config.get("uniform_rows", 0))
+    if uniform_rows < 0:
+      raise ValueError(f"curriculum.uniform_rows must be >= 0, got {uniform_rows}")
+    val_sources = int(config.get("val_sources", 0))
+    if val_sources < 0:
+      raise ValueError(f"curriculum.val_sources must be >= 0, got {val_sources}")
     tail_share = float(config.get("tail_share", 0.0))
     if not 0.0 <= tail_share < 1.0:
       raise ValueError(f"curriculum.tail_share must be in [0, 1), got {tail_share}")
@@ -141,7 +148,7 @@ class CurriculumSpec:
     syn_labels, syn_levels, syn_sources = sampling.synthetic_arrays(synthetic_rows, train.ids)
     if schedule == "adaptive":
       val_real_rows, val_syn_rows = sampling.validation_set(
-          train_labels, hard, syn_sources, syn_levels, levels, val_per_class, seed)
+          hard, syn_sources, syn_levels, levels, val_sources, seed)
     else:
       val_real_rows = np.zeros([0], np.int64)
       val_syn_rows = np.zeros([len(levels), 0], np.int64)
@@ -154,7 +161,8 @@ class CurriculumSpec:
         schedule=schedule, levels=levels, curriculum_epochs=curriculum_epochs,
         nontail_fraction=nontail_fraction, tail_share=tail_share, tail_fill=tail_fill,
         signal=signal,
-        phase_epochs=phase_epochs, seed=int(seed), num_classes=train.num_classes,
+        uniform_rows=uniform_rows, merge_real=bool(config.get("merge_real", True)),
+        rows_per_image=int(rows_per_image), seed=int(seed), num_classes=train.num_classes,
         train_labels=train_labels, hard=hard, train_usable=train_usable,
         tail_classes=tail_classes, syn_labels=syn_labels, syn_levels=syn_levels,
         syn_sources=syn_sources, syn_usable=syn_usable, val_real_rows=val_real_rows, val_syn_rows=val_syn_rows)
@@ -235,11 +243,15 @@ class CurriculumState:
     has_ref: bool scalar, whether `ref_probs` holds a reference point yet.
     gains: float32 [len(levels) + 1] IQR-filtered mean progress per candidate at
       the last pick (NaN before).
+    phase: int32 scalar, the adaptive stream's phase (even: uniform, odd: synthetic).
+    phase_step: int32 scalar, steps of that phase already handed out.
   """
   level_index: np.ndarray
   ref_probs: np.ndarray
   has_ref: np.ndarray
   gains: np.ndarray
+  phase: np.ndarray
+  phase_step: np.ndarray
 
   @classmethod
   def create(cls, num_levels, num_val):
@@ -248,7 +260,8 @@ class CurriculumState:
         level_index=np.array(-1, np.int32),
         ref_probs=np.zeros([num_levels + 1, num_val], np.float32),
         has_ref=np.array(False),
-        gains=np.full([num_levels + 1], np.nan, np.float32))
+        gains=np.full([num_levels + 1], np.nan, np.float32),
+        phase=np.array(0, np.int32), phase_step=np.array(0, np.int32))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

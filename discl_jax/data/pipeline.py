@@ -32,6 +32,9 @@ def _default_shard():
 class PicksSource(grain.RandomAccessDataSource):
   """Record k decodes `sources[picks[k, 0]].image(picks[k, 1])`.
 
+  Picks [K, 3] carry a third column the record passes on as "template" (FLYP's
+  caption template of each (image, caption) pair, `flyp.pair_picks`).
+
   With `on_bad_image="skip"` an unreadable image yields a record with image
   None and mask 0, and its message (naming the file) is logged and appended to
   `self.skipped` (the loader's `.skipped`; filled in-process, i.e. with
@@ -42,7 +45,7 @@ class PicksSource(grain.RandomAccessDataSource):
     if on_bad_image not in ON_BAD_IMAGE:
       raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
     self._sources = tuple(sources)
-    self._picks = np.asarray(picks, np.int64).reshape(-1, 2)
+    self._picks = as_picks(picks)
     self._on_bad_image = on_bad_image
     self.skipped = []
     bad = (self._picks[:, 0] < 0) | (self._picks[:, 0] >= len(self._sources))
@@ -63,7 +66,7 @@ class PicksSource(grain.RandomAccessDataSource):
     return f"PicksSource(picks={len(self._picks)}:{digest}, sources={sizes})"
 
   def __getitem__(self, k):
-    s, row = (int(v) for v in self._picks[k])
+    s, row = (int(v) for v in self._picks[k, :2])
     source = self._sources[s]
     try:
       image = source.image(row)
@@ -73,20 +76,24 @@ class PicksSource(grain.RandomAccessDataSource):
       logging.warning("skipping unreadable image: %s", e)
       self.skipped.append(str(e))
       image = None
-    return {"image": image, "label": np.int32(source.labels[row]),
-            "source": np.int32(s), "row": np.int32(row), "mask": np.float32(image is not None)}
+    record = {"image": image, "label": np.int32(source.labels[row]),
+              "source": np.int32(s), "row": np.int32(row), "mask": np.float32(image is not None)}
+    if self._picks.shape[1] == 3:
+      record["template"] = np.int32(self._picks[k, 2])
+    return record
 
 
 class _TrainView(grain.RandomMapTransform):
 
-  def __init__(self, size, augment, mean, std):
+  def __init__(self, size, augment, mean, std, recipe):
     self._size, self._augment, self._mean, self._std = size, augment, mean, std
+    self._recipe = recipe
 
   def random_map(self, element, rng):
     if self._augment:
-      image = transforms.train_transform(element["image"], self._size, rng)
+      image = transforms.train_view(self._recipe, element["image"], self._size, rng)
     else:
-      image = transforms.center_crop_resize(element["image"], self._size)
+      image = transforms.eval_view(self._recipe, element["image"], self._size)
     element["image"] = normalize(image, self._mean, self._std)
     del element["mask"]
     return element
@@ -94,14 +101,14 @@ class _TrainView(grain.RandomMapTransform):
 
 class _EvalView(grain.MapTransform):
 
-  def __init__(self, size, mean, std):
-    self._size, self._mean, self._std = size, mean, std
+  def __init__(self, size, mean, std, recipe):
+    self._size, self._mean, self._std, self._recipe = size, mean, std, recipe
 
   def map(self, element):
     if element["image"] is None:
       image = np.zeros((self._size, self._size, 3), np.uint8)
     else:
-      image = transforms.center_crop_resize(element["image"], self._size)
+      image = transforms.eval_view(self._recipe, element["image"], self._size)
     element["image"] = normalize(image, self._mean, self._std)
     return element
 
@@ -162,27 +169,44 @@ def _local_batch(batch_size, shard):
   return batch_size // count
 
 
+def as_picks(picks):
+  """Returns int64 picks [K, 2] (source, row), or [K, 3] with a template column."""
+  picks = np.asarray(picks, np.int64)
+  return picks if picks.ndim == 2 and picks.shape[1] == 3 else picks.reshape(-1, 2)
+
+
+def _recipe(name):
+  if name not in transforms.RECIPES:
+    raise ValueError(f"unknown transform recipe {name!r}; valid: {', '.join(transforms.RECIPES)}")
+  return name
+
+
 def epoch_order(num_picks, seed, epoch):
   """Returns the permutation of an epoch's picks, from (seed, epoch) alone."""
   return seeding.numpy_rng(seed, "train_loader/order", epoch).permutation(num_picks)
 
 
 def train_loader(sources, picks, *, image_size, batch_size, seed, epoch,
-                 augment=True, shard=None, num_workers=0, on_bad_image="error",
-                 mean=transforms.IMAGENET_MEAN, std=transforms.IMAGENET_STD):
+                 shuffle=True, augment=True, shard=None, num_workers=0, on_bad_image="error",
+                 mean=transforms.IMAGENET_MEAN, std=transforms.IMAGENET_STD, recipe="resnet"):
   """Returns a grain DataLoader over one epoch of `picks`, shuffled from (seed, epoch).
 
+  `recipe` names the transforms (`transforms.RECIPES`: "resnet" or "clip");
+  `shuffle=False` keeps the order of `picks` (already drawn by the caller).
+
   Batches: {"image": float32 [b, S, S, 3] normalised, "label", "source", "row":
-  int32 [b]} with b = batch_size // process_count; the remainder is dropped.
+  int32 [b]} (plus "template" for picks [K, 3]) with b = batch_size //
+  process_count; the remainder is dropped.
   Augmentation draws from grain's per-record rng (seeded from seed and epoch).
   """
   shard = _default_shard() if shard is None else tuple(shard)
   local = _local_batch(batch_size, shard)
   _absl_flags_ready(num_workers)
-  picks = np.asarray(picks, np.int64).reshape(-1, 2)
+  picks = as_picks(picks)
   if len(picks) < batch_size:
     raise ValueError(f"an epoch of {len(picks)} picks is smaller than one batch ({batch_size})")
-  picks = picks[epoch_order(len(picks), seed, epoch)]
+  if shuffle:
+    picks = picks[epoch_order(len(picks), seed, epoch)]
   source = PicksSource(sources, picks, on_bad_image)
   sampler = grain.IndexSampler(
       num_records=len(source),
@@ -190,7 +214,7 @@ def train_loader(sources, picks, *, image_size, batch_size, seed, epoch,
       shuffle=False, num_epochs=1,
       seed=seeding.stable_hash("train_loader/augment", seed, epoch) & 0x7FFFFFFF)
   operations = [_DropBad()] if on_bad_image == "skip" else []
-  operations += [_TrainView(image_size, augment, mean, std),
+  operations += [_TrainView(image_size, augment, mean, std, _recipe(recipe)),
                  grain.Batch(local, drop_remainder=True)]
   return _with_skipped(grain.DataLoader(
       data_source=source, sampler=sampler, operations=operations,
@@ -199,8 +223,10 @@ def train_loader(sources, picks, *, image_size, batch_size, seed, epoch,
 
 def eval_loader(split, *, image_size, batch_size, shard=None, num_workers=0,
                 on_bad_image="error", mean=transforms.IMAGENET_MEAN,
-                std=transforms.IMAGENET_STD):
+                std=transforms.IMAGENET_STD, recipe="resnet"):
   """Returns a grain DataLoader over `split` in order, every image exactly once.
+
+  `recipe` names the eval transform (`transforms.RECIPES`).
 
   Batches add "mask" float32 [b]: 0 for padding (the split is padded to a
   multiple of batch_size so every process yields the same number of batches)
@@ -219,7 +245,7 @@ def eval_loader(split, *, image_size, batch_size, shard=None, num_workers=0,
       num_records=padded,
       shard_options=grain.ShardOptions(shard[0], shard[1], drop_remainder=True),
       shuffle=False, num_epochs=1, seed=0)
-  operations = [_PadMask(len(split)), _EvalView(image_size, mean, std),
+  operations = [_PadMask(len(split)), _EvalView(image_size, mean, std, _recipe(recipe)),
                 grain.Batch(local, drop_remainder=False)]
   return _with_skipped(grain.DataLoader(
       data_source=source, sampler=sampler, operations=operations,

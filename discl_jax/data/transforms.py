@@ -1,10 +1,18 @@
 """Host-side image transforms (numpy + PIL), pure functions of (image, rng).
 
-Train: random-resized-crop, horizontal flip, mild color jitter. Eval: resize the
-shorter side and center-crop. Every random choice comes from the numpy
-Generator passed in (grain's per-record rng), so a record's augmentation
-depends only on the loader seed and the record's position.
+Two recipes, picked by the classifier (`recipe_for(train.model)`):
+  resnet  train: random-resized-crop (area 0.35-1), horizontal flip, mild color
+          jitter; eval: resize the shorter side and center-crop 0.875.
+  clip    CLIP's own (FLYP / DisCL, DESIGN.md §6): train RandomResizedCrop(size,
+          scale=(0.9, 1.0)) with bicubic resampling and nothing else; eval
+          resize the shorter side to `size` (bicubic) and center-crop `size`,
+          with torchvision's crop parameters and rounding.
+Every random choice comes from the numpy Generator passed in (grain's
+per-record rng), so a record's augmentation depends only on the loader seed
+and the record's position.
 """
+
+import math
 
 import numpy as np
 from PIL import Image, ImageEnhance
@@ -18,6 +26,13 @@ CROP_SCALE = (0.35, 1.0)       # fraction of the image area a train crop covers
 CROP_RATIO = (3 / 4, 4 / 3)    # aspect ratio range of a train crop
 JITTER = 0.2                   # brightness / contrast / saturation factors in 1 +- JITTER
 EVAL_CROP_FRACTION = 0.875     # eval: center crop this fraction of a larger image
+CLIP_CROP_SCALE = (0.9, 1.0)   # clip recipe: FLYP's RandomResizedCrop area range
+RECIPES = ("resnet", "clip")
+
+
+def recipe_for(model):
+  """Returns the transform recipe of classifier `model` (train.model): "clip" or "resnet"."""
+  return "clip" if model == "clip" else "resnet"
 
 
 def normalize(images_uint8, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -31,11 +46,11 @@ def normalize(images_uint8, mean=IMAGENET_MEAN, std=IMAGENET_STD):
   return x
 
 
-def resize(image, height, width):
-  """Returns uint8 `image` resized to height x width (bilinear, antialiased)."""
+def resize(image, height, width, resample=Image.Resampling.BILINEAR):
+  """Returns uint8 `image` resized to height x width (PIL `resample`, antialiased)."""
   if image.shape[:2] == (height, width):
     return image
-  im = Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR)
+  im = Image.fromarray(np.ascontiguousarray(image)).resize((width, height), resample)
   return np.asarray(im)
 
 
@@ -93,3 +108,66 @@ def center_crop_resize(image, size, crop_fraction=EVAL_CROP_FRACTION):
   image = resize(image, nh, nw)
   top, left = (nh - size) // 2, (nw - size) // 2
   return image[top:top + size, left:left + size]
+
+
+def crop_box(height, width, rng, scale=CLIP_CROP_SCALE, ratio=CROP_RATIO):
+  """Returns (top, left, crop height, crop width): torchvision's RandomResizedCrop.get_params.
+
+  Ten tries of a random area fraction in `scale` and log-uniform aspect in
+  `ratio`; if none fits, the central crop of the image clamped to `ratio`.
+  """
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(*log_ratio))
+    cw = int(round(math.sqrt(target * aspect)))
+    ch = int(round(math.sqrt(target / aspect)))
+    if 0 < cw <= width and 0 < ch <= height:
+      top = int(rng.integers(0, height - ch + 1))
+      left = int(rng.integers(0, width - cw + 1))
+      return top, left, ch, cw
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    cw, ch = width, int(round(width / min(ratio)))
+  elif in_ratio > max(ratio):
+    ch, cw = height, int(round(height * max(ratio)))
+  else:
+    cw, ch = width, height
+  return (height - ch) // 2, (width - cw) // 2, ch, cw
+
+
+def clip_train_transform(image, size, rng):
+  """Returns the size x size uint8 CLIP training view: a `crop_box` crop, bicubic resize."""
+  top, left, ch, cw = crop_box(image.shape[0], image.shape[1], rng)
+  return resize(image[top:top + ch, left:left + cw], size, size, Image.Resampling.BICUBIC)
+
+
+def clip_eval_transform(image, size):
+  """Returns the size x size uint8 CLIP eval view: Resize(size) bicubic, CenterCrop(size).
+
+  torchvision's sizes: the shorter side becomes `size`, the longer
+  int(size * long / short); the crop starts at round((extent - size) / 2).
+  """
+  h, w = image.shape[:2]
+  if h <= w:
+    nh, nw = size, int(size * w / h)
+  else:
+    nh, nw = int(size * h / w), size
+  image = resize(image, nh, nw, Image.Resampling.BICUBIC)
+  top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+  return image[top:top + size, left:left + size]
+
+
+def train_view(recipe, image, size, rng):
+  """Returns the size x size uint8 training view of `image` under `recipe` (RECIPES)."""
+  if recipe == "clip":
+    return clip_train_transform(image, size, rng)
+  return train_transform(image, size, rng)
+
+
+def eval_view(recipe, image, size):
+  """Returns the size x size uint8 eval view of `image` under `recipe` (RECIPES)."""
+  if recipe == "clip":
+    return clip_eval_transform(image, size)
+  return center_crop_resize(image, size)

@@ -48,21 +48,23 @@ def per_class_accuracy(preds, labels, num_classes):
 
 
 def macro_f1(preds, labels):
-  """Returns the unweighted mean F1 over the classes present in `labels` or `preds`.
+  """Returns WILDS' macro-F1: the unweighted mean F1 over the classes present in `labels`.
 
-  Matches sklearn `f1_score(labels, preds, average="macro")`: a class whose
-  precision and recall are both undefined or zero scores 0.
+  WILDS' iWildCam metric (DESIGN.md §6) is sklearn's `f1_score(labels, preds,
+  average="macro", labels=unique(labels))`: a class predicted but absent from
+  the split does not enter the average (sklearn's default, the union of true
+  and predicted classes, would count it as F1 = 0). A present class never
+  predicted correctly scores 0.
   """
   preds, labels = _as_ints(preds, labels)
   if labels.size == 0:
     return float("nan")
-  classes = np.union1d(labels, preds)
-  size = int(classes.max()) + 1
+  classes = np.unique(labels)
+  size = int(max(classes.max(), preds.max())) + 1
   tp = np.bincount(labels[preds == labels], minlength=size)[classes]
   predicted = np.bincount(preds, minlength=size)[classes]
   actual = np.bincount(labels, minlength=size)[classes]
-  denominator = predicted + actual
-  f1 = np.where(denominator > 0, 2.0 * tp / np.maximum(denominator, 1), 0.0)
+  f1 = 2.0 * tp / (predicted + actual)
   return float(np.mean(f1))
 
 

@@ -51,6 +51,15 @@ def best_row(rows, best_epoch=None, split="val", metric="all"):
   return max(scored, key=lambda r: r[f"{split}/{metric}"]) if scored else None
 
 
+def id_val_row(rows, selected_on):
+  """Returns the row chosen on `id_val` with the metric of `selected_on` ("split/metric"), or
+  None when the rows have no id_val or the run already selects on it."""
+  split, _, metric = selected_on.partition("/")
+  if split == "id_val" or not any(f"id_val/{metric}" in r for r in rows):
+    return None
+  return best_row(rows, None, "id_val", metric)
+
+
 def results_table(values, splits):
   """Returns markdown: one line per split, Many/Medium/Few/All/macro-F1 in percent."""
   lines = ["| split | " + " | ".join(_HEADERS[c] for c in COLUMNS) + " |",
@@ -123,9 +132,11 @@ def hard_section(figures):
   """Returns markdown lines for the hard-image rule and its per-class figures."""
   rule = figures.get("rule", {})
   out = [f"Rule: misclassified={rule.get('misclassified')}, true-class probability quantile "
-         f"{rule.get('prob_quantile')} (threshold {figures.get('prob_threshold')}); model "
-         f"`{figures.get('model', '-')}`, train accuracy {_pct(figures.get('train_accuracy'))} %. "
-         f"{figures.get('num_hard')} of {figures.get('num_images')} training images are hard.",
+         f"{rule.get('prob_quantile')} (threshold {figures.get('prob_threshold')}), classes "
+         f"never hard {rule.get('excluded_classes', [])}; model `{figures.get('model', '-')}`, "
+         f"train accuracy {_pct(figures.get('train_accuracy'))} %. "
+         f"{figures.get('num_hard')} of {figures.get('num_images')} training images are hard "
+         f"({_pct(figures.get('hard_share'))} %).",
          "", "| class | hard | total |", "|---|---:|---:|"]
   for name, counts in figures.get("per_class", {}).items():
     out.append(f"| {name} | {counts.get('hard')} | {counts.get('total')} |")
@@ -152,6 +163,12 @@ def render_markdown(rows, *, final=None, config=None, per_class=None, hard=None)
     out += [f"## Result at the best validation epoch ({best.get('epoch')})", "",
             "Top-1 accuracy (%) per class group and macro-F1 (%); the epoch is chosen on "
             f"`{selected_on}`, never on test.", "", results_table(values, splits), ""]
+  alternative = id_val_row(rows, (final or {}).get("selected_on", "val/all"))
+  if alternative is not None:
+    out += [f"## Result at the epoch chosen on id_val ({alternative.get('epoch')})", "",
+            "The same run with the epoch chosen on the ID validation split instead (the "
+            "reference evaluated id_val, id_test and test only).", "",
+            results_table(alternative, splits), ""]
   if rows:
     out += [f"## Last epoch ({rows[-1].get('epoch')})", "", results_table(rows[-1], splits), ""]
   out += ["## Curves", "", f"![accuracy and curriculum level per epoch]({CURVES})", ""]

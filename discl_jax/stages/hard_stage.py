@@ -9,12 +9,20 @@ overrides the rule with an explicit list of class names.
 
 Rules:
   few_classes    every training image of a Few class (long-tail tasks).
-  misclassified  low-quality tasks (DESIGN.md 1.1): the model of the original
-                 data (train.model="clip": the CLIP to fine-tune, zero-shot)
-                 predicts every training image; hard = misclassified, or true-class
-                 probability below the `hard.prob_quantile` quantile (when > 0).
-                 Its figures (hard images per class) go to workdir/hard_summary.json
-                 and the log; each row gains true_prob and pred_class_name.
+  misclassified  low-quality tasks (DESIGN.md 1.1, §6): a model trained on the
+                 original data predicts every training image; hard = misclassified,
+                 or true-class probability below the `hard.prob_quantile` quantile
+                 (when > 0). The model is the CLIP of `hard.model_checkpoint`: the
+                 checkpoint directory of a `curriculum.schedule=none` FLYP run on
+                 the same data (the reference's protocol: about 6 % of iWildCam's
+                 train split is hard), or "zero_shot" for the CLIP to fine-tune as
+                 loaded (many more errors on camera-trap images). A DisCL schedule
+                 without it is refused before any stage runs (`check_config`).
+                 Its figures (hard images per class, the hard share) go to
+                 workdir/hard_summary.json and the log; each row gains true_prob and
+                 pred_class_name.
+Images of the classes in `hard.exclude_classes` are never hard (iWildCam:
+"empty", which gets no spectrum in the reference).
 """
 
 import collections
@@ -28,6 +36,7 @@ from discl_jax import workdir as wd
 from discl_jax.data import class_names as class_names_lib
 from discl_jax.data import datasets
 from discl_jax.data import longtail
+from discl_jax.train import checkpoint as checkpoint_lib
 from discl_jax.train import clip_trainer
 from discl_jax.train import hardness
 
@@ -41,29 +50,57 @@ def few_classes(config, splits, workdir):
   return np.flatnonzero(groups[train.labels] == "few"), "few_class", {}, None
 
 
+ZERO_SHOT = "zero_shot"
+
+
+def check_config(config):
+  """Returns None, or raises ValueError naming `hard.model_checkpoint` when a DisCL
+  schedule would take its hard set from no trained model (run before any stage)."""
+  hc = config.hard
+  if (hc.rule == "misclassified" and not hc.classes and not hc.model_checkpoint
+      and config.curriculum.schedule != "none"):
+    raise ValueError(
+        f"hard.rule='misclassified' with curriculum.schedule={config.curriculum.schedule!r} "
+        "needs hard.model_checkpoint: the ckpt directory of a curriculum.schedule=none run "
+        "on this data (step 1 of the protocol, configs/iwildcam.py), whose train-split "
+        f"errors are the hard images; or {ZERO_SHOT!r} for the zero-shot CLIP's errors")
+
+
 def misclassified(config, splits, workdir):
   """Returns (indices, reason, extra, figures): train images the original-data model gets wrong.
 
-  The model is the configured CLIP (zero-shot head from `train.clip_templates`);
+  The model is the CLIP of `hard.model_checkpoint` (or the CLIP to fine-tune,
+  zero-shot, for "zero_shot" or ""), its head from `train.clip_templates`;
   `extra` maps index -> {true_prob, pred_class_name}; `figures` is
   `hardness.summary` plus the model and its train accuracy.
   """
   if config.train.model != "clip":
-    raise ValueError("hard.rule='misclassified' predicts with the CLIP of train.model='clip' "
-                     f"(zero-shot); got train.model={config.train.model!r}")
+    raise ValueError("hard.rule='misclassified' predicts with the CLIP of train.model='clip'; "
+                     f"got train.model={config.train.model!r}")
   train = splits["train"]
   mesh = parallel.make_mesh(config.mesh.shape)
   trainer = clip_trainer.ClipTrainer(config, train.class_names, mesh, workdir)
-  out = trainer.predict(trainer.initial_state(), train)
+  state = trainer.initial_state()
+  source = config.hard.model_checkpoint or ZERO_SHOT
+  if source != ZERO_SHOT:
+    try:
+      variables = checkpoint_lib.load_variables(source, state)
+    except (FileNotFoundError, ValueError) as e:
+      raise ValueError(f"hard.model_checkpoint={source!r}: {e}") from e
+    state = state.replace(params=parallel.put_replicated(variables["params"], mesh))
+  out = trainer.predict(state, train)
+  excluded = listed_classes(train.class_names, config.hard.exclude_classes, "hard.exclude_classes")
   selection = hardness.select_hard(
       out["prob_true"], out["pred"], out["label"], len(train.class_names),
-      misclassified=True, prob_quantile=config.hard.prob_quantile)
+      misclassified=True, prob_quantile=config.hard.prob_quantile, exclude_labels=excluded)
   extra = {int(i): {"true_prob": float(out["prob_true"][i]),
                     "pred_class_name": str(train.class_names[int(out["pred"][i])])}
            for i in np.flatnonzero(selection.mask)}
   figures = hardness.summary(selection, train.class_names, misclassified=True,
-                             prob_quantile=config.hard.prob_quantile)
-  figures["model"] = clip_trainer.clip_model_path(config, workdir)
+                             prob_quantile=config.hard.prob_quantile,
+                             excluded=config.hard.exclude_classes)
+  figures["model"] = (clip_trainer.clip_model_path(config, workdir) if source == ZERO_SHOT
+                      else str(source))
   figures["train_accuracy"] = float(np.mean(out["pred"] == out["label"])) if len(out["pred"]) else None
   return np.flatnonzero(selection.mask), "misclassified", extra, figures
 
@@ -71,12 +108,12 @@ def misclassified(config, splits, workdir):
 RULES = {"few_classes": few_classes, "misclassified": misclassified}
 
 
-def listed_classes(class_names, wanted):
-  """Returns the label ids of class names `wanted`; ValueError lists valid names."""
+def listed_classes(class_names, wanted, key="hard.classes"):
+  """Returns the label ids of class names `wanted`; ValueError names `key` and valid names."""
   index = {name: i for i, name in enumerate(class_names)}
   unknown = [c for c in wanted if c not in index]
   if unknown:
-    raise ValueError(f"hard.classes names unknown class(es) {unknown}; valid class "
+    raise ValueError(f"{key} names unknown class(es) {unknown}; valid class "
                      f"names: {list(class_names)}")
   return sorted({index[c] for c in wanted})
 
@@ -98,10 +135,13 @@ def select_hard_with_figures(config, splits, workdir):
     if config.hard.rule not in RULES:
       raise ValueError(f"unknown hard.rule {config.hard.rule!r}; available: {sorted(RULES)}")
     indices, reason, extra, figures = RULES[config.hard.rule](config, splits, workdir)
+  excluded = listed_classes(train.class_names, config.hard.exclude_classes, "hard.exclude_classes")
+  indices = np.asarray(indices, np.int64)
+  indices = indices[~np.isin(train.labels[indices], excluded)]
   captions = (class_names_lib.caption_names(config.data, train.class_names)
               if config.data.name == "iwildcam" else None)
   rows = []
-  for i in np.sort(np.asarray(indices, np.int64)):
+  for i in np.sort(indices):
     label = int(train.labels[i])
     row = dict(source_id=str(train.ids[i]), label=label,
                class_name=str(train.class_names[label]), reason=reason,
@@ -128,8 +168,9 @@ def run(config, workdir):
     if figures is not None:
       wd.atomic_write_json(wd.path(workdir, wd.HARD_SUMMARY), figures)
   if figures is not None:
-    logging.info("hard: rule %s, %d of %d training images hard (train accuracy %s); "
+    logging.info("hard: rule %s, %d of %d training images hard (%.2f %%; train accuracy %s); "
                  "per class (hard/total): %s", figures["rule"], figures["num_hard"],
-                 figures["num_images"], figures["train_accuracy"],
+                 figures["num_images"], 100 * (figures["hard_share"] or 0.0),
+                 figures["train_accuracy"],
                  {c: f"{v['hard']}/{v['total']}" for c, v in figures["per_class"].items()})
   parallel.barrier("stages.hard")

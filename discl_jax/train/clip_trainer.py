@@ -7,9 +7,12 @@
 - the model is a CLIP (`train.clip_model`; "" uses `score.model`, or with
   `score.tiny` the tiny CLIP built once into workdir/models/clip), loaded and
   trained in float32;
-- images are standardised with CLIP's mean/std at CLIP's input size;
-- each training image gets a caption template from `flyp.caption_choices`
-  (seed, image id, epoch) and the step is FLYP's contrastive step;
+- images get CLIP's own transforms (`transforms.recipe_for("clip")`: FLYP's
+  RandomResizedCrop(scale 0.9-1, bicubic) for training, resize + center crop
+  for evaluation) and CLIP's mean/std, at CLIP's input size;
+- an epoch trains on every (image, caption template) pair of its picks
+  (`flyp.pair_picks`, the last batch filled at random) and the step is
+  FLYP's contrastive step;
 - predictions use the zero-shot head rebuilt from the current text encoder,
   optionally of WiSE-FT weights (`train.wise_ft_alpha` < 1 mixes in the
   zero-shot weights at evaluation only).
@@ -25,6 +28,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from discl_jax import parallel
+from discl_jax import seeding
 from discl_jax.data import class_names as class_names_lib
 from discl_jax.data import pipeline
 from discl_jax.data import transforms
@@ -83,12 +87,15 @@ class ClipTrainer:
       self._zero_shot = jax.tree.map(np.asarray, jax.device_get(state.params))
     return state
 
+  def train_picks(self, picks, epoch):
+    """Returns the epoch's training records: (source, row, template) for every pair of `picks`."""
+    rng = seeding.numpy_rng(self.config.seed, "flyp/fill", epoch)
+    return flyp.pair_picks(picks, len(self.templates), self.config.train.batch_size, rng)
+
   def batch_inputs(self, batch, sources, epoch):
     """Returns the host arrays of one train batch: image, label and the caption template."""
-    ids = [sources[s].ids[r] for s, r in zip(np.asarray(batch["source"]),
-                                             np.asarray(batch["row"]))]
-    templates = flyp.caption_choices(self.config.seed, ids, epoch, len(self.templates))
-    return {"image": batch["image"], "label": batch["label"], "template": templates}
+    del sources, epoch
+    return {"image": batch["image"], "label": batch["label"], "template": batch["template"]}
 
   def eval_params(self, state):
     """Returns (params, head [D, C]) used for predictions: WiSE-FT mixed when alpha < 1.
@@ -114,7 +121,7 @@ class ClipTrainer:
     loader = pipeline.eval_loader(split, image_size=self.image_size,
                                   batch_size=self.eval_batch, shard=(0, 1),
                                   on_bad_image=self.config.data.on_bad_image,
-                                  mean=self.mean, std=self.std)
+                                  mean=self.mean, std=self.std, recipe="clip")
     return gather_predictions(loader, self.eval_batch, self.mesh,
                               lambda batch: self._eval_step(params, head, batch))
 

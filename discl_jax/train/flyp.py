@@ -16,10 +16,12 @@ captions, even identical ones, count as negatives. This is FLYP's loss as
 published; we do not mask or soft-label duplicates.
 
 Captions. The references list every (image, template) pair as a row of the
-training CSV and draw rows at random, so an image meets each template about
-equally often. Here the template of an image at an epoch is chosen by
-`caption_choices` from (seed, image id, epoch) with a stable hash: the same
-in every run, independent of batch composition, device count and resumes.
+training CSV, and an epoch is one shuffled pass over every row (DESIGN.md §6:
+with two templates, ceil(2N / batch) steps for N images). `pair_picks` does
+the same with an epoch's (source, row) picks: every pick with every template,
+as (source, row, template) records the loader shuffles. The reference's last
+batch of an epoch is smaller (PyTorch `drop_last=False`); ours keeps one
+shape, so the last batch is filled with pairs drawn at random from the epoch.
 
 Multi-device: the step is jitted with the batch sharded over the mesh's
 `data` axis; the [B, B] logits span the global batch (XLA gathers the
@@ -35,7 +37,6 @@ import numpy as np
 import optax
 
 from discl_jax import parallel
-from discl_jax import seeding
 from discl_jax.models import clip_classifier
 from discl_jax.train.state import TrainState
 
@@ -64,12 +65,23 @@ def flyp_loss(model, params, pixels, input_ids, attention_mask):
   return contrastive_loss(img, txt, scale), scale * img @ txt.T
 
 
-def caption_choices(seed, image_ids, epoch, num_templates):
-  """Returns int32 [N]: the template index of each image id at `epoch` under `seed`."""
+def pair_picks(picks, num_templates, batch_size, rng):
+  """Returns int64 [P, 3] (source, row, template): every pick with every template.
+
+  P = ceil(K * num_templates / batch_size) * batch_size: the pairs, then as
+  many pairs drawn from them at random (with `rng`, without replacement while
+  they last) as fill the last batch.
+  """
   if num_templates < 1:
     raise ValueError(f"num_templates must be >= 1, got {num_templates}")
-  return np.asarray([seeding.stable_hash("flyp_caption", seed, image_id, epoch) % num_templates
-                     for image_id in image_ids], np.int32)
+  picks = np.asarray(picks, np.int64).reshape(-1, 2)
+  pairs = np.concatenate([np.repeat(picks, num_templates, axis=0),
+                          np.tile(np.arange(num_templates), len(picks))[:, None]], axis=1)
+  fill = -len(pairs) % batch_size
+  if not len(pairs) or not fill:
+    return pairs
+  extra = np.concatenate([rng.permutation(len(pairs)) for _ in range(-(-fill // len(pairs)))])
+  return np.concatenate([pairs, pairs[extra[:fill]]])
 
 
 def batch_captions(caption_ids, caption_mask, labels, templates):
@@ -92,7 +104,7 @@ def make_train_step(model, tx, mesh, caption_ids, caption_mask):
   """Returns jitted `train_step(state, batch, lr) -> (state, metrics)`.
 
   `batch` holds "image" [B, S, S, 3] (CLIP-normalised), "label" [B] and
-  "template" [B] (from `caption_choices`); the caption of each image is
+  "template" [B] (from `pair_picks`); the caption of each image is
   looked up in the [T, C, L] table (`clip_classifier.caption_table`).
   `metrics`: "loss" (FLYP loss) and "accuracy" (fraction of images whose
   most similar caption in the batch belongs to their class). The input

@@ -7,6 +7,8 @@ probability is below the `prob_quantile` quantile of all training images'
 true-class probabilities (`prob_quantile > 0`). With both criteria on, an
 image is hard when either holds. The quantile is taken over the whole
 training split, so classes the model finds hard get more hard images.
+Images of `exclude_labels` are never hard (iWildCam's `empty` class gets no
+spectrum, as in the reference, DESIGN.md §6).
 """
 
 import dataclasses
@@ -31,8 +33,8 @@ class HardSelection:
 
 
 def select_hard(true_probs, preds, labels, num_classes, *, misclassified=True,
-                prob_quantile=0.0):
-  """Returns the HardSelection of images by the rule above.
+                prob_quantile=0.0, exclude_labels=()):
+  """Returns the HardSelection of images by the rule above, none of `exclude_labels`.
 
   Raises ValueError naming the argument when lengths differ, a label or
   prediction is outside [0, num_classes), a probability is outside [0, 1] or
@@ -66,7 +68,7 @@ def select_hard(true_probs, preds, labels, num_classes, *, misclassified=True,
   if prob_quantile > 0.0 and n:
     threshold = float(np.quantile(true_probs, prob_quantile))
     low = true_probs < threshold
-  mask = wrong | low
+  mask = (wrong | low) & ~np.isin(labels, np.asarray(exclude_labels, np.int64))
   return HardSelection(
       mask=mask, misclassified=wrong, low_prob=low, prob_threshold=threshold,
       hard_per_class=np.bincount(labels[mask], minlength=num_classes),
@@ -91,17 +93,21 @@ def hard_rows(selection, ids, labels, class_names, true_probs, preds):
   return rows
 
 
-def summary(selection, class_names, *, misclassified, prob_quantile):
+def summary(selection, class_names, *, misclassified, prob_quantile, excluded=()):
   """Returns the rule and its figures as a JSON-ready dict for the report.
 
-  Keys: rule (the criteria), prob_threshold, num_images, num_hard,
-  num_misclassified, num_low_prob, per_class {class_name: {hard, total}}.
+  Keys: rule (the criteria and the `excluded` class names), prob_threshold,
+  num_images, num_hard, hard_share (num_hard / num_images), num_misclassified,
+  num_low_prob, per_class {class_name: {hard, total}}.
   """
+  num_images, num_hard = int(len(selection.mask)), int(selection.mask.sum())
   return {
-      "rule": {"misclassified": bool(misclassified), "prob_quantile": float(prob_quantile)},
+      "rule": {"misclassified": bool(misclassified), "prob_quantile": float(prob_quantile),
+               "excluded_classes": [str(c) for c in excluded]},
       "prob_threshold": selection.prob_threshold,
-      "num_images": int(len(selection.mask)),
-      "num_hard": int(selection.mask.sum()),
+      "num_images": num_images,
+      "num_hard": num_hard,
+      "hard_share": num_hard / num_images if num_images else None,
       "num_misclassified": int(selection.misclassified.sum()),
       "num_low_prob": int(selection.low_prob.sum()),
       "per_class": {name: {"hard": int(selection.hard_per_class[c]),

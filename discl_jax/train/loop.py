@@ -94,7 +94,8 @@ def load_data(config, workdir):
   hard_ids = {row["source_id"] for row in hard_rows} if hard_rows else None
   spec = curriculum.CurriculumSpec.from_config(
       config.curriculum, train=train, groups=groups, synthetic_rows=rows,
-      seed=config.seed, hard_ids=hard_ids)
+      seed=config.seed, hard_ids=hard_ids,
+      rows_per_image=len(config.train.clip_templates) if config.train.model == "clip" else 1)
   return Data(train=train, eval_splits={name: splits[name] for name in eval_names},
               synthetic=synthetic, groups=groups, spec=spec)
 
@@ -143,6 +144,11 @@ class Trainer:
     self.eval_step = steps_lib.make_eval_step(self.model, mesh)
     self.image_size = config.data.image_size
     self.mean, self.std = transforms.IMAGENET_MEAN, transforms.IMAGENET_STD
+
+  def train_picks(self, picks, epoch):
+    """Returns the epoch's training records: the plan's (source, row) picks as they are."""
+    del epoch
+    return picks
 
   def batch_inputs(self, batch, sources, epoch):
     """Returns the host arrays of one train batch the step reads: image and label."""
@@ -222,7 +228,8 @@ def train_and_evaluate(config, workdir):
 
   state = trainer.initial_state()
   cstate = data.spec.initial_state()
-  meta = {"epoch": 0, "batches_done": 0, "mid_epoch": False, "best_epoch": -1, "best_val": -1.0,
+  meta = {"epoch": 0, "batches_done": 0, "segment_start": 0, "mid_epoch": False,
+          "best_epoch": -1, "best_val": -1.0,
           "best": {}, "plan": None, "epoch_loss_sum": 0.0, "epoch_acc_sum": 0.0}
   resume_picks = None
   latest = ckpt.latest_step()
@@ -238,25 +245,33 @@ def train_and_evaluate(config, workdir):
   writer = _tb_writer(workdir, int(state.step) if latest is not None else None) if main else None
 
   shard = (jax.process_index(), jax.process_count())
+  # Adaptive: its curriculum epochs are stretches of a phase stream (curriculum.next_segment),
+  # cut where the curriculum measures its validation images; each epoch as long as a plain one.
+  stream_steps = curriculum.epoch_steps(data.spec, trainer.train_picks, tc.batch_size)
+  epoch = meta["epoch"]
   try:
-    for epoch in range(meta["epoch"], tc.epochs):
+    while epoch < tc.epochs:
       mid_epoch = bool(meta["mid_epoch"]) and resume_picks is not None
+      stream = curriculum.in_stream(data.spec, epoch)
       if mid_epoch:
         picks, plan_summary = resume_picks, meta["plan"]
+      elif stream:
+        if meta["batches_done"] == 0:
+          meta.update(plan=None, epoch_loss_sum=0.0, epoch_acc_sum=0.0)
+        cstate, picks, segment = curriculum.next_segment(
+            data.spec, cstate, steps_left=stream_steps - meta["batches_done"],
+            batch_size=tc.batch_size, records_fn=trainer.train_picks,
+            measure=lambda: validation_probs(trainer, state, data))
+        plan_summary = curriculum.merge_summaries(meta["plan"], segment)
+        meta["segment_start"] = meta["batches_done"]
       else:
-        signals = {}
-        if curriculum.needs_signals(data.spec, epoch):
-          signals["val_probs"] = validation_probs(trainer, state, data)
-        cstate, plan = curriculum.plan_epoch(data.spec, cstate, epoch, signals)
-        picks, plan_summary = plan.picks, plan.summary()
-        if signals and int(np.asarray(cstate.level_index)) >= 0:
-          # The adaptive pick of this phase and why: mean progress per candidate level
-          # (curriculum.levels, then real), the chosen index into that list.
-          plan_summary["curriculum_gains"] = [float(g) for g in np.asarray(cstate.gains)]
-          plan_summary["curriculum_choice"] = int(np.asarray(cstate.level_index))
-        meta.update(batches_done=0, epoch_loss_sum=0.0, epoch_acc_sum=0.0)
+        cstate, plan = curriculum.plan_epoch(data.spec, cstate, epoch)
+        picks, plan_summary = trainer.train_picks(plan.picks, epoch), plan.summary()
+        meta.update(batches_done=0, segment_start=0, epoch_loss_sum=0.0, epoch_acc_sum=0.0)
       resume_picks = None
-      num_steps = len(picks) // tc.batch_size
+      segment_start = meta.get("segment_start", 0)
+      num_steps = segment_start + len(picks) // tc.batch_size
+      epoch_steps = stream_steps if stream else num_steps
       if num_steps == 0:
         logging.warning("epoch %d: %d samples < train.batch_size=%d, no step taken",
                         epoch, len(picks), tc.batch_size)
@@ -264,9 +279,10 @@ def train_and_evaluate(config, workdir):
       else:
         iterator = iter(pipeline.train_loader(
             sources, picks, image_size=trainer.image_size, batch_size=tc.batch_size,
-            seed=config.seed, epoch=epoch, augment=config.data.augment, shard=shard,
+            seed=config.seed, epoch=epoch * _STRIDE + segment_start if stream else epoch,
+            shuffle=not stream, augment=config.data.augment, shard=shard,
             num_workers=config.data.num_workers, on_bad_image=config.data.on_bad_image,
-            mean=trainer.mean, std=trainer.std))
+            mean=trainer.mean, std=trainer.std, recipe=transforms.recipe_for(tc.model)))
       if mid_epoch:
         iterator = ckpt.restore_iterator(latest, iterator)
       batch_index = meta["batches_done"]
@@ -275,11 +291,12 @@ def train_and_evaluate(config, workdir):
       # Running sums stay on device (float32), so steps dispatch without a host sync.
       sums = {"loss": np.float32(meta["epoch_loss_sum"]),
               "accuracy": np.float32(meta["epoch_acc_sum"])}
-      started = time.time()
+      if meta["batches_done"] == 0 or mid_epoch:  # a stream epoch spans several segments
+        started = time.time()
       for batch in iterator if iterator is not None else ():
         if batch_index >= num_steps:
           break
-        lr = optim.learning_rate(tc, step, (epoch + batch_index / num_steps) / tc.epochs)
+        lr = optim.learning_rate(tc, step, (epoch + batch_index / epoch_steps) / tc.epochs)
         images = trainer.batch_inputs(batch, sources, epoch)
         state, step_metrics = trainer.train_step(state, parallel.put_batch(images, mesh), lr)
         sums = {k: sums[k] + step_metrics[k] for k in sums}
@@ -288,8 +305,9 @@ def train_and_evaluate(config, workdir):
           writer.add_scalar("train/step_loss", float(step_metrics["loss"]), step)
           writer.add_scalar("train/lr", lr, step)
         step += 1
-        if batch_index < num_steps and ckpt.preempted(step):
-          meta.update(epoch=epoch, batches_done=batch_index, mid_epoch=True, plan=plan_summary,
+        if batch_index < epoch_steps and ckpt.preempted(step):
+          meta.update(epoch=epoch, batches_done=batch_index, segment_start=segment_start,
+                      mid_epoch=True, plan=plan_summary,
                       epoch_loss_sum=float(sums["loss"]), epoch_acc_sum=float(sums["accuracy"]))
           ckpt.save(epoch * _STRIDE + batch_index, state=state, curriculum=cstate,
                     data_iter=iterator, picks=picks, meta=meta)
@@ -297,6 +315,9 @@ def train_and_evaluate(config, workdir):
           return {"preempted": True, "epoch": epoch, "batches_done": batch_index}
       meta.update(batches_done=batch_index, epoch_loss_sum=float(sums["loss"]),
                   epoch_acc_sum=float(sums["accuracy"]))
+      if stream and batch_index < epoch_steps:  # the epoch goes on with the stream's next segment
+        meta.update(plan=plan_summary, mid_epoch=False)
+        continue
       row = {"epoch": epoch, "step": int(state.step), "lr": lr,
              "loss": meta["epoch_loss_sum"] / max(batch_index, 1),
              "train_accuracy": meta["epoch_acc_sum"] / max(batch_index, 1),
@@ -320,10 +341,11 @@ def train_and_evaluate(config, workdir):
           f"{k} {row[k]:.3f}" for k in row if k.endswith(("/all", "/macro_f1"))))
       logging.info("epoch %d: curriculum phase %s level %s", epoch,
                    row.get("curriculum_phase"), row.get("curriculum_level"))
-      meta.update(epoch=epoch + 1, batches_done=0, mid_epoch=False, plan=None,
+      meta.update(epoch=epoch + 1, batches_done=0, segment_start=0, mid_epoch=False, plan=None,
                   epoch_loss_sum=0.0, epoch_acc_sum=0.0)
       ckpt.save((epoch + 1) * _STRIDE, state=state, curriculum=cstate,
                 data_iter=iterator, picks=picks, meta=meta)
+      epoch += 1
     result = {"epochs": tc.epochs, "best_epoch": meta["best_epoch"],
               "selected_on": select_key, **meta["best"]}
     if main:
