@@ -15,14 +15,15 @@ from discl_jax.stages import hard_stage
 def run_stages(config, workdir, names=stages.ORDER):
   """Runs each stage in `names` on `workdir`; returns None.
 
-  Before any stage, `preflight` checks every config value, that the inputs of
-  `names` exist and that the config can run them; then the workdir's lock is
+  Before any stage, `preflight` checks every config value and that the config
+  can run `names`, and `config_checks.check_inputs` that their inputs exist; then the workdir's lock is
   taken (one run per workdir; in multi-host mode the processes share the
   workdir and coordinate through their own shards instead) and the config is
   recorded in `workdir/config.json` (process 0 only).
   """
   runners = [stages.get(name) for name in names]
   preflight(config, names)
+  config_checks.check_inputs(config, names)
   wd.path(workdir).mkdir(parents=True, exist_ok=True)
   several = config.mesh.multi_host or jax.process_count() > 1
   lock = contextlib.nullcontext() if several else wd.exclusive(workdir)
@@ -35,15 +36,14 @@ def run_stages(config, workdir, names=stages.ORDER):
       logging.info("stage %s: done", name)
 
 
-def preflight(config, names):
+def preflight(config, names=stages.ORDER):
   """Returns None; raises before any stage when `config` cannot run `names`.
 
-  Checks values and inputs (`config_checks`), the digit models' held-out
-  split, the hard rule's model checkpoint and, for `train`, a required
-  long-tail base checkpoint.
+  Checks every value (`config_checks`), the digit models' held-out split, the
+  hard rule's model checkpoint and, for `train`, a required long-tail base
+  checkpoint. `run_stages` then checks that the inputs of `names` exist.
   """
   config_checks.check_values(config)
-  config_checks.check_inputs(config, names)
   digit_models.check_heldout(config)
   hard_stage.check_config(config)
   tc = config.train

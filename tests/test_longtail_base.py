@@ -155,7 +155,7 @@ def test_tfds_class_names_file_replaces_wordnet_ids(tmp_path):
   from discl_jax.data import datasets  # pylint: disable=g-import-not-at-top
   data = config_lib.base_config().data
   data.update(name="tfds", tfds_name="imagenet2012", tfds_test_split="validation",
-              val_per_class=0)
+              val_per_class=0, prepare=True)  # mock_data: a no-op download_and_prepare
   names = tmp_path / "names.txt"
   names.write_text("".join(f"class {i}\n" for i in range(1000)))
   with tfds.testing.mock_data(num_examples=4):
