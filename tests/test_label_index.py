@@ -1,6 +1,7 @@
 """The TFDS label-index cache: written on the first load, reused, invalidated on change."""
 
 import os
+import types
 
 import numpy as np
 import pytest
@@ -116,3 +117,11 @@ def test_corrupt_index_is_rescanned(tmp_path_factory, reads):
   assert reads["n"] >= 8
   np.testing.assert_array_equal(again, labels)
   np.testing.assert_array_equal(np.load(path), labels)
+
+
+def test_remote_data_dir_is_cached_only_in_the_user_cache(monkeypatch, tmp_path):
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  remote = types.SimpleNamespace(data_dir="gs://bucket/tfds/imagenet2012/5.1.0")
+  identity = {"name": "imagenet2012", "config": "", "version": "5.1.0"}
+  assert label_index._dirs(remote, identity) == [  # pylint: disable=protected-access
+      tmp_path / "discl_jax" / "label_index" / "imagenet2012" / "default" / "5.1.0"]

@@ -4,7 +4,7 @@ Scanning the labels of ImageNet's 1.28M records takes minutes; every stage of
 every run needs them. The first scan is saved as `<split>-<key>.npy` in
 `<TFDS version dir>/discl_jax_label_index/` when that is writable, else in
 `$XDG_CACHE_HOME/discl_jax/label_index/<name>/<config>/<version>/`
-(`~/.cache` by default). `<key>` hashes the dataset name, config, version,
+(`~/.cache` by default; always there for a remote data dir such as gs://). `<key>` hashes the dataset name, config, version,
 split and the path, size and modification time of each of the split's data
 files, so a rebuilt or changed dataset misses the cache (and its stale index
 is removed). Files are written atomically (temporary file, then rename).
@@ -37,12 +37,8 @@ def split_identity(b, split):
   tfds.testing.mock_data): such a split is not cached.
   """
   try:
-    instructions = b.info.splits[split].file_instructions
-    files = []
-    for fi in instructions:
-      st = os.stat(os.fspath(fi.filename))
-      files.append([os.path.abspath(os.fspath(fi.filename)), int(fi.skip), int(fi.take),
-                    st.st_size, st.st_mtime_ns])
+    files = [[*_file_identity(os.fspath(fi.filename)), int(fi.skip), int(fi.take)]
+             for fi in b.info.splits[split].file_instructions]
   except Exception as e:  # pylint: disable=broad-except  (tfds raises many kinds)
     logging.info("label index of %s/%s not cached: %s", b.name, split, e)
     return None
@@ -51,11 +47,26 @@ def split_identity(b, split):
           "split": split, "files": files}
 
 
+def _is_remote(path):
+  return "://" in path
+
+
+def _file_identity(path):
+  """Returns [path, size, modification time] of a local or remote (gs://...) file."""
+  if _is_remote(path):
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    st = epath.Path(path).stat()
+    return [path, st.length, st.mtime]
+  st = os.stat(path)
+  return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+
+
 def _dirs(b, identity):
-  """Returns the cache folders to try, the TFDS version dir's first."""
-  return [pathlib.Path(os.fspath(b.data_dir)) / INDEX_DIR,
-          user_cache_dir().joinpath("label_index", identity["name"],
-                                    identity["config"] or "default", identity["version"])]
+  """Returns the cache folders to try: the TFDS version dir's (when local), the user cache's."""
+  user = user_cache_dir().joinpath("label_index", identity["name"],
+                                   identity["config"] or "default", identity["version"])
+  data_dir = os.fspath(b.data_dir)
+  return [user] if _is_remote(data_dir) else [pathlib.Path(data_dir) / INDEX_DIR, user]
 
 
 def _file_name(identity):
@@ -65,7 +76,7 @@ def _file_name(identity):
 
 
 def _expected_len(identity):
-  return sum(take for _, _, take, _, _ in identity["files"])
+  return sum(take for _, _, _, _, take in identity["files"])
 
 
 def _read(path, n):
