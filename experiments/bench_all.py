@@ -29,7 +29,7 @@ SMOKE_LIMIT_S = 900  # per benchmark on a (possibly busy) CPU
 BENCHMARKS = {
     "generate": (240, {
         "accelerator": ["--geometry=tiny", "--images=16", "--steps=20", "--methods=packed,flax,torch"],
-        "smoke": ["--geometry=tiny", "--images=1", "--steps=2", "--methods=packed"],
+        "smoke": ["--geometry=tiny", "--images=1", "--steps=10", "--methods=packed"],
     }, "bench_generate_tiny.json"),
     "score": (120, {"accelerator": ["--size=full"], "smoke": ["--size=quick", "--repeats=1"]},
               "bench_score.json"),
@@ -124,8 +124,9 @@ def main():
     if status == "ok":
       r = json.loads(target.read_text())
       lines.extend(summary_rows(name, r))
-      if name in ("generate", "score") and (r.get("devices") or r.get("backend")):
-        status_lines[-1] += f" (devices: {r.get('backend', '')} {r.get('devices')})"
+      devices = " ".join(str(r[k]) for k in ("backend", "devices") if r.get(k))
+      if devices:
+        status_lines[-1] += f" (devices: {devices})"
   lines += ["", "Reference: diffusers Flax / PyTorch (generate), transformers PyTorch CLIP "
             "(score), PyTorch (train), PyTorch DataLoader (input).", "", *status_lines]
   table = "\n".join(lines) + "\n"
