@@ -1,5 +1,8 @@
 """File-list readers on files the test writes: ImageNet-LT lists and iWildCam's metadata.csv."""
 
+import threading
+import time
+
 import iwildcam_fixture
 import numpy as np
 import pytest
@@ -211,3 +214,30 @@ def test_a_split_with_no_readable_image_or_too_many_skipped_is_an_error(imagenet
     datasets.load(imagenet_lt)
   imagenet_lt.max_skip_fraction = 0.2
   assert len(datasets.load(imagenet_lt)["test"]) == 5
+
+
+def test_images_are_checked_in_parallel_and_results_keep_list_order(imagenet_lt, monkeypatch):
+  """Checks overlap in time (a 2-party barrier would time out if serial); the later-listed
+  bad files finish first, yet the error names the first-listed one and the report keeps list order."""
+  barrier = threading.Barrier(2, timeout=10)
+  check = filelists.check_image
+
+  def slow_check(path, verify="exists"):
+    if path.endswith("train/c0/img0.png") or path.endswith("train/c0/img1.png"):
+      barrier.wait()                                  # both must be in flight at once
+    if "train/c0/img" in path:
+      time.sleep(0.05 * (5 - int(path[-5])))           # earlier files finish later
+    bad = path.endswith(("train/c0/img1.png", "train/c0/img3.png"))
+    return "bad on purpose" if bad else check(path, verify)
+
+  monkeypatch.setattr(filelists, "check_image", slow_check)
+  with pytest.raises(BadImageError,
+                     match=r"bad on purpose: .*train/c0/img1.png .*ImageNet_LT_train.txt:2\); "
+                           r"2 of 9 train images are bad"):
+    datasets.load(imagenet_lt)
+  imagenet_lt.on_bad_image = "skip"
+  skipped = []
+  splits = datasets.load(imagenet_lt, skipped=skipped)
+  assert [s["path"][-17:] for s in skipped] == ["train/c0/img1.png", "train/c0/img3.png"]
+  assert list(splits["train"].ids[:3]) == ["train/c0/img0.png", "train/c0/img2.png",
+                                           "train/c0/img4.png"]

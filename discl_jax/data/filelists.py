@@ -11,14 +11,17 @@ folder next to the csv; class names from `data.class_names_file` when set,
 else from `categories.csv` beside the csv (columns y, name) when present. Splits: train, id_val, id_test, val (OOD), test (OOD).
 
 At load time every image is checked (`data.verify_images`: "exists" stats the
-file, "header" opens it, "decode" decodes it). A bad image raises
-BadImageError naming the file (and the list line), or with
-`data.on_bad_image="skip"` is left out and reported; a split that keeps none
-of its listed images, or skips more than `data.max_skip_fraction` of them, is
-an error naming the split, the root and the first unreadable file. A bad label
-raises ValueError naming the file and line. Ids are the paths as listed.
+file, "header" opens it, "decode" decodes it), by VERIFY_THREADS threads with
+a progress bar on a terminal; results do not depend on thread timing. A bad
+image raises BadImageError naming the first bad file in list order (and its
+list line) and the count of bad files, or with `data.on_bad_image="skip"` is
+left out and reported; a split that keeps none of its listed images, or skips
+more than `data.max_skip_fraction` of them, is an error naming the split, the
+root and the first unreadable file. A bad label raises ValueError naming the
+file and line. Ids are the paths as listed.
 """
 
+import concurrent.futures
 import csv
 import logging
 import os
@@ -26,6 +29,7 @@ import pathlib
 
 import numpy as np
 from PIL import Image
+import tqdm
 
 from discl_jax.data import longtail
 from discl_jax.data.records import BadImageError, LabeledImages, read_rgb
@@ -33,6 +37,7 @@ from discl_jax.data.records import BadImageError, LabeledImages, read_rgb
 WILDS_SPLITS = ("train", "id_val", "id_test", "val", "test")
 VERIFY = ("exists", "header", "decode")
 ON_BAD_IMAGE = ("error", "skip")
+VERIFY_THREADS = 16  # image checks are file I/O and PIL decoding, which release the GIL
 
 
 def check_image(path, verify="exists"):
@@ -54,6 +59,16 @@ def check_image(path, verify="exists"):
   except Exception as e:  # pylint: disable=broad-except  (PIL raises many kinds)
     return f"cannot decode image: {type(e).__name__}: {e}"
   return None
+
+
+def check_images(paths, verify="exists", description="checking images"):
+  """Returns check_image's result for each of `paths`, in order, checked by a thread pool."""
+  if verify not in VERIFY:
+    raise ValueError(f"data.verify_images must be one of {VERIFY}, got {verify!r}")
+  with concurrent.futures.ThreadPoolExecutor(VERIFY_THREADS) as pool:
+    results = pool.map(lambda path: check_image(path, verify), paths)
+    return list(tqdm.tqdm(results, total=len(paths), desc=description, unit="image",
+                          disable=None, leave=False))
 
 
 def _read_lines(path, what):
@@ -98,19 +113,19 @@ def read_split_file(path, num_classes=None):
 def _checked(split_name, rel_paths, labels, wheres, root, class_names, data_config,
              report):
   """Returns LabeledImages of the rows whose image passes the check."""
-  keep, full = [], []
-  for i, (rel, where) in enumerate(zip(rel_paths, wheres)):
-    path = os.path.join(root, rel)
-    reason = check_image(path, data_config.verify_images)
-    if reason is None:
-      keep.append(i)
-      full.append(path)
-    elif data_config.on_bad_image == "skip":
-      report.append({"split": split_name, "path": path, "reason": f"{where}: {reason}"})
-    else:
-      raise BadImageError(f"{reason}: {path} (listed at {where})")
+  paths = [os.path.join(root, rel) for rel in rel_paths]
+  reasons = check_images(paths, data_config.verify_images, f"checking {split_name} images")
+  bad = [i for i, reason in enumerate(reasons) if reason is not None]
+  if bad and data_config.on_bad_image != "skip":
+    i = bad[0]
+    raise BadImageError(f"{reasons[i]}: {paths[i]} (listed at {wheres[i]}); "
+                        f"{len(bad)} of {len(paths)} {split_name} images are bad")
+  report.extend({"split": split_name, "path": paths[i], "reason": f"{wheres[i]}: {reasons[i]}"}
+                for i in bad)
+  keep = [i for i, reason in enumerate(reasons) if reason is None]
   _check_skipped(split_name, len(rel_paths), len(keep), report, root, data_config)
   keep = np.asarray(keep, np.int64)
+  full = [paths[i] for i in keep]
   return LabeledImages(
       ids=np.asarray(rel_paths, dtype=str)[keep] if len(keep) else np.zeros(0, str),
       labels=np.asarray(labels, np.int64)[keep], class_names=tuple(class_names),

@@ -5,7 +5,8 @@
   test = the TFDS test split.
 - `tfds`: any TFDS image classification set (`data.tfds_name`, e.g.
   imagenet2012, i_naturalist2018), read lazily (`TfdsImages`): labels in
-  memory, images decoded when asked for. val = `val_per_class` per class from
+  memory (scanned once per dataset version, then read from the
+  `label_index` cache), images decoded when asked for. val = `val_per_class` per class from
   train (none when 0), test = `data.tfds_test_split` (default: "validation"
   when the dataset has one, else "test"). `data.class_names_file` replaces
   the dataset's names (imagenet2012's are WordNet ids).
@@ -22,6 +23,7 @@ import logging
 import numpy as np
 
 from discl_jax.data import filelists
+from discl_jax.data import label_index
 from discl_jax.data import longtail
 from discl_jax.data.records import LabeledImages
 
@@ -200,9 +202,10 @@ def load(data_config, seed):
     if len(names) != len(class_names(b)):
       raise ValueError(f"data.class_names_file {data_config.class_names_file} has {len(names)} "
                        f"names; {name} has {len(class_names(b))} classes")
-  train = TfdsImages(name, "train", data_dir, scan_labels(b, "train"), names)
+  labels = lambda split: label_index.cached_labels(b, split, scan_labels)
+  train = TfdsImages(name, "train", data_dir, labels("train"), names)
   test_split = _test_split(b, data_config.tfds_test_split)
-  test = TfdsImages(name, test_split, data_dir, scan_labels(b, test_split), names)
+  test = TfdsImages(name, test_split, data_dir, labels(test_split), names)
   val_idx, rest_idx = longtail.take_per_class(
       train.labels, data_config.val_per_class, seed, f"{name}/val")
   return {"train": train.subset(rest_idx), "val": train.subset(val_idx), "test": test}

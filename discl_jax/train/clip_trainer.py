@@ -25,13 +25,12 @@ metadata.csv when that file exists, else the dataset's class name.
 import jax
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 from discl_jax import parallel
 from discl_jax import seeding
 from discl_jax.data import class_names as class_names_lib
-from discl_jax.data import pipeline
 from discl_jax.data import transforms
+from discl_jax.evaluation import sharded_predict
 from discl_jax.models import clip_classifier
 from discl_jax.scoring import clip as clip_lib
 from discl_jax.train import flyp
@@ -118,32 +117,8 @@ class ClipTrainer:
   def predict(self, state, split):
     """Returns host dict "pred", "prob_true", "loss", "label" [len(split)], in split order."""
     params, head = self.eval_params(state)
-    loader = pipeline.eval_loader(split, image_size=self.image_size,
-                                  batch_size=self.eval_batch, shard=(0, 1),
-                                  on_bad_image=self.config.data.on_bad_image,
-                                  mean=self.mean, std=self.std, recipe="clip")
-    return gather_predictions(loader, self.eval_batch, self.mesh,
-                              lambda batch: self._eval_step(params, head, batch))
-
-
-def gather_predictions(loader, eval_batch, mesh, step):
-  """Returns host dict of `step`'s per-example outputs plus "label", padding dropped.
-
-  Every process reads the whole split in the same order and feeds its own
-  slice of each global batch, so the gathered outputs keep that order.
-  """
-  pc, pi = jax.process_count(), jax.process_index()
-  local = eval_batch // pc
-  outputs = []
-  for batch in loader:
-    part = {k: np.asarray(batch[k])[pi * local:(pi + 1) * local] for k in ("image", "label")}
-    out = step(parallel.put_batch(part, mesh))
-    out = multihost_utils.process_allgather(out, tiled=True) if pc > 1 else jax.device_get(out)
-    out["label"] = np.asarray(batch["label"])
-    out["mask"] = np.asarray(batch["mask"])
-    outputs.append(out)
-  if not outputs:
-    return {k: np.zeros([0]) for k in ("pred", "prob_true", "loss", "label")}
-  merged = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
-  keep = merged.pop("mask") > 0
-  return {k: v[keep] for k, v in merged.items()}
+    return sharded_predict.predict_split(
+        split, lambda batch: self._eval_step(params, head, batch), self.mesh,
+        eval_batch=self.eval_batch, image_size=self.image_size,
+        on_bad_image=self.config.data.on_bad_image, mean=self.mean, std=self.std,
+        recipe="clip")

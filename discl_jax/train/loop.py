@@ -36,6 +36,7 @@ from discl_jax.data import pipeline
 from discl_jax.data import spectrum_store
 from discl_jax.data import transforms
 from discl_jax.evaluation import metrics as metrics_lib
+from discl_jax.evaluation import sharded_predict
 from discl_jax.scoring import acceptance
 from discl_jax.models import resnet
 from discl_jax.train import checkpoint as checkpoint_lib
@@ -169,11 +170,9 @@ class Trainer:
 
   def predict(self, state, split):
     """Returns host dict "pred", "prob_true", "loss", "label" [len(split)], in split order."""
-    loader = pipeline.eval_loader(split, image_size=self.image_size,
-                                  batch_size=self.eval_batch, shard=(0, 1),
-                                  on_bad_image=self.config.data.on_bad_image)
-    return clip_trainer.gather_predictions(loader, self.eval_batch, self.mesh,
-                                           lambda batch: self.eval_step(state, batch))
+    return sharded_predict.predict_split(
+        split, lambda batch: self.eval_step(state, batch), self.mesh, eval_batch=self.eval_batch,
+        image_size=self.image_size, on_bad_image=self.config.data.on_bad_image)
 
 
 def make_trainer(config, data, mesh, workdir):
