@@ -90,16 +90,20 @@ def base_config():
       description_format="a 8k real photo: {d}",
   )
   c.diffusion = dict(
-      model="",                # local dir or hub id; "" with tiny=True builds one
-      tiny=False,              # build a tiny random SD checkpoint into the workdir
+      model="",                # local dir or hub id (SD 1.x/2.x, SDXL base or refiner); "" with tiny=True builds one
+      tiny=False,              # build a tiny random checkpoint into the workdir
+      tiny_family="sd",        # tiny=True: sd | sdxl_refiner | sdxl_base (SDXL-shaped)
       dtype="float32",         # float32 | bfloat16
       scheduler="ddim",        # ddim | euler
       strengths=DEFAULT_STRENGTHS,
       seeds_per_level=8,
       num_inference_steps=50,
       guidance_scale=10.0,
-      negative_prompt="",
-      resolution=0,            # shorter side; 0 keeps the input's own size
+      negative_prompt="",      # "": none (diffusers' None: SDXL base zeros, others encode "")
+      aesthetic_score=6.0,     # SDXL refiner micro-conditioning of the prompt branch
+      negative_aesthetic_score=2.5,  # ... and of the negative branch
+      source_size=(0, 0),      # (width, height) every source is first resized to (bicubic); (0, 0): off
+      resolution=0,            # shorter side; 0: the input's size rounded down to a multiple of 8 (LANCZOS)
       slots=16,                # jobs in flight per sampler step (global)
       grid_sources=4,          # sources per class in the spectrum grid
   )

@@ -43,7 +43,7 @@ def _read_inputs(workdir):
 
 
 def model_dir(config, workdir):
-  """Returns the checkpoint to load: the configured one, or the tiny one (built once).
+  """Returns the checkpoint to load: the configured one, or the tiny one of `tiny_family` (built once).
 
   Every process must call it (it waits for process 0 to build the tiny model).
   """
@@ -52,14 +52,20 @@ def model_dir(config, workdir):
       raise ValueError("diffusion.model is empty: set a checkpoint directory or hub id, "
                        "or diffusion.tiny=True for a tiny random model")
     return config.diffusion.model
-  target = wd.path(workdir, wd.MODELS, "sd")
+  family = config.diffusion.tiny_family
+  if family not in models.FAMILIES:
+    raise ValueError(f"diffusion.tiny_family must be one of {models.FAMILIES}, got {family!r}")
+  target = wd.path(workdir, wd.MODELS, family)
   if wd.is_main_process() and not (target / "model_index.json").exists():
     staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    models.build_tiny(staging, seed=config.seed)
+    if family == "sd":
+      models.build_tiny(staging, seed=config.seed)
+    else:
+      models.build_tiny_sdxl(staging, seed=config.seed, family=family)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
-    logging.info("generate: built a tiny SD checkpoint at %s", target)
+    logging.info("generate: built a tiny %s checkpoint at %s", family, target)
   parallel.barrier("stages.generate.tiny_model")
   return str(target)
 
@@ -90,40 +96,53 @@ def _check_sources(train, index, todo, on_bad_image):
   return [r for r in todo if r["source_id"] in by_id], by_id
 
 
-def _sampler_jobs(rows, train, index, size, seed):
-  """Yields sampler Jobs for `rows` (grouped by source), images resized to `size`."""
+def _sampler_jobs(rows, train, index, size, config):
+  """Yields sampler Jobs for `rows` (grouped by source), images resized to `size`.
+
+  First to `diffusion.source_size` if set, then to `size`: LANCZOS at
+  `resolution=0` (diffusers' rounding down, DESIGN.md §5.3), else bicubic.
+  """
   cached_id, cached = None, None
+  diffusion = config.diffusion
+  resample = "lanczos" if diffusion.resolution == 0 else "bicubic"
   for row in rows:
     if row["source_id"] != cached_id:
       cached_id = row["source_id"]
-      cached = jobs.resize(train.image(index[cached_id]), size)
+      image = train.image(index[cached_id])
+      image = jobs.resize(image, jobs.source_size(*image.shape[:2], diffusion.source_size))
+      cached = jobs.resize(image, size, resample)
     yield sampler_lib.Job(job_id=row["job_id"], image=cached, prompt=row["prompt"],
-                          strength=row["strength"], seed=seed)
+                          strength=row["strength"], seed=config.seed)
 
 
 def _generate(config, checkpoint, store, train, index, owned, todo, sizes):
-  """Runs the sampler over `todo`, storing each image; returns the number made."""
+  """Runs the sampler over `todo` per image-size group, storing each image; returns the number made.
+
+  Each distinct size compiles its own sampler step (XLA caches per shape).
+  """
   if not todo:
     return 0
   sd = models.load_sd(checkpoint, dtype=config.diffusion.dtype)
   multiple = math.lcm(8, sd.size_multiple)
   groups = collections.defaultdict(list)
   for row in todo:
-    h, w = sizes[row["source_id"]]
+    h, w = jobs.source_size(*sizes[row["source_id"]], config.diffusion.source_size)
     groups[jobs.target_size(h, w, config.diffusion.resolution, multiple)].append(row)
   sampler = sampler_lib.SpectrumSampler(
       sd, num_inference_steps=config.diffusion.num_inference_steps,
       guidance_scale=config.diffusion.guidance_scale,
       negative_prompt=config.diffusion.negative_prompt,
       scheduler=config.diffusion.scheduler, slots=config.diffusion.slots,
-      mesh=parallel.make_mesh(config.mesh.shape), dtype=config.diffusion.dtype)
+      mesh=parallel.make_mesh(config.mesh.shape), dtype=config.diffusion.dtype,
+      aesthetic_score=config.diffusion.aesthetic_score,
+      negative_aesthetic_score=config.diffusion.negative_aesthetic_score)
   by_id = {row["job_id"]: row for row in todo}
   made, start = 0, time.perf_counter()
   with tqdm(total=len(owned), initial=len(owned) - len(todo), unit="img",
             desc="generate", dynamic_ncols=True) as bar:
     for size in sorted(groups):
       group = sorted(groups[size], key=lambda r: (index[r["source_id"]], r["strength"], r["seed"]))
-      for job, image in sampler.run(_sampler_jobs(group, train, index, size, config.seed)):
+      for job, image in sampler.run(_sampler_jobs(group, train, index, size, config)):
         store.add(by_id[job.job_id], image)
         made += 1
         bar.update(1)
