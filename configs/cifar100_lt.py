@@ -2,6 +2,8 @@
 #   discl --config=configs/cifar100_lt.py:ir=100 --workdir=runs/c100lt_ir100
 #   discl --config=configs/cifar100_lt.py:ir=50,schedule=none,loss=balanced_softmax --workdir=runs/c100lt_bs
 #   discl --config=configs/cifar100_lt.py:ir=100,runlocal --workdir=/tmp/smoke
+# Generator: the SDXL refiner 1.0 with the reference's settings, the 32x32 images upscaled
+# to 512; :sd=stable-diffusion-v1-5/stable-diffusion-v1-5 (or another checkpoint) swaps it.
 """CIFAR100-LT (TFDS cifar100, exponential profile) with a DisCL curriculum."""
 
 from discl_jax import config as config_lib
@@ -11,7 +13,7 @@ def get_config(arg=None):
   """Returns the CIFAR100-LT ConfigDict; arg: ir, schedule, loss, sd, runlocal."""
   arg = config_lib.parse_arg(
       arg, ir=100, schedule="syn_to_real", loss="ce",
-      sd="stable-diffusion-v1-5/stable-diffusion-v1-5", runlocal=False)
+      sd=config_lib.SDXL_REFINER, runlocal=False)
   c = config_lib.base_config()
   c.data.name = "cifar100_lt"
   c.data.imbalance_ratio = float(arg.ir)
@@ -20,8 +22,9 @@ def get_config(arg=None):
   c.data.image_size = 32
 
   c.prompts.templates = ("a photo of a {c}", "a blurry photo of a {c}", "a {c} in a natural scene")
-  c.diffusion.model = arg.sd
   config_lib.paper_longtail_recipe(c, model="resnet32", loss=arg.loss, schedule=arg.schedule)
+  config_lib.reference_generator(c, arg.sd)
+  c.diffusion.resolution = 512  # 32x32 inputs: too small for the UNet's down-sampling
 
   if arg.runlocal:
     config_lib.smoke_sized(c)

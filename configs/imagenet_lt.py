@@ -4,6 +4,8 @@
 #     --config.data.root=/data/imagenet --config.data.train_list=/data/ImageNet_LT_train.txt \
 #     --config.data.val_list=/data/ImageNet_LT_val.txt --config.data.test_list=/data/ImageNet_LT_test.txt
 #   variants: :schedule=none (CE baseline), :loss=balanced_softmax, :schedule=adaptive, ...
+# The generator is the paper's SDXL refiner 1.0 at each image's own size (rounded down to a
+# multiple of 8); :sd=stable-diffusion-v1-5/stable-diffusion-v1-5 (or any SD / SDXL checkpoint) swaps it.
 """ImageNet-LT (file lists) with ResNet-10, Adam 1e-3, 65 epochs, 60 curriculum epochs."""
 
 from discl_jax import config as config_lib
@@ -13,7 +15,7 @@ def get_config(arg=None):
   """Returns the ImageNet-LT ConfigDict; arg: schedule, loss, sd, runlocal."""
   arg = config_lib.parse_arg(
       arg, schedule="syn_to_real", loss="ce",
-      sd="stable-diffusion-v1-5/stable-diffusion-v1-5", runlocal=False)
+      sd=config_lib.SDXL_REFINER, runlocal=False)
   c = config_lib.base_config()
   c.data.name = "imagenet_lt"
   c.data.image_size = 224
@@ -24,8 +26,8 @@ def get_config(arg=None):
   # JSON {class name: [descriptions]}: the reference's LLM-written scene descriptions.
   c.prompts.descriptions_file = "prompts/imagenet_lt_descriptions.json"
   c.prompts.description_format = "a 8k real photo: {d}"
-  c.diffusion.model = arg.sd
   config_lib.paper_longtail_recipe(c, model="resnet10", loss=arg.loss, schedule=arg.schedule)
+  config_lib.reference_generator(c, arg.sd)
 
   if arg.runlocal:
     config_lib.smoke_sized(c)

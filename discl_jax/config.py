@@ -11,6 +11,8 @@ import pathlib
 import ml_collections
 
 DEFAULT_STRENGTHS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+SDXL_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"  # the paper's generator
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 def parse_arg(arg, **defaults):
@@ -175,6 +177,27 @@ def _check_keys(config, schema, prefix):
       if not isinstance(config[key], ml_collections.ConfigDict):
         raise TypeError(f"config key {path!r} must be a section, got {config[key]!r}")
       _check_keys(config[key], schema[key], prefix=path + ".")
+
+
+def reference_generator(config, model=SDXL_REFINER):
+  """Returns `config` with the reference's generation settings (DESIGN.md §1.3, §5) for `model`.
+
+  Euler, 50 steps, text guidance 10, strengths 0.1 ... 1.0, 8 seeds per level,
+  no negative prompt, aesthetic scores 6.0 / 2.5 (SDXL refiner), each input at
+  its own size rounded down to a multiple of 8, bf16.
+  """
+  config.diffusion.model = model
+  config.diffusion.dtype = "bfloat16"
+  config.diffusion.scheduler = "euler"
+  config.diffusion.num_inference_steps = 50
+  config.diffusion.guidance_scale = 10.0
+  config.diffusion.strengths = DEFAULT_STRENGTHS
+  config.diffusion.seeds_per_level = 8
+  config.diffusion.negative_prompt = ""
+  config.diffusion.aesthetic_score = 6.0
+  config.diffusion.negative_aesthetic_score = 2.5
+  config.diffusion.resolution = 0
+  return config
 
 
 def paper_longtail_recipe(config, *, model, loss, schedule):
