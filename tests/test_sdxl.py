@@ -208,3 +208,48 @@ def test_family_and_hub_patterns_of_refiner_repo():
   assert weights == ["unet/diffusion_pytorch_model.safetensors",
                      "vae/diffusion_flax_model.msgpack", "text_encoder_2/model.fp16.safetensors"]
   assert not any(p.startswith(("vae_1_0", "text_encoder/", "tokenizer/", "sd_xl")) for p in patterns)
+
+
+def test_imagenet_lt_runlocal_with_tiny_refiner(tmp_path):
+  """configs/imagenet_lt.py:runlocal, tiny refiner-shaped SDXL: hard -> prompts -> generate -> score."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from discl_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from discl_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from discl_jax import workdir as wd  # pylint: disable=g-import-not-at-top
+  from discl_jax.data import spectrum_store  # pylint: disable=g-import-not-at-top
+  root, lists = tmp_path / "images", {}
+  rng = np.random.default_rng(0)
+  sizes = {0: (43, 61), 1: (26, 37)}  # not multiples of 8: rounded down, two size groups
+  for split, per_class in (("train", (2, 1)), ("val", (1, 1)), ("test", (1, 1))):
+    rows = []
+    for label, n in enumerate(per_class):
+      for k in range(n):
+        rel = f"{split}/n{label}/img{k}.png"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, sizes[label] + (3,), dtype=np.uint8)).save(root / rel)
+        rows.append(f"{rel} {label}")
+    lists[split] = tmp_path / f"ImageNet_LT_{split}.txt"
+    lists[split].write_text("\n".join(rows) + "\n")
+  (tmp_path / "classnames.txt").write_text("tench\ngoldfish\n")
+  (tmp_path / "descriptions.json").write_text(json.dumps(
+      {"tench": ["a photo of the wild"], "goldfish": ["a real photo in the wild"]}))
+  c = config_lib.load_file("configs/imagenet_lt.py", "runlocal")
+  assert c.diffusion.model == config_lib.SDXL_REFINER and c.diffusion.resolution == 0
+  c.data.root, c.data.num_workers = str(root), 0
+  c.data.train_list, c.data.val_list, c.data.test_list = (str(lists[s]) for s in ("train", "val", "test"))
+  c.data.class_names_file = str(tmp_path / "classnames.txt")
+  c.prompts.descriptions_file = str(tmp_path / "descriptions.json")
+  c.diffusion.model, c.diffusion.tiny, c.diffusion.tiny_family = "", True, "sdxl_refiner"
+  c.diffusion.dtype, c.diffusion.strengths, c.diffusion.grid_sources = "float32", (0.5, 1.0), 1
+  c.score.model, c.score.tiny, c.score.batch_size = "", True, 8
+  config_lib.validate(c)
+  workdir = tmp_path / "wd"
+  pipeline.run_stages(c, str(workdir), ("hard", "prompts", "generate", "score"))
+  assert json.loads((workdir / "models" / "sdxl_refiner" / "model_index.json").read_text())[
+      "requires_aesthetics_score"]
+  rows = spectrum_store.SpectrumStore(wd.path(str(workdir), wd.SPECTRUM)).rows()
+  assert len(rows) == 3 * 2 and all("clip_text" in r for r in rows)
+  shapes = {r["source_id"]: Image.open(workdir / wd.SPECTRUM / r["path"]).size for r in rows}
+  multiple = 16  # the tiny refiner's 2x VAE x 8x UNet until any latent size is supported
+  assert sorted(set(shapes.values())) == sorted(
+      {(w // multiple * multiple, h // multiple * multiple) for h, w in sizes.values()})
