@@ -19,6 +19,7 @@ import numpy as np
 
 from discl_jax import seeding
 from discl_jax.diffusion import convert
+from discl_jax.diffusion import unet as unet_lib
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -56,8 +57,11 @@ class SDModels:
 
   @property
   def size_multiple(self):
-    """Returns what image height and width must be multiples of (VAE and UNet downsampling)."""
-    return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+    """Returns what image height and width must be multiples of: the VAE's downsampling.
+
+    The UNet takes any latent size (PyTorch's forward_upsample_size, unet.py).
+    """
+    return self.vae_scale_factor
 
 
 @contextlib.contextmanager
@@ -157,14 +161,17 @@ def _load_text_encoder(root, dtype):
 
 
 def load_sd(model, dtype="float32"):
-  """Returns the SDModels of checkpoint `model` (local dir or hub id) with params in `dtype`."""
-  from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
+  """Returns the SDModels of checkpoint `model` (local dir or hub id) with params in `dtype`.
+
+  The UNet is unet.UNet with the numerics its config.json records (default: PyTorch's).
+  """
+  from diffusers import FlaxAutoencoderKL  # pylint: disable=g-import-not-at-top
   from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
   dtype = _dtype(dtype)
   root = resolve(model)
   _check_layout(root)
   with quiet():
-    unet, unet_params = _load_diffusers(FlaxUNet2DConditionModel, root, "unet", dtype)
+    unet, unet_params = unet_lib.load(root / "unet", dtype)
     vae, vae_params = _load_diffusers(FlaxAutoencoderKL, root, "vae", dtype)
     text_encoder, text_params = _load_text_encoder(root, dtype)
   tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
