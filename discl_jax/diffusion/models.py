@@ -21,6 +21,7 @@ import numpy as np
 
 from discl_jax import seeding
 from discl_jax.diffusion import convert
+from discl_jax.diffusion import unet as unet_lib
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
@@ -91,8 +92,11 @@ class SDModels:
 
   @property
   def size_multiple(self):
-    """Returns what image height and width must be multiples of (VAE and UNet downsampling)."""
-    return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+    """Returns what image height and width must be multiples of: the VAE's downsampling.
+
+    The UNet takes any latent size (PyTorch's forward_upsample_size, unet.py).
+    """
+    return self.vae_scale_factor
 
 
 @contextlib.contextmanager
@@ -263,8 +267,9 @@ def load_sd(model, dtype="float32"):
   SD 1.x/2.x or SDXL base/refiner, as `model_index.json` says (DESIGN.md §5.1).
   SDXL keeps its VAE in float32 when the VAE config says `force_upcast`, as
   diffusers' SDXL pipelines do.
+  The UNet is unet.UNet with the numerics its config.json records (default: PyTorch's).
   """
-  from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
+  from diffusers import FlaxAutoencoderKL  # pylint: disable=g-import-not-at-top
   from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
   dtype = _dtype(dtype)
   root = resolve(model)
@@ -274,7 +279,7 @@ def load_sd(model, dtype="float32"):
   vae_dtype = jnp.float32 if family != "sd" and _vae_force_upcast(root) else dtype
   encoders, tokenizers, params = {}, {}, {}
   with quiet():
-    unet, params["unet"] = _load_diffusers(FlaxUNet2DConditionModel, root, "unet", dtype)
+    unet, params["unet"] = unet_lib.load(root / "unet", dtype)
     vae, params["vae"] = _load_diffusers(FlaxAutoencoderKL, root, "vae", vae_dtype)
     for name in ("text_encoder", "text_encoder_2"):
       if name in _required_folders(family):

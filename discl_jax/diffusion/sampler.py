@@ -309,7 +309,7 @@ class SpectrumSampler:
     m = self.models.size_multiple
     if image.shape[0] % m or image.shape[1] % m:
       raise ValueError(f"job {job.job_id!r}: image size {image.shape[:2]} is not a multiple of "
-                       f"{m} (VAE x UNet downsampling of this checkpoint)")
+                       f"{m} (the VAE downsampling of this checkpoint)")
     try:
       return schedules.start_index(self.schedule.num_steps, job.strength)
     except ValueError as e:
