@@ -107,6 +107,12 @@ def _build_functions(modules, schedule, mesh):
     return {"context": jnp.concatenate(hidden, axis=-1).astype(jnp.float32),
             "pooled": out.text_embeds.astype(jnp.float32)}
 
+  def in_model_dtype(latents):
+    # SDXL keeps its latents in the model dtype between steps, as the reference in fp16 (§5.7).
+    if xl and jnp.dtype(dtype) != jnp.float32:
+      return latents.astype(dtype).astype(jnp.float32)
+    return latents
+
   def prepare(params, tables, pixels, key_data, index):
     keys = jax.random.wrap_key_data(key_data)  # [E, 2] keys: (vae, noise) per job
     posterior = vae.apply({"params": params}, pixels.astype(vae_dtype),
@@ -116,13 +122,7 @@ def _build_functions(modules, schedule, mesh):
     eps = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))(keys[:, 0])
     latents = (mean + std * eps).transpose(0, 3, 1, 2) * scaling
     noise = jax.vmap(lambda k: jax.random.normal(k, latents.shape[1:], jnp.float32))(keys[:, 1])
-    return _in_model_dtype(schedules.add_noise(schedule, tables, latents, noise, index))
-
-  def _in_model_dtype(latents):
-    # SDXL keeps its latents in the model dtype between steps, as the reference in fp16 (§5.7).
-    if xl and jnp.dtype(dtype) != jnp.float32:
-      return latents.astype(dtype).astype(jnp.float32)
-    return latents
+    return in_model_dtype(schedules.add_noise(schedule, tables, latents, noise, index))
 
   def refill(state, latents, index, cond, mask):
     def put(new, old):
@@ -140,19 +140,17 @@ def _build_functions(modules, schedule, mesh):
     added = None
     if xl:  # CFG batch order [negative, prompt] (§5.6)
       pooled = state["pooled"]
-      n = len(pooled)
-      added = {"text_embeds": jnp.concatenate(
-                   [jnp.broadcast_to(uncond["pooled"], pooled.shape), pooled]).astype(dtype),
-               "time_ids": jnp.concatenate([jnp.broadcast_to(time_ids[0], (n,) + time_ids.shape[1:]),
-                                            jnp.broadcast_to(time_ids[1], (n,) + time_ids.shape[1:])])}
+      tile = lambda x: jnp.broadcast_to(x, (len(pooled),) + x.shape)
+      added = {"text_embeds": jnp.concatenate([tile(uncond["pooled"]), pooled]).astype(dtype),
+               "time_ids": jnp.concatenate([tile(time_ids[0]), tile(time_ids[1])])}
     out = unet.apply({"params": params},
                      jnp.concatenate([model_in, model_in]).astype(dtype),
                      jnp.concatenate([t, t]),
                      encoder_hidden_states=jnp.concatenate([negative, context]).astype(dtype),
-                     **({"added_cond_kwargs": added} if xl else {})).sample
+                     added_cond_kwargs=added).sample
     out_uncond, out_text = jnp.split(out.astype(jnp.float32), 2)
     guided = out_uncond + guidance * (out_text - out_uncond)
-    new = _in_model_dtype(schedules.step(schedule, tables, guided, latents, i))
+    new = in_model_dtype(schedules.step(schedule, tables, guided, latents, i))
     return dict(state, latents=new, index=index + 1)
 
   def decode(params, latents):
