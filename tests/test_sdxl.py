@@ -194,6 +194,8 @@ def test_sdxl_first_sigma_per_strength():
       schedule.sigma[starts],
       [0.3006, 0.5270, 0.7789, 1.0939, 1.5192, 2.1354, 3.0930, 4.6917, 7.5624, 13.1204],
       atol=1e-4)
+  with pytest.raises(ValueError, match="use_karras_sigmas=True"):
+    schedules.make_schedule(dict(models.SDXL_SCHEDULER_CONFIG, use_karras_sigmas=True), 50, "euler")
 
 
 def test_family_and_hub_patterns_of_refiner_repo():
