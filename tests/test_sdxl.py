@@ -61,15 +61,37 @@ def _write_torch_checkpoint(root, family):
   return modules, tokenizers
 
 
+_CHECKPOINTS = {}
+
+
+def _checkpoint(family, tmp_path_factory):
+  """Returns (family, dir, SDModels, PyTorch modules, tokenizers), written once per module."""
+  pytest.importorskip("torch", reason="the tiny SDXL checkpoints are written by PyTorch")
+  if family not in _CHECKPOINTS:
+    root = tmp_path_factory.mktemp(family) / "sdxl"
+    modules, tokenizers = _write_torch_checkpoint(root, family)
+    _CHECKPOINTS[family] = family, root, models.load_sd(str(root)), modules, tokenizers
+  return _CHECKPOINTS[family]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+  """Tiny models: more PyTorch threads only spin (4x the CPU time on 2 cores)."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    yield
+    return
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)
+  _CHECKPOINTS.clear()
+
+
 @pytest.fixture(scope="module", params=["sdxl_refiner", "sdxl_base"])
 def torch_sdxl(request, tmp_path_factory):
-  torch = pytest.importorskip("torch", reason="PyTorch parity needs the torch extra")
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)  # tiny models: more threads only spin (4x the CPU time on 2 cores)
-  root = tmp_path_factory.mktemp(request.param) / "sdxl"
-  modules, tokenizers = _write_torch_checkpoint(root, request.param)
-  yield request.param, root, models.load_sd(str(root)), modules, tokenizers
-  torch.set_num_threads(threads)
+  return _checkpoint(request.param, tmp_path_factory)
 
 
 def _torch_image(family, modules, tokenizers, kind, job, monkeypatch):
@@ -220,8 +242,12 @@ def test_family_and_hub_patterns_of_refiner_repo():
   assert not any(p.startswith(("vae_1_0", "text_encoder/", "tokenizer/", "sd_xl")) for p in patterns)
 
 
-def test_imagenet_lt_runlocal_with_tiny_refiner(tmp_path):
-  """configs/imagenet_lt.py:runlocal, tiny refiner-shaped SDXL: hard -> prompts -> generate -> score."""
+def test_imagenet_lt_runlocal_with_tiny_refiner(tmp_path, tmp_path_factory):
+  """configs/imagenet_lt.py:runlocal, tiny refiner-shaped SDXL: hard -> prompts -> generate -> score.
+
+  The generator is the parity tests' refiner checkpoint at their step count, slot
+  count and latent size, so the stage reuses their compiled sampler.
+  """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from discl_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from discl_jax import pipeline  # pylint: disable=g-import-not-at-top
@@ -249,17 +275,31 @@ def test_imagenet_lt_runlocal_with_tiny_refiner(tmp_path):
   c.data.train_list, c.data.val_list, c.data.test_list = (str(lists[s]) for s in ("train", "val", "test"))
   c.data.class_names_file = str(tmp_path / "classnames.txt")
   c.prompts.descriptions_file = str(tmp_path / "descriptions.json")
-  c.diffusion.model, c.diffusion.tiny, c.diffusion.tiny_family = "", True, "sdxl_refiner"
+  c.diffusion.model = str(_checkpoint("sdxl_refiner", tmp_path_factory)[1])
   c.diffusion.dtype, c.diffusion.strengths, c.diffusion.grid_sources = "float32", (0.5, 1.0), 1
+  c.diffusion.num_inference_steps, c.diffusion.slots = STEPS, len(STRENGTHS)
   c.score.model, c.score.tiny, c.score.batch_size = "", True, 8
   config_lib.validate(c)
   workdir = tmp_path / "wd"
   pipeline.run_stages(c, str(workdir), ("hard", "prompts", "generate", "score"))
-  assert json.loads((workdir / "models" / "sdxl_refiner" / "model_index.json").read_text())[
-      "requires_aesthetics_score"]
   rows = spectrum_store.SpectrumStore(wd.path(str(workdir), wd.SPECTRUM)).rows()
   assert len(rows) == 3 * 2 and all("clip_text" in r for r in rows)
   shapes = {r["source_id"]: Image.open(workdir / wd.SPECTRUM / r["path"]).size for r in rows}
   multiple = 8  # rounded down to a multiple of 8 (DESIGN.md §5.3)
   assert sorted(set(shapes.values())) == sorted(
       {(w // multiple * multiple, h // multiple * multiple) for h, w in sizes.values()})
+
+
+def test_tiny_family_builds_a_tiny_sdxl(tmp_path):
+  from discl_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from discl_jax.stages import generate_stage  # pylint: disable=g-import-not-at-top
+  c = config_lib.base_config()
+  c.diffusion.tiny, c.diffusion.tiny_family = True, "sdxl_refiner"
+  sd = models.load_sd(generate_stage.model_dir(c, str(tmp_path)))
+  assert sd.family == "sdxl_refiner" and sd.requires_aesthetics_score
+  assert sd.text_encoder is None and sd.tokenizer_2.pad_token == "!"
+  assert sd.unet.config.down_block_types[0] == "DownBlock2D" and sd.vae_scale_factor == 2
+  sampler.time_ids(sd, 40, 56)  # the UNet's add-embedding fits 5 micro-conditions
+  c.diffusion.tiny_family = "sdxl_large"
+  with pytest.raises(ValueError, match="diffusion.tiny_family"):
+    generate_stage.model_dir(c, str(tmp_path))
