@@ -442,10 +442,7 @@ class UNet(nn.Module):
                         self.numerics, self.dtype)
     time_dim = self.block_out_channels[0] * 4
 
-    if not isinstance(timesteps, jax.Array):
-      timesteps = jnp.array([timesteps], dtype=jnp.int32)
-    elif timesteps.ndim == 0:
-      timesteps = timesteps.astype(jnp.float32)[None]
+    timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
     temb = timestep_embedding(timesteps, self.block_out_channels[0], self.flip_sin_to_cos,
                               self.freq_shift, spec.torch_timestep_embedding)
     temb = _TimestepEmbedding(time_dim, self.dtype, name="time_embedding")(temb)
