@@ -179,6 +179,11 @@ def test_digit_generator_keeps_the_flax_functions_bit_for_bit():
     flax_unet = FlaxUNet2DConditionModel.from_config(
         {k: v for k, v in config.items() if k != unet_lib.NUMERICS_KEY})
     inputs = _unet_inputs(config, (8, 8), seed=2)
+    rng = np.random.default_rng(3)  # ControlNet-style residuals (NHWC) of every skip and the mid block
+    inputs["down_block_additional_residuals"] = tuple(
+        rng.normal(0, 1, shape).astype(np.float32)
+        for shape in ((2, 8, 8, 32), (2, 8, 8, 32), (2, 4, 4, 32), (2, 4, 4, 64)))
+    inputs["mid_block_additional_residual"] = rng.normal(0, 1, (2, 4, 4, 64)).astype(np.float32)
     want = _ours_apply(flax_unet, params, inputs)
   np.testing.assert_array_equal(_ours_apply(unet, params, inputs), want)
 
