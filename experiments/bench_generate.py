@@ -142,14 +142,15 @@ def bench_packed(sd, jobs, args):
 
 
 def bench_flax(sd, jobs, args):
-  from diffusers import FlaxDDIMScheduler, FlaxStableDiffusionImg2ImgPipeline  # pylint: disable=g-import-not-at-top
+  from diffusers import FlaxDDIMScheduler, FlaxStableDiffusionImg2ImgPipeline, FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
   from flax.jax_utils import replicate  # pylint: disable=g-import-not-at-top
   from flax.training.common_utils import shard  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   with models.quiet():
     scheduler = FlaxDDIMScheduler.from_config(sd.scheduler_config)
+    unet = FlaxUNet2DConditionModel.from_config(dict(sd.unet.config), dtype=sd.dtype)  # diffusers' own
     pipe = FlaxStableDiffusionImg2ImgPipeline(
-        vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
+        vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=unet,
         scheduler=scheduler, safety_checker=None, feature_extractor=None)
     params = replicate(dict(sd.params, scheduler=scheduler.create_state()))
   size = jobs[0].image.shape[0]

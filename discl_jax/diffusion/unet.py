@@ -65,8 +65,8 @@ def _numerics(name):
 def attention(query, key, value, heads):
   """Returns softmax(q k^T / sqrt(d)) v, [B, Lq, heads * d], for [B, L, heads * d] projections.
 
-  Scores and products in the inputs' dtype, the softmax in float32 (as
-  PyTorch's fused attention kernels do).
+  Scores and softmax in float32 (as PyTorch's fused attention kernels compute
+  them), the weighted sum of values in the inputs' dtype.
   """
   b, lq, inner = query.shape
   d = inner // heads
@@ -74,9 +74,10 @@ def attention(query, key, value, heads):
   def split_heads(x):  # [B, L, H * d] -> [B * H, L, d]
     return x.reshape(b, x.shape[1], heads, d).transpose(0, 2, 1, 3).reshape(b * heads, x.shape[1], d)
 
-  scores = jnp.einsum("b i d, b j d->b i j", split_heads(query), split_heads(key)) * d**-0.5
-  probs = jax.nn.softmax(scores.astype(jnp.float32), axis=2).astype(value.dtype)
-  out = jnp.einsum("b i j, b j d -> b i d", probs, split_heads(value))
+  scores = jnp.einsum("bid,bjd->bij", split_heads(query), split_heads(key),
+                      preferred_element_type=jnp.float32) * d**-0.5
+  probs = jax.nn.softmax(scores, axis=2).astype(value.dtype)
+  out = jnp.einsum("bij,bjd->bid", probs, split_heads(value))
   return out.reshape(b, heads, lq, d).transpose(0, 2, 1, 3).reshape(b, lq, inner)
 
 
@@ -294,8 +295,6 @@ class _BlockSpec:
                          name=name)
 
 
-
-
 class DownBlock(nn.Module):
   """Resnets (each followed by a Transformer2D when `heads`), then a downsampler unless last.
 
@@ -325,8 +324,7 @@ class DownBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-  """Resnets over (x, skip) concatenations (each followed by a Transformer2D when `heads`), then
-  an upsampler to `upsample_size` unless last.
+  """Resnets on x ++ skip (each + Transformer2D when `heads`), then an upsampler unless last.
 
   `heads=0` is diffusers' UpBlock2D, otherwise its CrossAttnUpBlock2D.
   """
@@ -442,10 +440,7 @@ class UNet(nn.Module):
                         self.numerics, self.dtype)
     time_dim = self.block_out_channels[0] * 4
 
-    if not isinstance(timesteps, jax.Array):
-      timesteps = jnp.array([timesteps], dtype=jnp.int32)
-    elif timesteps.ndim == 0:
-      timesteps = timesteps.astype(jnp.float32)[None]
+    timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
     temb = timestep_embedding(timesteps, self.block_out_channels[0], self.flip_sin_to_cos,
                               self.freq_shift, spec.torch_timestep_embedding)
     temb = _TimestepEmbedding(time_dim, self.dtype, name="time_embedding")(temb)
