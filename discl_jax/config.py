@@ -12,7 +12,6 @@ import ml_collections
 
 DEFAULT_STRENGTHS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 SDXL_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"  # the paper's generator
-SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 def parse_arg(arg, **defaults):
