@@ -6,6 +6,8 @@
 # LDMLR's PyTorch checkpoint) and refuses to start without one; :base trains it (the reference's
 # base recipe, real data only):
 #   discl --config=configs/cifar100_lt.py:ir=100,base --workdir=runs/c100lt_base --stage=train
+# Generator: the SDXL refiner 1.0 with the reference's settings, the 32x32 images upscaled
+# to 512; :sd=stable-diffusion-v1-5/stable-diffusion-v1-5 (or another checkpoint) swaps it.
 """CIFAR100-LT (TFDS cifar100, exponential profile) with a DisCL curriculum.
 
 As in the reference's rebuttal, the 32 x 32 sources are scaled up to 128 x 128
@@ -20,7 +22,7 @@ def get_config(arg=None):
   """Returns the CIFAR100-LT ConfigDict; arg: ir, schedule, loss, sd, runlocal, base."""
   arg = config_lib.parse_arg(
       arg, ir=100, schedule="syn_to_real", loss="ce",
-      sd="stable-diffusion-v1-5/stable-diffusion-v1-5", runlocal=False, base=False)
+      sd=config_lib.SDXL_REFINER, runlocal=False, base=False)
   c = config_lib.base_config()
   c.data.name = "cifar100_lt"
   c.data.prepare = True  # downloads CIFAR-100 (160 MB) into data.data_dir on first use
@@ -30,8 +32,9 @@ def get_config(arg=None):
   c.data.image_size = 32
 
   c.prompts.templates = ("a photo of a {c}", "a blurry photo of a {c}", "a {c} in a natural scene")
-  c.diffusion.model = arg.sd
   config_lib.paper_longtail_recipe(c, model="resnet32", loss=arg.loss, schedule=arg.schedule)
+  config_lib.reference_generator(c, arg.sd)
+  c.diffusion.resolution = 512  # 32x32 inputs: too small for the UNet's down-sampling
   c.diffusion.source_upsample = 128
   c.curriculum.levels = (0.5, 0.6, 0.7, 0.8, 0.9)
   c.train.require_init_checkpoint = True  # DESIGN.md §6: DisCL fine-tunes a long-tail base

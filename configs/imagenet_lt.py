@@ -8,6 +8,8 @@
 # without one: --config.train.init_checkpoint=PATH (LDMLR's PyTorch checkpoint, or this
 # project's), or train it first with :base (the reference's base recipe, real data only):
 #   discl --config=configs/imagenet_lt.py:base --workdir=runs/inlt_base --stage=train ...
+# The generator is the paper's SDXL refiner 1.0 at each image's own size (rounded down to a
+# multiple of 8); :sd=stable-diffusion-v1-5/stable-diffusion-v1-5 (or any SD / SDXL checkpoint) swaps it.
 """ImageNet-LT (file lists) with ResNet-10, Adam 1e-3, 65 epochs, 60 curriculum epochs."""
 
 from discl_jax import config as config_lib
@@ -17,7 +19,7 @@ def get_config(arg=None):
   """Returns the ImageNet-LT ConfigDict; arg: schedule, loss, sd, runlocal, base."""
   arg = config_lib.parse_arg(
       arg, schedule="syn_to_real", loss="ce",
-      sd="stable-diffusion-v1-5/stable-diffusion-v1-5", runlocal=False, base=False)
+      sd=config_lib.SDXL_REFINER, runlocal=False, base=False)
   c = config_lib.base_config()
   c.data.name = "imagenet_lt"
   c.data.image_size = 224
@@ -28,8 +30,8 @@ def get_config(arg=None):
   # JSON {class name: [descriptions]}: the reference's LLM-written scene descriptions.
   c.prompts.descriptions_file = "prompts/imagenet_lt_descriptions.json"
   c.prompts.description_format = "a 8k real photo: {d}"
-  c.diffusion.model = arg.sd
   config_lib.paper_longtail_recipe(c, model="resnet10", loss=arg.loss, schedule=arg.schedule)
+  config_lib.reference_generator(c, arg.sd)
   c.train.require_init_checkpoint = True  # DESIGN.md §6: DisCL fine-tunes a long-tail base
   if arg.base:
     config_lib.reference_base_recipe(c)

@@ -18,8 +18,8 @@ from discl_jax import config as config_lib
 
 
 def get_config(arg=None):
-  """Returns the iWildCam ConfigDict; arg: schedule, runlocal."""
-  arg = config_lib.parse_arg(arg, schedule="adaptive", runlocal=False)
+  """Returns the iWildCam ConfigDict; arg: schedule, sd, runlocal."""
+  arg = config_lib.parse_arg(arg, schedule="adaptive", sd=config_lib.SDXL_REFINER, runlocal=False)
   c = config_lib.base_config()
   c.data.name = "iwildcam"
   c.data.image_size = 224
@@ -28,9 +28,10 @@ def get_config(arg=None):
   c.hard.rule = "misclassified"
   c.hard.exclude_classes = ("empty",)
   c.prompts.templates = ("a photo of {c} in the wild",)
-  c.diffusion.model = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-  c.diffusion.dtype = "bfloat16"
-  c.diffusion.resolution = 272
+  # The reference's generator (SDXL refiner 1.0; :sd= swaps it), every image resized to
+  # 480x270 first and run at 480x264 (rounded down to a multiple of 8).
+  config_lib.reference_generator(c, arg.sd)
+  c.diffusion.source_size = (480, 270)
   # The reference kept image guidance >= 0.5 for iWildCam.
   c.diffusion.strengths = (0.1, 0.2, 0.3, 0.4, 0.5)
   c.diffusion.slots = 64

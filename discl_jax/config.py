@@ -13,6 +13,7 @@ import ml_collections
 from discl_jax import config_checks
 
 DEFAULT_STRENGTHS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+SDXL_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"  # the paper's generator
 
 
 def parse_arg(arg, **defaults):
@@ -99,16 +100,20 @@ def base_config():
       choice="per_seed",       # per_seed: per (class, image, generation seed), the reference | per_image
   )
   c.diffusion = dict(
-      model="",                # local dir or hub id; "" with tiny=True builds one
-      tiny=False,              # build a tiny random SD checkpoint into the workdir
+      model="",                # local dir or hub id (SD 1.x/2.x, SDXL base or refiner); "" with tiny=True builds one
+      tiny=False,              # build a tiny random checkpoint into the workdir
+      tiny_family="sd",        # tiny=True: sd | sdxl_refiner | sdxl_base (SDXL-shaped)
       dtype="float32",         # float32 | bfloat16
       scheduler="ddim",        # ddim | euler
       strengths=DEFAULT_STRENGTHS,
       seeds_per_level=8,
       num_inference_steps=50,
       guidance_scale=10.0,
-      negative_prompt="",
-      resolution=0,            # shorter side; 0 keeps the input's own size
+      negative_prompt="",      # "": none (diffusers' None: SDXL base zeros, others encode "")
+      aesthetic_score=6.0,     # SDXL refiner micro-conditioning of the prompt branch
+      negative_aesthetic_score=2.5,  # ... and of the negative branch
+      source_size=(0, 0),      # (width, height) every source is first resized to (bicubic); (0, 0): off
+      resolution=0,            # shorter side; 0: the input's size rounded down to a multiple of 8 (LANCZOS)
       source_upsample=0,       # scale smaller source images up to this shorter side (LANCZOS)
                                # before generation; 0: off (CIFAR100-LT: 128, the rebuttal's)
       slots=16,                # jobs in flight per sampler step (global)
@@ -197,6 +202,27 @@ def _check_keys(config, schema, prefix):
       if not isinstance(config[key], ml_collections.ConfigDict):
         raise TypeError(f"config key {path!r} must be a section, got {config[key]!r}")
       _check_keys(config[key], schema[key], prefix=path + ".")
+
+
+def reference_generator(config, model=SDXL_REFINER):
+  """Returns `config` with the reference's generation settings (DESIGN.md §1.3, §5) for `model`.
+
+  Euler, 50 steps, text guidance 10, strengths 0.1 ... 1.0, 8 seeds per level,
+  no negative prompt, aesthetic scores 6.0 / 2.5 (SDXL refiner), each input at
+  its own size rounded down to a multiple of 8, bf16.
+  """
+  config.diffusion.model = model
+  config.diffusion.dtype = "bfloat16"
+  config.diffusion.scheduler = "euler"
+  config.diffusion.num_inference_steps = 50
+  config.diffusion.guidance_scale = 10.0
+  config.diffusion.strengths = DEFAULT_STRENGTHS
+  config.diffusion.seeds_per_level = 8
+  config.diffusion.negative_prompt = ""
+  config.diffusion.aesthetic_score = 6.0
+  config.diffusion.negative_aesthetic_score = 2.5
+  config.diffusion.resolution = 0
+  return config
 
 
 def paper_longtail_recipe(config, *, model, loss, schedule):

@@ -40,6 +40,7 @@ def enums():
       "prompts.source": prompts.SOURCES,
       "prompts.choice": prompts.CHOICES,
       "diffusion.dtype": diffusion_models.DTYPES,
+      "diffusion.tiny_family": diffusion_models.FAMILIES,
       "diffusion.scheduler": schedules.KINDS,
       "score.dtype": tuple(clip.DTYPES),
       "train.model": tuple(resnet.MODELS) + (CLIP_MODEL,),

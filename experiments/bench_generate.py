@@ -3,17 +3,22 @@
 Methods (same weights, same jobs: N images x strengths, one seed, `--steps` steps):
   packed      our SpectrumSampler: every strength in one jitted step over `--slots` slots
   flax        diffusers FlaxStableDiffusionImg2ImgPipeline (jit path), one call per strength
-              with the N images batched (it compiles once per strength)
-  torch       diffusers PyTorch StableDiffusionImg2ImgPipeline, one call per strength, batched
+              with the N images batched (it compiles once per strength); SD geometries only
+              (diffusers has no Flax SDXL img2img)
+  torch       diffusers PyTorch StableDiffusionImg2ImgPipeline (StableDiffusionXLImg2ImgPipeline
+              for the refiner geometry), one call per strength, batched
   torch1      PyTorch, one call per (image, strength, seed) with batch 1 (the reference script)
+Geometries: tiny / small are SD 1.x-shaped (DDIM); refiner is SDXL-refiner-shaped (blocks
+Down/CrossAttn/CrossAttn/Down, text_encoder_2 only, 5 micro-conditions, Euler as the reference).
 Each method runs the whole job set twice: the first pass includes compilation
 (end to end), the second is steady state. UNet evaluations count both CFG halves;
 "useful" excludes the packed sampler's idle slots.
 
 Weights: with torch installed the checkpoint is written by PyTorch models as
-safetensors and loaded for JAX by our converter; without torch, `build_tiny`.
+safetensors and loaded for JAX by our converter; without torch, `build_tiny(_sdxl)`.
 
   python experiments/bench_generate.py --geometry=tiny --images=4 --methods=packed,flax,torch,torch1
+  python experiments/bench_generate.py --geometry=refiner --images=4 --methods=packed,torch,torch1
 """
 
 import argparse
@@ -33,15 +38,19 @@ from discl_jax.diffusion import sampler as sampler_lib
 STRENGTHS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 PROMPTS = ("a photo of the digit seven", "a digit in the wild", "a real photo of a class")
 GEOMETRIES = {
-    # image size, UNet overrides of models.tiny_configs
-    "tiny": (32, {}),
-    "small": (64, dict(block_out_channels=(64, 128), layers_per_block=2, attention_head_dim=4)),
+    # image size, UNet overrides of the family's tiny configs, family
+    "tiny": (32, {}, "sd"),
+    "small": (64, dict(block_out_channels=(64, 128), layers_per_block=2, attention_head_dim=4),
+              "sd"),
+    "refiner": (64, {}, "sdxl_refiner"),
 }
 
 
 def build_checkpoint(geometry, root, use_torch):
-  """Returns (checkpoint dir, PyTorch (unet, vae, text, tokenizer) or None) for `geometry`."""
-  _, overrides = GEOMETRIES[geometry]
+  """Returns (checkpoint dir, PyTorch modules dict or None) for `geometry`."""
+  _, overrides, family = GEOMETRIES[geometry]
+  if family != "sd":
+    return _build_sdxl(root, family, overrides, use_torch)
   if not use_torch:
     return models.build_tiny(root, seed=0, unet_overrides=overrides), None
   import torch  # pylint: disable=g-import-not-at-top
@@ -60,7 +69,39 @@ def build_checkpoint(geometry, root, use_torch):
     module.save_pretrained(root / sub, safe_serialization=True)
   (root / "scheduler").mkdir(exist_ok=True)
   (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(models.SD_SCHEDULER_CONFIG))
-  return root, (unet, vae, text, tokenizer)
+  return root, dict(family="sd", unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer)
+
+
+def _build_sdxl(root, family, overrides, use_torch):
+  """Returns (tiny SDXL-shaped checkpoint dir, PyTorch modules dict or None)."""
+  if not use_torch:
+    return models.build_tiny_sdxl(root, seed=0, family=family, unet_overrides=overrides), None
+  import torch  # pylint: disable=g-import-not-at-top
+  from diffusers import AutoencoderKL, UNet2DConditionModel  # pylint: disable=g-import-not-at-top
+  from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(root)
+  modules = {"family": family,
+             "tokenizer_2": models.write_tiny_tokenizer(root / "tokenizer_2", pad_token="!")}
+  if family == "sdxl_base":
+    modules["tokenizer"] = models.write_tiny_tokenizer(root / "tokenizer")
+  tok = modules["tokenizer_2"]
+  unet_cfg, vae_cfg, text_cfgs = models.tiny_sdxl_configs(
+      family, len(tok.encoder), tok.bos_token_id, tok.eos_token_id)
+  unet_cfg.update(overrides)
+  torch.manual_seed(0)
+  modules["unet"] = UNet2DConditionModel(**unet_cfg).eval()
+  modules["vae"] = AutoencoderKL(**vae_cfg, force_upcast=True).eval()
+  for name, cfg in text_cfgs.items():
+    cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+    modules[name] = cls(CLIPTextConfig(**cfg)).eval()
+  for name in ("unet", "vae") + tuple(text_cfgs):
+    modules[name].save_pretrained(root / name, safe_serialization=True)
+  models.write_pipeline_files(root, models.SDXL_SCHEDULER_CONFIG, family)
+  return root, modules
+
+
+def _scheduler(sd):
+  return "euler" if sd.is_sdxl else "ddim"
 
 
 def make_jobs(n_images, strengths, size):
@@ -93,7 +134,7 @@ def _timed_passes(run_once):
 
 def bench_packed(sd, jobs, args):
   s = sampler_lib.SpectrumSampler(sd, num_inference_steps=args.steps, guidance_scale=10.0,
-                                  slots=args.slots)
+                                  slots=args.slots, scheduler=_scheduler(sd))
   first, steady = _timed_passes(lambda: sum(1 for _ in s.run(jobs)))
   # stats cover both passes; x2 for the CFG halves, /2 for the passes.
   return dict(first_s=first, steady_s=steady, unet_evals=s.stats["slot_evals"],
@@ -101,14 +142,15 @@ def bench_packed(sd, jobs, args):
 
 
 def bench_flax(sd, jobs, args):
-  from diffusers import FlaxDDIMScheduler, FlaxStableDiffusionImg2ImgPipeline  # pylint: disable=g-import-not-at-top
+  from diffusers import FlaxDDIMScheduler, FlaxStableDiffusionImg2ImgPipeline, FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
   from flax.jax_utils import replicate  # pylint: disable=g-import-not-at-top
   from flax.training.common_utils import shard  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   with models.quiet():
     scheduler = FlaxDDIMScheduler.from_config(sd.scheduler_config)
+    unet = FlaxUNet2DConditionModel.from_config(dict(sd.unet.config), dtype=sd.dtype)  # diffusers' own
     pipe = FlaxStableDiffusionImg2ImgPipeline(
-        vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
+        vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=unet,
         scheduler=scheduler, safety_checker=None, feature_extractor=None)
     params = replicate(dict(sd.params, scheduler=scheduler.create_state()))
   size = jobs[0].image.shape[0]
@@ -132,11 +174,18 @@ def bench_flax(sd, jobs, args):
 
 def _torch_pipe(pt):
   import diffusers  # pylint: disable=g-import-not-at-top
-  unet, vae, text, tokenizer = pt
-  pipe = diffusers.StableDiffusionImg2ImgPipeline(
-      vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-      scheduler=diffusers.DDIMScheduler.from_config(models.SD_SCHEDULER_CONFIG),
-      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+  if pt["family"] == "sd":
+    pipe = diffusers.StableDiffusionImg2ImgPipeline(
+        vae=pt["vae"], text_encoder=pt["text_encoder"], tokenizer=pt["tokenizer"],
+        unet=pt["unet"], scheduler=diffusers.DDIMScheduler.from_config(models.SD_SCHEDULER_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+  else:  # the reference's pipeline, Euler from the checkpoint's scheduler config
+    pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
+        vae=pt["vae"], text_encoder=pt.get("text_encoder"), text_encoder_2=pt["text_encoder_2"],
+        tokenizer=pt.get("tokenizer"), tokenizer_2=pt["tokenizer_2"], unet=pt["unet"],
+        scheduler=diffusers.EulerDiscreteScheduler.from_config(models.SDXL_SCHEDULER_CONFIG),
+        requires_aesthetics_score=pt["family"] == "sdxl_refiner",
+        force_zeros_for_empty_prompt=pt["family"] == "sdxl_base", add_watermarker=False)
   pipe.set_progress_bar_config(disable=True)
   return pipe
 
@@ -179,7 +228,10 @@ def main():
     print(f"torch is not installed: skipping {missing_torch}")
     methods = [m for m in methods if m not in missing_torch]
 
-  size = GEOMETRIES[args.geometry][0]
+  size, _, family = GEOMETRIES[args.geometry]
+  if family != "sd" and "flax" in methods:
+    print("diffusers has no Flax SDXL img2img pipeline: skipping flax")
+    methods.remove("flax")
   jobs = make_jobs(args.images, STRENGTHS, size)
   with tempfile.TemporaryDirectory() as tmp:
     path, pt = build_checkpoint(args.geometry, pathlib.Path(tmp) / "sd", torch_version is not None)

@@ -47,6 +47,7 @@ from discl_jax.diffusion import digit_training
 from discl_jax.diffusion import models as sd_models
 from discl_jax.diffusion import sampler as sampler_lib
 from discl_jax.diffusion import schedules
+from discl_jax.diffusion import unet as unet_lib
 from discl_jax.scoring import clip as clip_lib
 from discl_jax.scoring import digit_clip_training
 from discl_jax.scoring import preprocess
@@ -326,6 +327,7 @@ def save_sd(target, *, tokenizer, text_config, text_params, vae, vae_params, une
       vae.save_pretrained(str(root / "vae"), params=vae_params)
       FlaxCLIPTextModel(text_config, _do_init=False).save_pretrained(
           str(root / "text_encoder"), params=text_params)
+    unet_lib.mark_numerics(root / "unet", "flax")  # trained with diffusers' Flax modules
     tokenizer.save_pretrained(str(root / "tokenizer"))
     sd_models.write_pipeline_files(root, scheduler_config)
 
@@ -364,7 +366,9 @@ def write_readme(out, summary):
       f"VAE MSE {finals['vae_mse']:.5f} (KL {finals['vae_kl']:.3f}), UNet {finals['unet']:.4f}.",
       "- `sd/`: diffusers layout (FlaxUNet2DConditionModel, FlaxAutoencoderKL, FlaxCLIPTextModel "
       "= the digit CLIP's text tower, CLIPTokenizer, DDIM scheduler config); load with "
-      "`discl_jax.diffusion.models.load_sd`.",
+      "`discl_jax.diffusion.models.load_sd`. The UNet was trained with diffusers' Flax modules "
+      "(tanh GELU, GroupNorm eps 1e-5): its config.json says `\"discl_numerics\": \"flax\"`, "
+      "so `load_sd` computes those functions for it (DESIGN.md §5.9).",
       "- `clip/`: transformers layout (FlaxCLIPModel); load with `discl_jax.scoring.clip.load_clip`.",
       "",
       "## Quality",

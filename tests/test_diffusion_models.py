@@ -49,7 +49,7 @@ def test_load_sd_float32_and_bfloat16(tiny_dir, tiny_sd):
   assert set(sd.params) == {"unet", "vae", "text_encoder"}
   leaves = jax.tree.leaves(sd.params)
   assert all(x.dtype == jnp.float32 for x in leaves)
-  assert sd.vae_scale_factor == 2 and sd.size_multiple == 4
+  assert sd.vae_scale_factor == sd.size_multiple == 2  # the UNet takes any latent size
   assert sd.scheduler_config["beta_schedule"] == "scaled_linear"
   half = models.load_sd(str(tiny_dir), dtype="bfloat16")
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(half.params))

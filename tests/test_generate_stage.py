@@ -128,10 +128,20 @@ def test_build_rows_and_resolution_policy():
   with pytest.raises(ValueError, match="'a'.*per seed index 0..2.*rerun the `prompts` stage"):
     jobs.build_rows(hard, {"a": "pa", "b": ["pb"] * 3}, (0.3,), 3)
   assert jobs.target_size(32, 32) == (32, 32)
-  assert jobs.target_size(270, 480) == (272, 480)
+  # resolution 0: rounded down to a multiple of 8, as diffusers' image processor (DESIGN.md §5.3)
+  assert jobs.target_size(270, 480) == (264, 480)
+  assert jobs.target_size(375, 500) == (368, 496)
   assert jobs.target_size(270, 480, resolution=256, multiple=64) == (256, 448)
   assert jobs.target_size(3, 5) == (8, 8)
   assert jobs.resize(np.zeros((30, 50, 3), np.uint8), (32, 48)).shape == (32, 48, 3)
+  # iWildCam's fixed pre-resize (width, height) = (480, 270), then 480x264
+  assert jobs.source_size(1536, 2048, (480, 270)) == (270, 480)
+  assert jobs.source_size(1536, 2048) == (1536, 2048)
+  with pytest.raises(ValueError, match="diffusion.source_size"):
+    jobs.source_size(10, 10, (480, 0))
+  gradient = np.tile(np.arange(50, dtype=np.uint8)[None, :, None] * 5, (30, 1, 3))
+  lanczos = jobs.resize(gradient, (24, 48), "lanczos")
+  assert not np.array_equal(lanczos, jobs.resize(gradient, (24, 48)))
 
 
 def test_fingerprint_counts_description_file_content_not_path(tmp_path):

@@ -139,8 +139,8 @@ def test_strength_running_no_step_names_it(packed):
 
 def test_bad_images_name_the_job(packed):
   good = make_jobs(1)[0]
-  odd = sampler.Job("odd-size", np.zeros((30, 32, 3), np.uint8), PROMPT, 0.5, 0)
-  with pytest.raises(ValueError, match="odd-size.*multiple of 4"):
+  odd = sampler.Job("odd-size", np.zeros((31, 32, 3), np.uint8), PROMPT, 0.5, 0)
+  with pytest.raises(ValueError, match="odd-size.*multiple of 2"):
     list(packed[0].run([odd]))
   other = sampler.Job("other-size", np.zeros((64, 64, 3), np.uint8), PROMPT, 0.5, 0)
   with pytest.raises(ValueError, match="other-size.*differs"):
@@ -211,5 +211,7 @@ def test_matches_torch_img2img_pipeline_from_safetensors(torch_checkpoint, kind,
   with torch.no_grad():
     ref = pipe(prompt=job.prompt, image=Image.fromarray(job.image), strength=job.strength,
                num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="np").images[0]
-  # Stated tolerance: float32 on both sides, different kernels (oneDNN vs XLA): 1e-4 on [0, 1].
+  # float32 on both sides, PyTorch's functions on both (unet.py), different kernels (oneDNN vs
+  # XLA): 1e-4 on [0, 1] and 1 uint8 level (DESIGN.md §5.9).
   np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+  assert np.abs(sampler.to_uint8(ours).astype(int) - sampler.to_uint8(ref).astype(int)).max() <= 1

@@ -2,8 +2,11 @@
 
 A job is a manifest row (see `spectrum_store.make_row`): its id, its source
 image, the prompt, the strength and the per-level seed index. The sampler gets
-the source image resized to a size whose sides are multiples of `multiple`
-(8 or the model's total down-sampling factor), keeping its aspect ratio.
+the source image (optionally first resized to a fixed `diffusion.source_size`)
+at a size whose sides are multiples of `multiple` (8 or the model's total
+down-sampling factor): at `resolution=0` its own size rounded down with a
+LANCZOS resize, as diffusers' image processor does (DESIGN.md §5.3), else
+scaled to that shorter side, aspect kept.
 """
 
 import collections
@@ -21,8 +24,9 @@ from discl_jax.data import spectrum_store as ss
 # slots and the mesh (outputs do not depend on batching) and data paths (source
 # ids name the images) may change freely.
 FINGERPRINT_KEYS = {
-    "diffusion": ("model", "tiny", "dtype", "scheduler", "num_inference_steps",
-                  "guidance_scale", "negative_prompt", "resolution"),
+    "diffusion": ("model", "tiny", "tiny_family", "dtype", "scheduler", "num_inference_steps",
+                  "guidance_scale", "negative_prompt", "aesthetic_score",
+                  "negative_aesthetic_score", "source_size", "resolution"),
     "prompts": ("source", "templates", "description_format"),
     "data": ("name", "tfds_name"),
 }
@@ -113,26 +117,41 @@ def build_rows(hard_rows, prompt_by_source, strengths, seeds_per_level):
 
 
 def target_size(height, width, resolution=0, multiple=8):
-  """Returns (height, width) for generation: multiples of `multiple`, aspect kept.
+  """Returns (height, width) for generation: multiples of `multiple`.
 
-  `resolution` 0 keeps the input's own size; otherwise it is the shorter side.
+  `resolution` 0: the input's own size rounded down (DESIGN.md §5.3);
+  otherwise the shorter side becomes `resolution`, aspect kept (rounded).
   """
   height, width = int(height), int(width)
   if height < 1 or width < 1:
     raise ValueError(f"image size must be positive, got {height}x{width}")
   if resolution < 0:
     raise ValueError(f"diffusion.resolution must be >= 0, got {resolution}")
-  scale = 1.0 if resolution == 0 else resolution / min(height, width)
+  if resolution == 0:
+    return tuple(max(multiple, n // multiple * multiple) for n in (height, width))
+  scale = resolution / min(height, width)
   snap = lambda n: max(multiple, int(round(n * scale / multiple)) * multiple)
   return snap(height), snap(width)
 
 
-def resize(image, size):
-  """Returns uint8 H x W x 3 `image` resized to `size` (height, width), bicubic."""
+def source_size(height, width, fixed=(0, 0)):
+  """Returns (height, width) of a source after the fixed pre-resize `fixed` = (width, height).
+
+  (0, 0) leaves the size alone; ValueError names a malformed `diffusion.source_size`.
+  """
+  fixed = tuple(int(v) for v in fixed)
+  if len(fixed) != 2 or min(fixed) < 0 or (0 in fixed and fixed != (0, 0)):
+    raise ValueError(f"diffusion.source_size must be (width, height) > 0 or (0, 0), got {fixed}")
+  return (int(height), int(width)) if fixed == (0, 0) else (fixed[1], fixed[0])
+
+
+def resize(image, size, resample="bicubic"):
+  """Returns uint8 H x W x 3 `image` resized to `size` (height, width), bicubic or lanczos."""
   image = np.asarray(image)
   if image.shape[:2] == tuple(size):
     return image
-  resized = Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BICUBIC)
+  filters = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
+  resized = Image.fromarray(image).resize((size[1], size[0]), filters[resample])
   return np.asarray(resized)
 
 

@@ -1,10 +1,12 @@
-"""Stable Diffusion 1.x/2.x checkpoints for the spectrum sampler (diffusers/transformers Flax classes).
+"""Stable Diffusion 1.x/2.x and SDXL checkpoints for the spectrum sampler (diffusers/transformers Flax classes).
 
 `load_sd` reads a checkpoint in the diffusers folder layout from a local
 directory or a hub id, with Flax msgpack weights (through the classes'
 `from_pretrained`) or PyTorch safetensors (converted in-process by
-`convert.py`, no torch). `build_tiny` writes a tiny random checkpoint in the
-same layout; it loads through exactly the same code.
+`convert.py`, no torch). The family comes from `model_index.json`: SDXL base
+(two text encoders) and refiner (`text_encoder_2` only), DESIGN.md §5.1.
+`build_tiny` / `build_tiny_sdxl` write tiny random checkpoints in the same
+layouts; they load through exactly the same code.
 """
 
 import contextlib
@@ -20,8 +22,16 @@ import numpy as np
 from discl_jax import seeding
 from discl_jax import workdir as wd
 from discl_jax.diffusion import convert
+from discl_jax.diffusion import unet as unet_lib
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+                   "scheduler")
+FAMILIES = ("sd", "sdxl_base", "sdxl_refiner")
+# Weight files per sub-folder, in order of preference (one format is downloaded).
+_WEIGHT_STEMS = {"unet": ("diffusion_flax_model", "diffusion_pytorch_model"),
+                 "vae": ("diffusion_flax_model", "diffusion_pytorch_model"),
+                 "text_encoder": ("flax_model", "model"), "text_encoder_2": ("flax_model", "model")}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DTYPES = tuple(_DTYPES)  # diffusion.dtype
 
@@ -38,6 +48,21 @@ SD_SCHEDULER_CONFIG = {
     "prediction_type": "epsilon",
     "timestep_spacing": "leading",
 }
+# The scheduler config SDXL base and refiner 1.0 ship (Euler-discrete, DESIGN.md §5.4).
+SDXL_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+}
 
 
 @dataclasses.dataclass
@@ -50,6 +75,17 @@ class SDModels:
   scheduler_config: dict
   params: dict
   dtype: object = jnp.float32
+  family: str = "sd"                   # sd | sdxl_base | sdxl_refiner
+  tokenizer_2: object = None           # SDXL: the OpenCLIP bigG tokenizer
+  text_encoder_2: object = None        # SDXL: CLIPTextModelWithProjection
+  force_zeros_for_empty_prompt: bool = False
+  requires_aesthetics_score: bool = False
+  vae_dtype: object = jnp.float32      # SDXL with force_upcast: float32 whatever `dtype`
+
+  @property
+  def is_sdxl(self):
+    """Returns whether this is an SDXL checkpoint (base or refiner)."""
+    return self.family != "sd"
 
   @property
   def vae_scale_factor(self):
@@ -58,8 +94,11 @@ class SDModels:
 
   @property
   def size_multiple(self):
-    """Returns what image height and width must be multiples of (VAE and UNet downsampling)."""
-    return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+    """Returns what image height and width must be multiples of: the VAE's downsampling.
+
+    The UNet takes any latent size (PyTorch's forward_upsample_size, unet.py).
+    """
+    return self.vae_scale_factor
 
 
 @contextlib.contextmanager
@@ -110,22 +149,78 @@ def resolve(model):
     return path
   if _looks_like_path(model) or path.exists():
     raise FileNotFoundError(f"Stable Diffusion checkpoint directory {str(path)!r} does not exist")
-  from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
   try:
-    return pathlib.Path(snapshot_download(
-        model, allow_patterns=["*.json", "*.txt", "*.msgpack", "*.safetensors"],
-        ignore_patterns=["safety_checker/*", "feature_extractor/*"]))
+    index = json.loads(pathlib.Path(
+        huggingface_hub.hf_hub_download(model, "model_index.json")).read_text())
+    patterns = hub_patterns(index, huggingface_hub.list_repo_files(model))
+    return pathlib.Path(huggingface_hub.snapshot_download(model, allow_patterns=patterns))
   except Exception as e:  # pylint: disable=broad-except
     raise OSError(
         f"{model!r} is not a local directory and could not be fetched as a hub id: {e}") from e
 
 
-def _check_layout(root):
-  missing = [s for s in SUBFOLDERS if not (root / s).is_dir()]
+def hub_patterns(model_index, repo_files):
+  """Returns the files of a hub repo the pipeline needs: its sub-folders' configs and one weight format.
+
+  Per weight sub-folder: Flax msgpack if the repo has it, else PyTorch
+  safetensors (full precision before `.fp16`; sharded with its index). The
+  single-file checkpoints at the repo root and other components are left out.
+  """
+  folders = [f for f in SDXL_SUBFOLDERS if isinstance(model_index.get(f), list)
+             and model_index[f][0] is not None]
+  patterns = ["model_index.json"]
+  for folder in folders:
+    patterns += [f"{folder}/*.json", f"{folder}/*.txt"]
+    names = {f.split("/", 1)[1] for f in repo_files if f.startswith(folder + "/")}
+    for stem in _WEIGHT_STEMS.get(folder, ()):
+      if stem.endswith("flax_model"):
+        if f"{stem}.msgpack" in names:
+          patterns.append(f"{folder}/{stem}.msgpack")
+          break
+        continue
+      picked = [n for n in (f"{stem}.safetensors", f"{stem}.fp16.safetensors") if n in names]
+      shards = sorted(n for n in names if n.startswith(f"{stem}-") and n.endswith(".safetensors"))
+      if picked:
+        patterns.append(f"{folder}/{picked[0]}")
+        break
+      if shards:
+        patterns += [f"{folder}/{n}" for n in shards]
+        break
+  return patterns
+
+
+def _read_index(root):
+  """Returns the checkpoint's model_index.json as a dict ({} when it has none)."""
+  index_file = root / "model_index.json"
+  if not index_file.is_file():
+    return {}
+  try:
+    return json.loads(index_file.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{str(index_file)!r} is not valid JSON: {e}") from e
+
+
+def family_of(index):
+  """Returns the checkpoint family (sd | sdxl_base | sdxl_refiner) that `model_index.json` names."""
+  present = lambda k: isinstance(index.get(k), list) and index[k][0] is not None
+  if "XL" in str(index.get("_class_name", "")) or present("text_encoder_2"):
+    return "sdxl_base" if present("text_encoder") else "sdxl_refiner"
+  return "sd"
+
+
+def _required_folders(family):
+  return {"sd": SUBFOLDERS, "sdxl_base": SDXL_SUBFOLDERS,
+          "sdxl_refiner": ("unet", "vae", "text_encoder_2", "tokenizer_2", "scheduler")}[family]
+
+
+def _check_layout(root, family="sd"):
+  expected = _required_folders(family)
+  missing = [s for s in expected if not (root / s).is_dir()]
   if missing:
     raise FileNotFoundError(
-        f"checkpoint {str(root)!r} lacks the diffusers sub-folder(s) {missing}; "
-        f"expected {list(SUBFOLDERS)}")
+        f"checkpoint {str(root)!r} ({family}) lacks the diffusers sub-folder(s) {missing}; "
+        f"expected {list(expected)}")
 
 
 def _load_diffusers(cls, root, subfolder, dtype):
@@ -144,42 +239,72 @@ def _load_diffusers(cls, root, subfolder, dtype):
   return module, params
 
 
-def _load_text_encoder(root, dtype):
-  """Returns (FlaxCLIPTextModel, float32 params) from msgpack or safetensors."""
-  from transformers import CLIPTextConfig, FlaxCLIPTextModel  # pylint: disable=g-import-not-at-top
-  folder = root / "text_encoder"
+def _load_text_encoder(root, dtype, subfolder="text_encoder", projection=False):
+  """Returns (FlaxCLIPTextModel[WithProjection], float32 params) from msgpack or safetensors."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  cls = (transformers.FlaxCLIPTextModelWithProjection if projection
+         else transformers.FlaxCLIPTextModel)
+  folder = root / subfolder
   if (folder / "flax_model.msgpack").is_file():
     with wd.reading_weights(folder / "flax_model.msgpack"):
-      return FlaxCLIPTextModel.from_pretrained(str(folder), dtype=dtype, _do_init=False)
+      return cls.from_pretrained(str(folder), dtype=dtype, _do_init=False)
   files = convert.safetensors_files(folder, "model")
   if not files:
     raise FileNotFoundError(f"no flax_model.msgpack or model*.safetensors in {str(folder)!r}")
-  module = FlaxCLIPTextModel(CLIPTextConfig.from_pretrained(str(folder)), dtype=dtype, _do_init=False)
+  module = cls(transformers.CLIPTextConfig.from_pretrained(str(folder)), dtype=dtype,
+               _do_init=False)
   params = convert.convert_state_dict(
       convert.read_safetensors(files), module.params_shape_tree, source=str(folder))
   return module, params
 
 
+def _vae_force_upcast(root):
+  """Returns the VAE config's `force_upcast` (diffusers' default True when absent)."""
+  config_file = root / "vae" / "config.json"
+  return bool(json.loads(config_file.read_text()).get("force_upcast", True)) if (
+      config_file.is_file()) else True
+
+
 def load_sd(model, dtype="float32"):
-  """Returns the SDModels of checkpoint `model` (local dir or hub id) with params in `dtype`."""
-  from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
+  """Returns the SDModels of checkpoint `model` (local dir or hub id) with params in `dtype`.
+
+  SD 1.x/2.x or SDXL base/refiner, as `model_index.json` says (DESIGN.md §5.1).
+  SDXL keeps its VAE in float32 when the VAE config says `force_upcast`, as
+  diffusers' SDXL pipelines do.
+  The UNet is unet.UNet with the numerics its config.json records (default: PyTorch's).
+  """
+  from diffusers import FlaxAutoencoderKL  # pylint: disable=g-import-not-at-top
   from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
   dtype = _dtype(dtype)
   root = resolve(model)
-  _check_layout(root)
+  index = _read_index(root)
+  family = family_of(index)
+  _check_layout(root, family)
+  vae_dtype = jnp.float32 if family != "sd" and _vae_force_upcast(root) else dtype
+  encoders, tokenizers, params = {}, {}, {}
   with quiet():
-    unet, unet_params = _load_diffusers(FlaxUNet2DConditionModel, root, "unet", dtype)
-    vae, vae_params = _load_diffusers(FlaxAutoencoderKL, root, "vae", dtype)
-    text_encoder, text_params = _load_text_encoder(root, dtype)
-  tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
+    unet, params["unet"] = unet_lib.load(root / "unet", dtype)
+    vae, params["vae"] = _load_diffusers(FlaxAutoencoderKL, root, "vae", vae_dtype)
+    for name in ("text_encoder", "text_encoder_2"):
+      if name in _required_folders(family):
+        encoders[name], params[name] = _load_text_encoder(
+            root, dtype, name, projection=name == "text_encoder_2")
+  for name in ("tokenizer", "tokenizer_2"):
+    if name in _required_folders(family):
+      tokenizers[name] = CLIPTokenizer.from_pretrained(str(root / name))
   scheduler_file = root / "scheduler" / "scheduler_config.json"
   if not scheduler_file.is_file():
     raise FileNotFoundError(f"missing scheduler config {str(scheduler_file)!r}")
-  params = {"unet": unet_params, "vae": vae_params, "text_encoder": text_params}
-  params = cast(jax.tree.map(np.asarray, params), dtype)
-  return SDModels(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
-                  scheduler_config=json.loads(scheduler_file.read_text()), params=params,
-                  dtype=dtype)
+  params = jax.tree.map(np.asarray, params)
+  params = {k: cast(v, vae_dtype if k == "vae" else dtype) for k, v in params.items()}
+  return SDModels(tokenizer=tokenizers.get("tokenizer"), text_encoder=encoders.get("text_encoder"),
+                  vae=vae, unet=unet, scheduler_config=json.loads(scheduler_file.read_text()),
+                  params=params, dtype=dtype, family=family,
+                  tokenizer_2=tokenizers.get("tokenizer_2"),
+                  text_encoder_2=encoders.get("text_encoder_2"),
+                  force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+                  requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)),
+                  vae_dtype=vae_dtype)
 
 
 # ---------------------------------------------------------------- tiny model
@@ -201,8 +326,11 @@ def _bytes_to_unicode():
   return dict(zip(printable, (chr(c) for c in codes)))
 
 
-def write_tiny_tokenizer(folder, model_max_length=77):
-  """Writes a small CLIP BPE tokenizer (byte alphabet + merges of a few words) into `folder`."""
+def write_tiny_tokenizer(folder, model_max_length=77, pad_token="<|endoftext|>"):
+  """Writes a small CLIP BPE tokenizer (byte alphabet + merges of a few words) into `folder`.
+
+  `pad_token="!"` pads as SDXL's OpenCLIP bigG tokenizer (`tokenizer_2`) does.
+  """
   from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
   folder = pathlib.Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
@@ -222,7 +350,7 @@ def write_tiny_tokenizer(folder, model_max_length=77):
   (folder / "vocab.json").write_text(json.dumps(vocab_ids))
   (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
   tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
-                            model_max_length=model_max_length, pad_token="<|endoftext|>")
+                            model_max_length=model_max_length, pad_token=pad_token)
   tokenizer.save_pretrained(str(folder))
   return tokenizer
 
@@ -243,6 +371,49 @@ def tiny_configs(vocab_size, bos_id, eos_id):
               num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
               bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id)
   return unet, vae, text
+
+
+def tiny_sdxl_configs(family, vocab_size, bos_id, eos_id):
+  """Returns (unet, vae, {encoder folder: text config}) dicts of a tiny SDXL-shaped checkpoint.
+
+  Refiner-shaped: blocks Down/CrossAttn/CrossAttn/Down, `text_encoder_2` only,
+  5 micro-conditions; base-shaped: Down/CrossAttn/CrossAttn, two encoders whose
+  penultimate states concatenate, 6 micro-conditions. The VAE has two blocks
+  (2x) so 40x56 images keep 20x28 latents (DESIGN.md §5.11).
+  """
+  if family not in ("sdxl_refiner", "sdxl_base"):
+    raise ValueError(f"tiny SDXL family must be sdxl_refiner or sdxl_base, got {family!r}")
+  text = lambda hidden, act: dict(
+      vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2 + 5,
+      num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77,
+      projection_dim=hidden, hidden_act=act, bos_token_id=bos_id, eos_token_id=eos_id,
+      pad_token_id=eos_id)
+  time_dim = 8
+  if family == "sdxl_refiner":
+    encoders = {"text_encoder_2": text(32, "gelu")}
+    blocks = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                    "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                  "UpBlock2D"),
+                  block_out_channels=(32, 32, 64, 64), attention_head_dim=(2, 2, 4, 4),
+                  transformer_layers_per_block=1)
+    micro = 5
+  else:
+    encoders = {"text_encoder": text(32, "quick_gelu"), "text_encoder_2": text(48, "gelu")}
+    blocks = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  block_out_channels=(32, 64, 64), attention_head_dim=(2, 4, 4),
+                  transformer_layers_per_block=(1, 1, 2))
+    micro = 6
+  pooled = encoders["text_encoder_2"]["projection_dim"]
+  unet = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+              cross_attention_dim=sum(e["hidden_size"] for e in encoders.values()),
+              use_linear_projection=True, addition_embed_type="text_time",
+              addition_time_embed_dim=time_dim,
+              projection_class_embeddings_input_dim=pooled + micro * time_dim, **blocks)
+  _, vae, _ = tiny_configs(vocab_size, bos_id, eos_id)
+  vae["scaling_factor"] = 0.13025
+  return unet, vae, encoders
 
 
 def random_params(shape_tree, seed, component):
@@ -295,11 +466,67 @@ def build_tiny(path, seed=0, unet_overrides=None):
   return root
 
 
-def write_pipeline_files(root, scheduler_config):
-  """Writes model_index.json and scheduler/ of a diffusers SD layout under `root`; returns it."""
+def build_tiny_sdxl(path, seed=0, family="sdxl_refiner", unet_overrides=None):
+  """Writes a tiny random SDXL-shaped checkpoint (diffusers layout, Flax msgpack) at `path`; returns it.
+
+  `family`: sdxl_refiner | sdxl_base (see `tiny_sdxl_configs`); `unet_overrides`
+  replaces UNet config entries (the benchmark's geometries).
+  """
+  from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
+  from transformers import CLIPTextConfig, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(path)
+  root.mkdir(parents=True, exist_ok=True)
+  tokenizer = write_tiny_tokenizer(root / "tokenizer_2", pad_token="!")
+  if family == "sdxl_base":
+    write_tiny_tokenizer(root / "tokenizer")
+  unet_cfg, vae_cfg, text_cfgs = tiny_sdxl_configs(
+      family, len(tokenizer.encoder), tokenizer.bos_token_id, tokenizer.eos_token_id)
+  unet_cfg.update(unet_overrides or {})
+  with quiet():
+    unet = FlaxUNet2DConditionModel(**unet_cfg)
+    unet.save_pretrained(str(root / "unet"), params=random_params(
+        jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0)), seed, "unet"))
+    vae = FlaxAutoencoderKL(**vae_cfg)
+    vae.save_pretrained(str(root / "vae"), params=random_params(
+        jax.eval_shape(vae.init_weights, jax.random.PRNGKey(0)), seed, "vae"))
+    for name, text_cfg in text_cfgs.items():
+      cls = FlaxCLIPTextModelWithProjection if name == "text_encoder_2" else FlaxCLIPTextModel
+      text = cls(CLIPTextConfig(**text_cfg), _do_init=False)
+      text.save_pretrained(str(root / name),
+                           params=random_params(text.params_shape_tree, seed, name))
+  vae_config = root / "vae" / "config.json"
+  vae_config.write_text(json.dumps(dict(json.loads(vae_config.read_text()), force_upcast=True),
+                                   indent=2))
+  write_pipeline_files(root, SDXL_SCHEDULER_CONFIG, family)
+  return root
+
+
+def _sdxl_model_index(family):
+  text = ["transformers", "CLIPTextModel"] if family == "sdxl_base" else [None, None]
+  tokenizer = ["transformers", "CLIPTokenizer"] if family == "sdxl_base" else [None, None]
+  return {
+      "_class_name": ("StableDiffusionXLPipeline" if family == "sdxl_base"
+                      else "StableDiffusionXLImg2ImgPipeline"),
+      "force_zeros_for_empty_prompt": family == "sdxl_base",
+      **({"requires_aesthetics_score": True} if family == "sdxl_refiner" else {}),
+      "unet": ["diffusers", "UNet2DConditionModel"],
+      "vae": ["diffusers", "AutoencoderKL"],
+      "text_encoder": text,
+      "tokenizer": tokenizer,
+      "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+      "tokenizer_2": ["transformers", "CLIPTokenizer"],
+      "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+  }
+
+
+def write_pipeline_files(root, scheduler_config, family="sd"):
+  """Writes model_index.json and scheduler/ of a diffusers layout of `family` under `root`; returns it."""
   root = pathlib.Path(root)
   (root / "scheduler").mkdir(parents=True, exist_ok=True)
   (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
+  if family != "sd":
+    (root / "model_index.json").write_text(json.dumps(_sdxl_model_index(family), indent=2))
+    return root
   (root / "model_index.json").write_text(json.dumps({
       "_class_name": "StableDiffusionPipeline",
       "unet": ["diffusers", "UNet2DConditionModel"],

@@ -1,4 +1,4 @@
-"""CLIP-guided regeneration (`score.regenerate`): the attempt jobs and their generation.
+"""CLIP-guided regeneration (`score.regenerate`): which jobs get another attempt, and its rows.
 
 The reference regenerates an image while its CLIP text score is at or below the
 threshold, with a new description and new noise, up to 5 more times, and keeps
@@ -11,12 +11,8 @@ threshold, so round a is one sampler run over every job that needs it, and a
 rerun after a kill derives the same rounds from the stored scores.
 """
 
-import math
-
 from discl_jax.data import spectrum_store
-from discl_jax.diffusion import jobs
 from discl_jax.diffusion import prompts
-from discl_jax.diffusion import sampler as sampler_lib
 
 
 def needing_attempt(rows, threshold, attempt):
@@ -62,38 +58,3 @@ def attempt_rows(first_rows, attempt, prompt_document, seed):
         source_id=row["source_id"], label=row["label"], class_name=row["class_name"],
         strength=row["strength"], seed=row["seed"], prompt=prompt, attempt=attempt))
   return out
-
-
-def generate_into(sampler, store, rows, source_image, *, resolution, seed):
-  """Generates the images of manifest `rows` with `sampler` into `store`; returns how many.
-
-  `source_image(source_id)` returns a source's uint8 image; each is resized as
-  the generate stage does (`jobs.target_size`), one sampler run per size.
-  """
-  multiple = math.lcm(8, sampler.models.size_multiple)
-  groups, sizes = {}, {}
-  for row in rows:
-    source = row["source_id"]
-    if source not in sizes:
-      h, w = source_image(source).shape[:2]
-      sizes[source] = jobs.target_size(h, w, resolution, multiple)
-    groups.setdefault(sizes[source], []).append(row)
-  made = 0
-  for size in sorted(groups):
-    group = sorted(groups[size], key=lambda r: r["job_id"])
-    by_id = {row["job_id"]: row for row in group}
-    for job, image in sampler.run(_sampler_jobs(group, source_image, size, seed)):
-      store.add(by_id[job.job_id], image)
-      made += 1
-  return made
-
-
-def _sampler_jobs(rows, source_image, size, seed):
-  """Yields a sampler Job per row, the source image resized once per run of equal sources."""
-  cached_id, cached = None, None
-  for row in rows:
-    if row["source_id"] != cached_id:
-      cached_id = row["source_id"]
-      cached = jobs.resize(source_image(cached_id), size)
-    yield sampler_lib.Job(job_id=row["job_id"], image=cached, prompt=row["prompt"],
-                          strength=row["strength"], seed=seed)

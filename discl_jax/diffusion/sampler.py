@@ -12,6 +12,11 @@ which other jobs share the batch or on the device count.
 The sampler runs on the devices of `mesh` that belong to this process (slots
 sharded over the `data` axis, params replicated); on several hosts each process
 runs the jobs its caller gave it, independently.
+
+SDXL checkpoints (base and refiner) follow diffusers' PyTorch
+`StableDiffusionXLImg2ImgPipeline` (DESIGN.md §5): each slot also carries the
+pooled text embedding, the run carries the micro-conditioning `time_ids` of its
+image size, and the VAE runs in its own dtype (float32 with `force_upcast`).
 """
 
 import collections
@@ -85,46 +90,72 @@ _SIGNATURES = {}
 
 def _build_functions(modules, schedule, mesh):
   batch = NamedSharding(mesh, P(parallel.DATA_AXIS))
-  unet, vae, text_encoder, dtype = modules
+  unet, vae, encoders, dtype, vae_dtype, xl = modules
   scaling = float(vae.config.scaling_factor)
-  state_sharding = {"latents": batch, "index": batch, "context": batch}
+  cond_keys = ("context", "pooled") if xl else ("context",)
+  state_sharding = dict.fromkeys(("latents", "index") + cond_keys, batch)
 
   def encode_text(params, ids):
-    return text_encoder(ids, params=params)[0].astype(jnp.float32)
+    """Returns {context, pooled}: SD the last hidden state, SDXL hidden_states[-2] (§5.2)."""
+    if not xl:
+      (name, encoder), = encoders
+      return {"context": encoder(ids[name], params=params[name])[0].astype(jnp.float32)}
+    hidden = []
+    for name, encoder in encoders:
+      out = encoder(ids[name], params=params[name], output_hidden_states=True)
+      hidden.append(out.hidden_states[-2])
+    return {"context": jnp.concatenate(hidden, axis=-1).astype(jnp.float32),
+            "pooled": out.text_embeds.astype(jnp.float32)}
+
+  def in_model_dtype(latents):
+    # SDXL keeps its latents in the model dtype between steps, as the reference in fp16 (§5.7).
+    if xl and jnp.dtype(dtype) != jnp.float32:
+      return latents.astype(dtype).astype(jnp.float32)
+    return latents
 
   def prepare(params, tables, pixels, key_data, index):
     keys = jax.random.wrap_key_data(key_data)  # [E, 2] keys: (vae, noise) per job
-    posterior = vae.apply({"params": params}, pixels.astype(dtype), method=vae.encode).latent_dist
+    posterior = vae.apply({"params": params}, pixels.astype(vae_dtype),
+                          method=vae.encode).latent_dist
     mean = posterior.mean.astype(jnp.float32)
     std = posterior.std.astype(jnp.float32)
     eps = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))(keys[:, 0])
     latents = (mean + std * eps).transpose(0, 3, 1, 2) * scaling
     noise = jax.vmap(lambda k: jax.random.normal(k, latents.shape[1:], jnp.float32))(keys[:, 1])
-    return schedules.add_noise(schedule, tables, latents, noise, index)
+    return in_model_dtype(schedules.add_noise(schedule, tables, latents, noise, index))
 
-  def refill(state, latents, index, context, mask):
+  def refill(state, latents, index, cond, mask):
     def put(new, old):
       return jnp.where(mask.reshape(mask.shape + (1,) * (old.ndim - 1)), new, old)
-    return {"latents": put(latents, state["latents"]), "index": put(index, state["index"]),
-            "context": put(context, state["context"])}
+    new = {"latents": put(latents, state["latents"]), "index": put(index, state["index"])}
+    new.update({k: put(cond[k], state[k]) for k in cond_keys})
+    return new
 
-  def step(params, tables, uncond, guidance, state):
+  def step(params, tables, uncond, guidance, time_ids, state):
     latents, index, context = state["latents"], state["index"], state["context"]
     i = jnp.minimum(index, schedule.num_steps - 1)
     model_in = schedules.scale_model_input(schedule, tables, latents, i)
     t = tables["timesteps"][i]
-    uncond = jnp.broadcast_to(uncond, context.shape)
+    negative = jnp.broadcast_to(uncond["context"], context.shape)
+    added = None
+    if xl:  # CFG batch order [negative, prompt] (§5.6)
+      pooled = state["pooled"]
+      tile = lambda x: jnp.broadcast_to(x, (len(pooled),) + x.shape)
+      added = {"text_embeds": jnp.concatenate([tile(uncond["pooled"]), pooled]).astype(dtype),
+               "time_ids": jnp.concatenate([tile(time_ids[0]), tile(time_ids[1])])}
     out = unet.apply({"params": params},
                      jnp.concatenate([model_in, model_in]).astype(dtype),
                      jnp.concatenate([t, t]),
-                     encoder_hidden_states=jnp.concatenate([uncond, context]).astype(dtype)).sample
+                     encoder_hidden_states=jnp.concatenate([negative, context]).astype(dtype),
+                     added_cond_kwargs=added).sample
     out_uncond, out_text = jnp.split(out.astype(jnp.float32), 2)
     guided = out_uncond + guidance * (out_text - out_uncond)
-    new = schedules.step(schedule, tables, guided, latents, i)
-    return {"latents": new, "index": index + 1, "context": context}
+    new = in_model_dtype(schedules.step(schedule, tables, guided, latents, i))
+    return dict(state, latents=new, index=index + 1)
 
   def decode(params, latents):
-    image = vae.apply({"params": params}, (latents / scaling).astype(dtype), method=vae.decode).sample
+    image = vae.apply({"params": params}, (latents / scaling).astype(vae_dtype),
+                      method=vae.decode).sample
     return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
 
   def quiet(fn):  # the pinned modules log a deprecation line per submodule at trace time
@@ -138,7 +169,7 @@ def _build_functions(modules, schedule, mesh):
       "encode_text": jax.jit(quiet(encode_text)),
       "prepare": jax.jit(quiet(prepare), out_shardings=batch),
       "refill": jax.jit(refill, donate_argnums=(0,), out_shardings=state_sharding),
-      "step": jax.jit(quiet(step), donate_argnums=(4,), out_shardings=state_sharding),
+      "step": jax.jit(quiet(step), donate_argnums=(5,), out_shardings=state_sharding),
       "decode": jax.jit(quiet(decode), out_shardings=batch),
   }
 
@@ -151,21 +182,53 @@ def _config(config):
           if not k.startswith("_") and k not in _UNUSED_CONFIG_KEYS}
 
 
+def _encoders(sd):
+  """Returns ((params name, text encoder), ...) in the order their embeddings are concatenated."""
+  return tuple((name, getattr(sd, name)) for name in ("text_encoder", "text_encoder_2")
+               if getattr(sd, name) is not None)
+
+
 def _signature(sd, schedule, mesh):
+  encoders = _encoders(sd)
   key = json.dumps([_config(sd.unet.config), _config(sd.vae.config),
-                    _config(sd.text_encoder.config.to_dict()),
-                    str(jnp.dtype(sd.dtype)), schedule.kind, schedule.num_steps,
+                    [_config(e.config.to_dict()) for _, e in encoders], sd.family,
+                    str(jnp.dtype(sd.dtype)), str(jnp.dtype(sd.vae_dtype)),
+                    schedule.kind, schedule.num_steps,
                     schedule.prediction_type, schedule.clip_sample,
                     [d.id for d in mesh.devices.flat]], sort_keys=True, default=str)
-  _SIGNATURES.setdefault(key, ((sd.unet, sd.vae, sd.text_encoder, sd.dtype), schedule, mesh))
+  modules = (sd.unet, sd.vae, encoders, sd.dtype, sd.vae_dtype, sd.is_sdxl)
+  _SIGNATURES.setdefault(key, (modules, schedule, mesh))
   return key
+
+
+def time_ids(sd, height, width, aesthetic_score=6.0, negative_aesthetic_score=2.5):
+  """Returns SDXL's float32 micro-conditioning [2, n] (negative, prompt) for an H x W image.
+
+  Refiner (`requires_aesthetics_score`): (H, W, 0, 0, aesthetic); base:
+  (H, W, 0, 0, H, W), DESIGN.md §5.6. ValueError when the UNet's add-embedding
+  expects another length.
+  """
+  if sd.requires_aesthetics_score:
+    ids = [[height, width, 0, 0, negative_aesthetic_score], [height, width, 0, 0, aesthetic_score]]
+  else:
+    ids = [[height, width, 0, 0, height, width]] * 2
+  cfg = sd.unet.config
+  passed = cfg.addition_time_embed_dim * len(ids[0]) + sd.text_encoder_2.config.projection_dim
+  expected = cfg.projection_class_embeddings_input_dim
+  if passed != expected:
+    raise ValueError(
+        f"the UNet's add-embedding takes {expected} inputs but {len(ids[0])} time ids make "
+        f"{passed}: model_index.json's requires_aesthetics_score="
+        f"{sd.requires_aesthetics_score} does not fit this UNet")
+  return np.asarray(ids, np.float32)
 
 
 class SpectrumSampler:
   """Runs img2img jobs of mixed strengths through one packed, jitted denoising step."""
 
   def __init__(self, models, *, num_inference_steps=50, guidance_scale=10.0, negative_prompt="",
-               scheduler="ddim", slots=16, mesh=None, dtype=None):
+               scheduler="ddim", slots=16, mesh=None, dtype=None, aesthetic_score=6.0,
+               negative_aesthetic_score=2.5):
     if dtype is not None and jnp.dtype(models_lib._dtype(dtype)) != jnp.dtype(models.dtype):  # pylint: disable=protected-access
       raise ValueError(f"sampler dtype {dtype!r} differs from the loaded models' "
                        f"{jnp.dtype(models.dtype).name}; load them with load_sd(model, dtype)")
@@ -182,22 +245,55 @@ class SpectrumSampler:
     self._params = {k: put(v) for k, v in models.params.items()}
     self._tables = put(self.schedule.tables())
     self._guidance = put(jnp.float32(self.guidance_scale))
+    self.aesthetic_scores = (float(aesthetic_score), float(negative_aesthetic_score))
     self._text_cache = {}
-    self._uncond = put(jnp.asarray(self.text_embeddings([negative_prompt])[0]))
+    self._uncond = put(self._negative(negative_prompt))
+    self._time_ids = {}
     self.stats = collections.Counter()
 
   # ------------------------------------------------------------------ text
-  def text_embeddings(self, prompts):
-    """Returns float32 [len(prompts), L, D] CLIP text embeddings, cached per distinct prompt."""
+  def _negative(self, negative_prompt):
+    """Returns the negative branch's {context, pooled} (DESIGN.md §5.2).
+
+    An empty `negative_prompt` is diffusers' `negative_prompt=None`: SDXL uses
+    zeros when model_index.json sets `force_zeros_for_empty_prompt` (the
+    base), else the encoded "" (the refiner, and SD 1.x/2.x).
+    """
+    cond = self.text_conditioning([negative_prompt])
+    if self.models.is_sdxl and not negative_prompt and self.models.force_zeros_for_empty_prompt:
+      cond = {k: np.zeros_like(v) for k, v in cond.items()}
+    return {k: jnp.asarray(v[0]) for k, v in cond.items()}
+
+  def text_conditioning(self, prompts):
+    """Returns {context: float32 [N, L, D], pooled (SDXL): [N, P]} for `prompts`, cached per prompt."""
     todo = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-    tok = self.models.tokenizer
+    tokenizers = {"text_encoder": self.models.tokenizer, "text_encoder_2": self.models.tokenizer_2}
     for start in range(0, len(todo), TEXT_BATCH):
       chunk = todo[start:start + TEXT_BATCH]
-      ids = tok(chunk + [""] * (TEXT_BATCH - len(chunk)), padding="max_length",
-                max_length=tok.model_max_length, truncation=True, return_tensors="np").input_ids
-      out = np.asarray(self._fns["encode_text"](self._params["text_encoder"], ids))
-      self._text_cache.update(zip(chunk, out))
-    return np.stack([self._text_cache[p] for p in prompts])
+      padded = chunk + [""] * (TEXT_BATCH - len(chunk))
+      ids = {}
+      for name, _ in _encoders(self.models):
+        tok = tokenizers[name]
+        ids[name] = tok(padded, padding="max_length", max_length=tok.model_max_length,
+                        truncation=True, return_tensors="np").input_ids
+      params = {name: self._params[name] for name in ids}
+      out = jax.tree.map(np.asarray, self._fns["encode_text"](params, ids))
+      for i, prompt in enumerate(chunk):
+        self._text_cache[prompt] = {k: v[i] for k, v in out.items()}
+    return {k: np.stack([self._text_cache[p][k] for p in prompts])
+            for k in self._text_cache[prompts[0]]}
+
+  def text_embeddings(self, prompts):
+    """Returns float32 [len(prompts), L, D] prompt embeddings (what cross-attention sees)."""
+    return self.text_conditioning(prompts)["context"]
+
+  def _time_ids_for(self, size):
+    """Returns the replicated SDXL time ids of image `size` (a dummy for SD 1.x/2.x)."""
+    if size not in self._time_ids:
+      ids = (time_ids(self.models, *size, *self.aesthetic_scores) if self.models.is_sdxl
+             else np.zeros((2, 1), np.float32))
+      self._time_ids[size] = parallel.put_replicated(ids, mesh=self.mesh)
+    return self._time_ids[size]
 
   # ------------------------------------------------------------------ jobs
   def _check(self, job, size):
@@ -211,7 +307,7 @@ class SpectrumSampler:
     m = self.models.size_multiple
     if image.shape[0] % m or image.shape[1] % m:
       raise ValueError(f"job {job.job_id!r}: image size {image.shape[:2]} is not a multiple of "
-                       f"{m} (VAE x UNet downsampling of this checkpoint)")
+                       f"{m} (the VAE downsampling of this checkpoint)")
     try:
       return schedules.start_index(self.schedule.num_steps, job.strength)
     except ValueError as e:
@@ -267,7 +363,7 @@ class SpectrumSampler:
       if not active:
         break
       state = self._fns["step"](self._params["unet"], self._tables, self._uncond,
-                                self._guidance, state)
+                                self._guidance, self._time_ids_for(size), state)
       self.stats["steps"] += 1
       self.stats["slot_evals"] += s
       self.stats["useful_evals"] += len(active)
@@ -296,10 +392,11 @@ class SpectrumSampler:
 
   def _empty_state(self, latent_shape):
     s = self.slots
-    context_shape = (s,) + self._uncond.shape
-    return {"latents": self._put(np.zeros((s,) + latent_shape, np.float32)),
-            "index": self._put(np.zeros(s, np.int32)),
-            "context": self._put(np.zeros(context_shape, np.float32))}
+    state = {"latents": self._put(np.zeros((s,) + latent_shape, np.float32)),
+             "index": self._put(np.zeros(s, np.int32))}
+    state.update({k: self._put(np.zeros((s,) + v.shape, np.float32))
+                  for k, v in self._uncond.items()})
+    return state
 
   def _refill(self, state, free, ready, slot_job, slot_index):
     s = self.slots
@@ -314,10 +411,11 @@ class SpectrumSampler:
       latents[j], index[j], mask[j] = lat, start, True
       slot_job[j], slot_index[j] = job, start
       placed.append((j, job.prompt))
-    context = np.zeros((s,) + self._uncond.shape, np.float32)
-    embeddings = self.text_embeddings([p for _, p in placed])
-    for (j, _), emb in zip(placed, embeddings):
-      context[j] = emb
-    return self._fns["refill"](state, self._put(latents), self._put(index), self._put(context),
-                               self._put(mask))
+    cond = {k: np.zeros((s,) + v.shape, np.float32) for k, v in self._uncond.items()}
+    embeddings = self.text_conditioning([p for _, p in placed])
+    for i, (j, _) in enumerate(placed):
+      for k in cond:
+        cond[k][j] = embeddings[k][i]
+    return self._fns["refill"](state, self._put(latents), self._put(index),
+                               {k: self._put(v) for k, v in cond.items()}, self._put(mask))
 

@@ -15,6 +15,11 @@ import numpy as np
 
 KINDS = ("ddim", "euler")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# EulerDiscreteScheduler options whose other values change the sigmas or the update.
+_EULER_DEFAULTS = {"interpolation_type": "linear", "use_karras_sigmas": False,
+                   "use_exponential_sigmas": False, "use_beta_sigmas": False,
+                   "final_sigmas_type": "zero", "timestep_type": "discrete",
+                   "rescale_betas_zero_snr": False}
 
 
 def alphas_cumprod(config):
@@ -96,6 +101,10 @@ def make_schedule(config, num_steps, kind):
     raise ValueError(f"scheduler prediction_type {prediction!r} is not one of {PREDICTION_TYPES}")
   if config.get("thresholding"):
     raise ValueError("scheduler thresholding=True is not supported")
+  for key, default in _EULER_DEFAULTS.items():
+    if kind == "euler" and config.get(key, default) not in (default, None):
+      raise ValueError(f"scheduler {key}={config[key]!r} is not supported by the Euler "
+                       f"update (only {default!r})")
   acp = alphas_cumprod(config)
   n_train = len(acp)
   ts = timesteps(config, num_steps, kind)

@@ -9,9 +9,6 @@ workdir/spectrum_grid_{class}.png.
 
 import collections
 import json
-import math
-import os
-import shutil
 import time
 
 from absl import logging
@@ -25,8 +22,7 @@ from discl_jax.data import upsample
 from discl_jax.data import records
 from discl_jax.data import spectrum_store
 from discl_jax.diffusion import jobs
-from discl_jax.diffusion import models
-from discl_jax.diffusion import sampler as sampler_lib
+from discl_jax.diffusion import spectrum_run
 from discl_jax.evaluation import spectrum_grid
 
 def _read_inputs(workdir):
@@ -41,28 +37,6 @@ def _read_inputs(workdir):
   except json.JSONDecodeError as e:
     raise ValueError(f"{prompts} is not valid JSON: {e}") from e
   return wd.read_jsonl(hard), document
-
-
-def model_dir(config, workdir):
-  """Returns the checkpoint to load: the configured one, or the tiny one (built once).
-
-  Every process must call it (it waits for process 0 to build the tiny model).
-  """
-  if not config.diffusion.tiny:
-    if not config.diffusion.model:
-      raise ValueError("diffusion.model is empty: set a checkpoint directory or hub id, "
-                       "or diffusion.tiny=True for a tiny random model")
-    return config.diffusion.model
-  target = wd.path(workdir, wd.MODELS, "sd")
-  if wd.is_main_process() and not (target / "model_index.json").exists():
-    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    models.build_tiny(staging, seed=config.seed)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
-    logging.info("generate: built a tiny SD checkpoint at %s", target)
-  parallel.barrier("stages.generate.tiny_model")
-  return str(target)
 
 
 def _source_index(train, hard_rows):
@@ -91,43 +65,17 @@ def _check_sources(train, index, todo, on_bad_image):
   return [r for r in todo if r["source_id"] in by_id], by_id
 
 
-def _sampler_jobs(rows, train, index, size, seed):
-  """Yields sampler Jobs for `rows` (grouped by source), images resized to `size`."""
-  cached_id, cached = None, None
-  for row in rows:
-    if row["source_id"] != cached_id:
-      cached_id = row["source_id"]
-      cached = jobs.resize(train.image(index[cached_id]), size)
-    yield sampler_lib.Job(job_id=row["job_id"], image=cached, prompt=row["prompt"],
-                          strength=row["strength"], seed=seed)
-
-
 def _generate(config, checkpoint, store, train, index, owned, todo, sizes):
   """Runs the sampler over `todo`, storing each image; returns the number made."""
   if not todo:
     return 0
-  sd = models.load_sd(checkpoint, dtype=config.diffusion.dtype)
-  multiple = math.lcm(8, sd.size_multiple)
-  groups = collections.defaultdict(list)
-  for row in todo:
-    h, w = sizes[row["source_id"]]
-    groups[jobs.target_size(h, w, config.diffusion.resolution, multiple)].append(row)
-  sampler = sampler_lib.SpectrumSampler(
-      sd, num_inference_steps=config.diffusion.num_inference_steps,
-      guidance_scale=config.diffusion.guidance_scale,
-      negative_prompt=config.diffusion.negative_prompt,
-      scheduler=config.diffusion.scheduler, slots=config.diffusion.slots,
-      mesh=parallel.make_mesh(config.mesh.shape), dtype=config.diffusion.dtype)
-  by_id = {row["job_id"]: row for row in todo}
-  made, start = 0, time.perf_counter()
+  sampler = spectrum_run.make_sampler(config, checkpoint)
+  start = time.perf_counter()
   with tqdm(total=len(owned), initial=len(owned) - len(todo), unit="img",
             desc="generate", dynamic_ncols=True) as bar:
-    for size in sorted(groups):
-      group = sorted(groups[size], key=lambda r: (index[r["source_id"]], r["strength"], r["seed"]))
-      for job, image in sampler.run(_sampler_jobs(group, train, index, size, config.seed)):
-        store.add(by_id[job.job_id], image)
-        made += 1
-        bar.update(1)
+    made = spectrum_run.run_rows(
+        sampler, store, todo, lambda source: train.image(index[source]), sizes.__getitem__,
+        config, order=lambda r: (index[r["source_id"]], r["strength"], r["seed"]), progress=bar)
   seconds = time.perf_counter() - start
   logging.info("generate: %d images in %.1f s (%.2f images/s)", made, seconds,
                made / max(seconds, 1e-9))
@@ -183,7 +131,7 @@ def run(config, workdir):
   train = upsample.upsampled(datasets.load(config.data)["train"], config.diffusion.source_upsample)
   index = _source_index(train, hard_rows)
   todo, sizes = _check_sources(train, index, todo, config.data.on_bad_image)
-  checkpoint = model_dir(config, workdir)
+  checkpoint = spectrum_run.checkpoint_dir(config, workdir)
   _generate(config, checkpoint, store, train, index, owned, todo, sizes)
   parallel.barrier("stages.generate.generated")
   if wd.is_main_process():

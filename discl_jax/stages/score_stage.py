@@ -28,10 +28,10 @@ from discl_jax.data import class_names as class_names_lib
 from discl_jax.data import datasets
 from discl_jax.data import records
 from discl_jax.data import spectrum_store
+from discl_jax.data import upsample
 from discl_jax.diffusion import jobs
-from discl_jax.diffusion import models as sd_models
 from discl_jax.diffusion import regeneration
-from discl_jax.diffusion import sampler as sampler_lib
+from discl_jax.diffusion import spectrum_run
 from discl_jax.scoring import acceptance
 from discl_jax.scoring import clip
 from discl_jax.scoring import preprocess
@@ -230,6 +230,10 @@ def regenerate(config, workdir, store, scoring, threshold, last_attempt):
   prompt_document = _read_prompts(workdir)
   store.check_fingerprint(jobs.generation_fingerprint(config))
   sampler, made = None, 0
+
+  def source_image(source_id):  # as `generate` saw it (DESIGN.md §6: CIFAR sources upsampled)
+    return upsample.upsample(scoring.source_image(source_id), config.diffusion.source_upsample)
+
   for attempt in range(1, last_attempt + 1):
     first = regeneration.needing_attempt(store.rows(), threshold, attempt)
     if not first:
@@ -243,10 +247,11 @@ def regenerate(config, workdir, store, scoring, threshold, last_attempt):
                  attempt, len(rows), threshold, len(todo))
     if todo:
       if sampler is None:
-        sampler = _sampler(config, workdir)
-      made += regeneration.generate_into(
-          sampler, store, todo, scoring.source_image,
-          resolution=config.diffusion.resolution, seed=config.seed)
+        sampler = spectrum_run.make_sampler(
+            config, spectrum_run.checkpoint_dir(config, workdir))
+      made += spectrum_run.run_rows(
+          sampler, store, todo, source_image, lambda s: source_image(s).shape[:2], config,
+          order=lambda r: r["job_id"])
     ids = {r["job_id"] for r in owned}
     unscored = [r for r in store.rows() if r["job_id"] in ids and not acceptance.is_scored(r)]
     if unscored:
@@ -264,25 +269,6 @@ def _read_prompts(workdir):
     return json.loads(target.read_text(encoding="utf-8"))
   except json.JSONDecodeError as e:
     raise ValueError(f"{target} is not valid JSON: {e}") from e
-
-
-def _sampler(config, workdir):
-  """Returns the spectrum sampler of the generation config (the tiny model `generate` built)."""
-  if config.diffusion.tiny:
-    checkpoint = wd.path(workdir, wd.MODELS, "sd")
-    if not (checkpoint / "model_index.json").exists():
-      raise FileNotFoundError(f"{checkpoint} not found: run the generate stage first")
-  elif not config.diffusion.model:
-    raise ValueError("score.regenerate needs diffusion.model (or diffusion.tiny=True)")
-  else:
-    checkpoint = config.diffusion.model
-  sd = sd_models.load_sd(str(checkpoint), dtype=config.diffusion.dtype)
-  return sampler_lib.SpectrumSampler(
-      sd, num_inference_steps=config.diffusion.num_inference_steps,
-      guidance_scale=config.diffusion.guidance_scale,
-      negative_prompt=config.diffusion.negative_prompt,
-      scheduler=config.diffusion.scheduler, slots=config.diffusion.slots,
-      mesh=parallel.make_mesh(config.mesh.shape), dtype=config.diffusion.dtype)
 
 
 def write_report(config, workdir, rows, threshold, last_attempt=0):
