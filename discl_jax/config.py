@@ -125,7 +125,8 @@ def base_config():
       epochs=65,
       init_checkpoint="",
       log_every_steps=50,
-      keep_checkpoints=2,
+      keep_checkpoints=2,       # newest checkpoints kept; the best epoch's is kept beside them
+      checkpoint_every_steps=0,  # also checkpoint inside an epoch every N global steps (0: epoch ends)
       # train.model="clip" (FLYP): the CLIP to fine-tune ("" uses score.model, or the
       # workdir's tiny CLIP with score.tiny), caption templates ({c}: the class's common
       # name), WiSE-FT weight at evaluation (1.0: fine-tuned weights only).

@@ -4,8 +4,10 @@
 images, builds the curriculum, and per epoch: plans the epoch's samples, trains
 on them with the jitted step, evaluates on the `eval.splits` (long-tail: val
 and test; iWildCam: id_val, id_test, val, test), appends a row to
-`metrics.jsonl` (and TensorBoard under `tb/`) and checkpoints. A killed run
-resumes from the latest checkpoint to the same result as an uninterrupted one.
+`metrics.jsonl` (and TensorBoard under `tb/`) and checkpoints (named by the
+global step; also every `train.checkpoint_every_steps` steps inside an epoch).
+A killed run resumes from the latest checkpoint to the same result as an
+uninterrupted one; a resumed run does not load `train.init_checkpoint` again.
 The best epoch is chosen on `{eval.select_split}/{eval.select_metric}` (a
 validation split, never a test split); its numbers on every split are reported.
 
@@ -46,7 +48,6 @@ from discl_jax.train import state as state_lib
 from discl_jax.train import steps as steps_lib
 
 SELECT_METRICS = ("all", "macro_f1", "many", "medium", "few")
-_STRIDE = 1_000_000  # checkpoint ids: end of epoch e-1 = e * _STRIDE, mid-epoch e after batch i = that + i
 
 
 @dataclasses.dataclass
@@ -143,12 +144,13 @@ class Trainer:
     del sources, epoch
     return {"image": batch["image"], "label": batch["label"]}
 
-  def initial_state(self):
-    """Returns the replicated initial TrainState (from `train.init_checkpoint` if set)."""
+  def initial_state(self, load_init=True):
+    """Returns the replicated initial TrainState (from `train.init_checkpoint` if set
+    and `load_init`; a resumed run's checkpoint replaces it anyway)."""
     # RBG keys: XLA-CPU compiles a threefry ResNet init ~10x slower.
     rng = jax.random.key(seeding.stable_hash("train/init", self.config.seed), impl="rbg")
     state = state_lib.create(self.model, self.tx, rng, self.config.data.image_size)
-    if self.config.train.init_checkpoint:
+    if self.config.train.init_checkpoint and load_init:
       variables = checkpoint_lib.load_variables(self.config.train.init_checkpoint, state)
       state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
                             opt_state=self.tx.init(variables["params"]))
@@ -212,15 +214,16 @@ def train_and_evaluate(config, workdir):
   ckpt = checkpoint_lib.Checkpointer(wd.path(workdir, wd.CKPT), tc.keep_checkpoints).watch_sigterm()
   main = wd.is_main_process()
 
-  state = trainer.initial_state()
+  resuming = ckpt.latest_step() is not None
+  state = trainer.initial_state(load_init=not resuming)
   cstate = data.spec.initial_state()
   meta = {"epoch": 0, "batches_done": 0, "mid_epoch": False, "best_epoch": -1, "best_val": -1.0,
           "best": {}, "plan": None, "epoch_loss_sum": 0.0, "epoch_acc_sum": 0.0}
   resume_picks = None
-  latest = ckpt.latest_step()
-  if latest is not None:
-    meta, resume_picks = ckpt.restore_meta(latest)
-    state, cstate = ckpt.restore_states(latest, state, cstate)
+  latest = None
+  restored = ckpt.restore_latest(state, cstate) if resuming else None
+  if restored is not None:
+    latest, meta, resume_picks, state, cstate = restored
     logging.info("resumed from checkpoint %d: epoch %d, batch %d", latest,
                  meta["epoch"], meta["batches_done"])
   metrics_path = wd.path(workdir, wd.METRICS)
@@ -280,12 +283,17 @@ def train_and_evaluate(config, workdir):
           writer.add_scalar("train/step_loss", float(step_metrics["loss"]), step)
           writer.add_scalar("train/lr", lr, step)
         step += 1
-        if batch_index < num_steps and ckpt.preempted(step):
+        if batch_index >= num_steps:
+          continue
+        preempted = ckpt.preempted(step)
+        if preempted or (tc.checkpoint_every_steps > 0 and step % tc.checkpoint_every_steps == 0):
           meta.update(epoch=epoch, batches_done=batch_index, mid_epoch=True, plan=plan_summary,
                       epoch_loss_sum=float(sums["loss"]), epoch_acc_sum=float(sums["accuracy"]))
-          ckpt.save(epoch * _STRIDE + batch_index, state=state, curriculum=cstate,
-                    data_iter=iterator, picks=picks, meta=meta)
-          logging.warning("preempted: saved epoch %d after batch %d", epoch, batch_index)
+          ckpt.save(step, state=state, curriculum=cstate, data_iter=iterator, picks=picks,
+                    meta=meta)
+        if preempted:
+          logging.warning("preempted: saved epoch %d after batch %d (step %d)", epoch,
+                          batch_index, step)
           return {"preempted": True, "epoch": epoch, "batches_done": batch_index}
       meta.update(batches_done=batch_index, epoch_loss_sum=float(sums["loss"]),
                   epoch_acc_sum=float(sums["accuracy"]))
@@ -314,8 +322,8 @@ def train_and_evaluate(config, workdir):
                    row.get("curriculum_phase"), row.get("curriculum_level"))
       meta.update(epoch=epoch + 1, batches_done=0, mid_epoch=False, plan=None,
                   epoch_loss_sum=0.0, epoch_acc_sum=0.0)
-      ckpt.save((epoch + 1) * _STRIDE, state=state, curriculum=cstate,
-                data_iter=iterator, picks=picks, meta=meta)
+      ckpt.save(int(state.step), state=state, curriculum=cstate, data_iter=iterator,
+                picks=picks, meta=meta, selection_value=row[select_key])
     result = {"epochs": tc.epochs, "best_epoch": meta["best_epoch"],
               "selected_on": select_key, **meta["best"]}
     if main:
