@@ -77,6 +77,8 @@ def base_config():
       verify_images="exists",  # file lists at load: exists | header | decode
       augment=True,
       num_workers=0,           # grain worker processes (0: in-process)
+      spectrum_dir="",         # train on another workdir's spectrum (WORKDIR/spectrum; its
+                               # hard.jsonl beside it); "": this workdir's own
   )
   c.hard = dict(
       rule="few_classes",      # few_classes | misclassified
@@ -102,6 +104,7 @@ def base_config():
       resolution=0,            # shorter side; 0 keeps the input's own size
       slots=16,                # jobs in flight per sampler step (global)
       grid_sources=4,          # sources per class in the spectrum grid
+      seed=-1,                 # the spectrum's seed (prompts, sampling); < 0: the top-level seed
   )
   c.score = dict(
       model="openai/clip-vit-base-patch32",  # local dir or hub id (Flax msgpack or PyTorch safetensors)

@@ -15,6 +15,7 @@ from ml_collections import config_flags
 from discl_jax import config as config_lib
 from discl_jax import parallel
 from discl_jax import pipeline
+from discl_jax import progress
 from discl_jax import stages
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -41,6 +42,7 @@ def main(argv):
     filename = config_flags.get_config_filename(flags.FLAGS["config"])
     sys.exit(f"discl: bad config {filename!r}: {e.args[0]}")
   parallel.initialize(config)
+  progress.enable_compilation_cache()
   names = stages.ORDER if _STAGE.value == "all" else (_STAGE.value,)
   try:
     pipeline.run_stages(config, _WORKDIR.value, names)

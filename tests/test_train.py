@@ -76,6 +76,8 @@ _CHILD = textwrap.dedent("""
       c.curriculum.nontail_fraction = 0.5
       c.train.checkpoint_every_steps = int(os.environ.get("CHECKPOINT_EVERY", "0"))
       c.data.num_workers = int(os.environ.get("NUM_WORKERS", "0"))
+      c.seed = int(os.environ.get("SEED", "0"))
+      c.data.spectrum_dir = os.environ.get("SPECTRUM_DIR", "")
       return c
 
     def main(workdir, mode):
@@ -163,9 +165,10 @@ def _steps_per_epoch0(workdir):
 
 
 def _child(tmp_root, name, mode, *extra, devices=1, **env_extra):
-  """Returns (workdir, argv, env) of one child run; writes the spectrum once."""
+  """Returns (workdir, argv, env) of one child run; writes the spectrum once (unless the
+  run reads another's, SPECTRUM_DIR)."""
   workdir = tmp_root / name
-  if not (workdir / "spectrum").exists():
+  if not (workdir / "spectrum").exists() and "SPECTRUM_DIR" not in env_extra:
     _write_spectrum(workdir)
   script = tmp_root / "child.py"
   script.write_text(_CHILD)
@@ -269,6 +272,43 @@ def test_process_group_sigterm_with_workers_checkpoints_and_exits(runs):
   assert "SIGTERM received" in err and "RESULT {'preempted': True, 'epoch': 1" in out
   assert [r["epoch"] for r in _metrics(workdir)] == [0]
   assert _checkpoint_steps(workdir)[-1] > _metrics(workdir)[0]["step"]  # saved inside epoch 1
+
+
+def test_changed_key_on_a_finished_run_is_refused_and_names_it(runs):
+  from discl_jax import provenance  # pylint: disable=g-import-not-at-top
+  from discl_jax.train import loop  # pylint: disable=g-import-not-at-top
+  _, full = runs
+  result = (full / "train_result.json").read_text()
+  stored = provenance.stored_config(full / "train.provenance.json")
+  stored.train.epochs = 2
+  with pytest.raises(ValueError, match=r"^train: .*train\.epochs is 2 now but was 3.*"
+                                       r"another --workdir, or delete .*ckpt"):
+    loop.train_and_evaluate(stored, full)
+  stored = provenance.stored_config(full / "train.provenance.json")
+  stored.curriculum.schedule = "none"
+  with pytest.raises(ValueError, match=r"curriculum\.schedule is 'none' now"):
+    loop.train_and_evaluate(stored, full)
+  stored = provenance.stored_config(full / "train.provenance.json")
+  stored.score.threshold = 0.6  # accepts none of the synthetic images
+  with pytest.raises(ValueError, match=r"score\.threshold is 0\.6 now.*synthetic\.accepted"):
+    loop.train_and_evaluate(stored, full)
+  assert (full / "train_result.json").read_text() == result
+
+
+def test_two_training_seeds_share_one_spectrum(runs):
+  root, full = runs
+  shared, proc = _run(root, "seed1", "full", SEED=1, SPECTRUM_DIR=full / "spectrum")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not (shared / "spectrum").exists()
+  fingerprints = [json.loads((w / "train.provenance.json").read_text())["fingerprint"]
+                  for w in (full, shared)]
+  for key in ("synthetic.accepted", "synthetic.accepted_sha256"):
+    assert fingerprints[0][key] == fingerprints[1][key]
+  assert fingerprints[0]["synthetic.accepted"] > 0
+  assert (fingerprints[0]["seed"], fingerprints[1]["seed"]) == (0, 1)
+  ours, theirs = _metrics(full), _metrics(shared)
+  assert theirs[0]["num_synthetic"] > 0
+  assert [r["loss"] for r in ours] != [r["loss"] for r in theirs]
 
 
 def _leaves(tree):

@@ -56,7 +56,7 @@ def model_dir(config, workdir):
   if wd.is_main_process() and not (target / "model_index.json").exists():
     staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    models.build_tiny(staging, seed=config.seed)
+    models.build_tiny(staging, seed=seeding.generation_seed(config))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
     logging.info("generate: built a tiny SD checkpoint at %s", target)
@@ -123,7 +123,8 @@ def _generate(config, checkpoint, store, train, index, owned, todo, sizes):
             desc="generate", dynamic_ncols=True) as bar:
     for size in sorted(groups):
       group = sorted(groups[size], key=lambda r: (index[r["source_id"]], r["strength"], r["seed"]))
-      for job, image in sampler.run(_sampler_jobs(group, train, index, size, config.seed)):
+      jobs_in_group = _sampler_jobs(group, train, index, size, seeding.generation_seed(config))
+      for job, image in sampler.run(jobs_in_group):
         store.add(by_id[job.job_id], image)
         made += 1
         bar.update(1)

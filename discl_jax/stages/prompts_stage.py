@@ -10,6 +10,8 @@ import collections
 from absl import logging
 
 from discl_jax import parallel
+from discl_jax import provenance
+from discl_jax import seeding
 from discl_jax import workdir as wd
 from discl_jax.diffusion import prompts
 
@@ -35,8 +37,11 @@ def caption_named(hard_rows, source):
 
 def run(config, workdir):
   """Writes workdir/prompts.json (process 0) for the images in hard.jsonl."""
+  provenance.check_stage(workdir, "prompts", config, provenance.fingerprint(config, "prompts", workdir),
+                         target=wd.path(workdir, wd.PROVENANCE % "prompts"),
+                         outputs=[wd.path(workdir, wd.PROMPTS)])
   hard_rows = caption_named(read_hard(workdir), config.prompts.source)
-  document = prompts.build_prompts(config.prompts, hard_rows, config.seed)
+  document = prompts.build_prompts(config.prompts, hard_rows, seeding.generation_seed(config))
   used = collections.Counter(document["sources"].values())
   logging.info("prompts: %d images, %d classes, %d distinct prompts (source %s)",
                len(document["sources"]), len(document["classes"]), len(used),

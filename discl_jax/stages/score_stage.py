@@ -16,12 +16,14 @@ import tqdm
 from absl import logging
 
 from discl_jax import parallel
+from discl_jax import provenance
 from discl_jax import seeding
 from discl_jax import workdir as wd
 from discl_jax.data import class_names as class_names_lib
 from discl_jax.data import datasets
 from discl_jax.data import records
 from discl_jax.data import spectrum_store
+from discl_jax.evaluation import spectrum_grid
 from discl_jax.scoring import acceptance
 from discl_jax.scoring import clip
 from discl_jax.scoring import preprocess
@@ -151,6 +153,9 @@ def run(config, workdir):
   root = wd.path(workdir, wd.SPECTRUM)
   if not root.is_dir():
     raise FileNotFoundError(f"{root} does not exist: run the generate stage first")
+  provenance.check_stage(workdir, "score", config, provenance.fingerprint(config, "score"),
+                         target=root / spectrum_store.SCORE_PROVENANCE,
+                         outputs=[root / spectrum_store.SCORES_GLOB])
   store = spectrum_store.SpectrumStore(root)
   rows = store.rows()
   todo = [r for r in _owned(rows) if not acceptance.is_scored(r)]
@@ -187,6 +192,9 @@ def write_report(config, workdir, rows, threshold):
       text_template=config.score.text_template)
   wd.atomic_write_json(wd.path(workdir, ACCEPTANCE_JSON), report)
   wd.atomic_write_bytes(wd.path(workdir, ACCEPTANCE_PNG), acceptance.plot_png(report, rows))
+  spectrum_grid.write_scored_grids(
+      workdir, rows, wd.read_jsonl(wd.path(workdir, wd.HARD)),
+      SourceImages(datasets.load(config.data)).image, threshold, config.diffusion.grid_sources)
   overall = report["overall"]
   logging.info("score: accepted %d of %d scored images (threshold %s); %d unreadable",
                overall["accepted"], overall["scored"], threshold, overall["errors"])

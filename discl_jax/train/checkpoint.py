@@ -282,12 +282,30 @@ def state_item(path):
   return path / str(steps[0] if chosen is None else chosen) / "state"
 
 
+def init_checkpoint_sha256(path):
+  """Returns the content hash of what `train.init_checkpoint=path` loads (`state_item`).
+
+  A file, or a directory that holds no checkpoint of ours, counts as a whole.
+  """
+  path = pathlib.Path(path)
+  if path.is_dir():
+    try:
+      path = state_item(path)
+    except ValueError:
+      pass
+  return content_sha256(path)
+
+
 def content_sha256(path):
-  """Returns the sha256 hex digest of every file under `path` (relative names and bytes)."""
+  """Returns the sha256 hex digest of the file `path`, or of every file under it
+  (relative names and bytes)."""
   digest = hashlib.sha256()
   root = pathlib.Path(path)
-  for item in sorted(p for p in root.rglob("*") if p.is_file()):
-    digest.update(str(item.relative_to(root)).encode("utf-8") + b"\0")
+  if not root.exists():
+    raise FileNotFoundError(f"{str(root)!r} does not exist")
+  files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+  for item in files:
+    digest.update(str(item.relative_to(root) if item != root else "").encode("utf-8") + b"\0")
     with open(item, "rb") as f:
       for block in iter(lambda: f.read(1 << 20), b""):
         digest.update(block)

@@ -25,6 +25,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from discl_jax import parallel
+from discl_jax import progress
 from discl_jax.data import class_names as class_names_lib
 from discl_jax.data import pipeline
 from discl_jax.data import transforms
@@ -120,19 +121,21 @@ class ClipTrainer:
                                   on_bad_image=self.config.data.on_bad_image,
                                   mean=self.mean, std=self.std)
     return gather_predictions(loader, self.eval_batch, self.mesh,
-                              lambda batch: self._eval_step(params, head, batch))
+                              lambda batch: self._eval_step(params, head, batch), len(split))
 
 
-def gather_predictions(loader, eval_batch, mesh, step):
+def gather_predictions(loader, eval_batch, mesh, step, total=None):
   """Returns host dict of `step`'s per-example outputs plus "label", padding dropped.
 
   Every process reads the whole split in the same order and feeds its own
-  slice of each global batch, so the gathered outputs keep that order.
+  slice of each global batch, so the gathered outputs keep that order. A
+  progress bar counts the `total` images.
   """
   pc, pi = jax.process_count(), jax.process_index()
   local = eval_batch // pc
   outputs = []
-  for batch in loader:
+  progress.compiling("the prediction step")
+  for batch in progress.counted(loader, total, "predict", lambda b: int(np.sum(b["mask"]))):
     part = {k: np.asarray(batch[k])[pi * local:(pi + 1) * local] for k in ("image", "label")}
     out = step(parallel.put_batch(part, mesh))
     out = multihost_utils.process_allgather(out, tiled=True) if pc > 1 else jax.device_get(out)

@@ -29,6 +29,8 @@ from absl import logging
 
 from discl_jax import config as config_lib
 from discl_jax import parallel
+from discl_jax import progress
+from discl_jax import provenance
 from discl_jax import seeding
 from discl_jax import workdir as wd
 from discl_jax import curriculum
@@ -38,6 +40,7 @@ from discl_jax.data import pipeline
 from discl_jax.data import spectrum_store
 from discl_jax.data import transforms
 from discl_jax.evaluation import metrics as metrics_lib
+from discl_jax.evaluation import report
 from discl_jax.scoring import acceptance
 from discl_jax.models import resnet
 from discl_jax.train import checkpoint as checkpoint_lib
@@ -58,6 +61,32 @@ class Data:
   synthetic: object
   groups: np.ndarray
   spec: object
+  accepted_ids: tuple = ()
+
+
+TRAIN_OUTPUTS = (wd.CKPT, wd.METRICS, wd.TRAIN_RESULT, wd.PREDICTIONS, wd.TENSORBOARD)
+
+
+def spectrum_root(config, workdir):
+  """Returns the spectrum directory training reads: `data.spectrum_dir`, else workdir/spectrum.
+
+  Raises FileNotFoundError when `data.spectrum_dir` is set and is not a directory.
+  """
+  if not config.data.spectrum_dir:
+    return wd.path(workdir, wd.SPECTRUM)
+  root = pathlib.Path(config.data.spectrum_dir)
+  if not root.is_dir():
+    raise FileNotFoundError(f"data.spectrum_dir {str(root)!r} is not a directory (give "
+                            f"another workdir's {wd.SPECTRUM}/ folder)")
+  return root
+
+
+def hard_path(config, workdir):
+  """Returns workdir/hard.jsonl, or the one beside `data.spectrum_dir` when this workdir has none."""
+  own = wd.path(workdir, wd.HARD)
+  if own.exists() or not config.data.spectrum_dir:
+    return own
+  return pathlib.Path(config.data.spectrum_dir).parent / wd.HARD
 
 
 def accepted_rows(config, workdir):
@@ -65,11 +94,33 @@ def accepted_rows(config, workdir):
 
   A missing spectrum directory gives [] (real data only).
   """
-  root = wd.path(workdir, wd.SPECTRUM)
+  root = spectrum_root(config, workdir)
   if not root.is_dir():
     return []
   return acceptance.accepted_rows(
       spectrum_store.SpectrumStore(root).rows(), config.score.threshold)
+
+
+def train_fingerprint(config, workdir, accepted_ids):
+  """Returns the provenance fingerprint of a training run (`provenance.STAGE_KEYS["train"]`).
+
+  Adds the content hash of `train.init_checkpoint`, the accepted synthetic set
+  (count and a hash of its job ids) and the fingerprints of the spectrum it
+  comes from (generation and score).
+  """
+  out = provenance.fingerprint(config, "train")
+  if config.train.init_checkpoint:
+    out["train.init_checkpoint_sha256"] = checkpoint_lib.init_checkpoint_sha256(
+        config.train.init_checkpoint)
+  ids = sorted(accepted_ids)
+  out["synthetic.accepted"] = len(ids)
+  out["synthetic.accepted_sha256"] = provenance.sha256_bytes("\n".join(ids))
+  if ids:
+    root = spectrum_root(config, workdir)
+    out["synthetic.generation"] = provenance.read_record(root / spectrum_store.GENERATION) or {}
+    scored = provenance.read_record(root / spectrum_store.SCORE_PROVENANCE) or {}
+    out["synthetic.score"] = scored.get("fingerprint", {})
+  return out
 
 
 def load_data(config, workdir):
@@ -85,14 +136,15 @@ def load_data(config, workdir):
                                  config.data.few_threshold)
   rows = accepted_rows(config, workdir) if config.curriculum.schedule != "none" else []
   synthetic = (spectrum_store.to_labeled_images(
-      rows, train.class_names, wd.path(workdir, wd.SPECTRUM)) if rows else None)
-  hard_rows = wd.read_jsonl(wd.path(workdir, wd.HARD))
+      rows, train.class_names, spectrum_root(config, workdir)) if rows else None)
+  hard_rows = wd.read_jsonl(hard_path(config, workdir))
   hard_ids = {row["source_id"] for row in hard_rows} if hard_rows else None
   spec = curriculum.CurriculumSpec.from_config(
       config.curriculum, train=train, groups=groups, synthetic_rows=rows,
       seed=config.seed, hard_ids=hard_ids)
   return Data(train=train, eval_splits={name: splits[name] for name in eval_names},
-              synthetic=synthetic, groups=groups, spec=spec)
+              synthetic=synthetic, groups=groups, spec=spec,
+              accepted_ids=tuple(str(row["job_id"]) for row in rows))
 
 
 def check_eval_splits(eval_config, splits, data_name="data"):
@@ -163,7 +215,7 @@ class Trainer:
                                   batch_size=self.eval_batch, shard=(0, 1),
                                   on_bad_image=self.config.data.on_bad_image)
     return clip_trainer.gather_predictions(loader, self.eval_batch, self.mesh,
-                                           lambda batch: self.eval_step(state, batch))
+                                           lambda batch: self.eval_step(state, batch), len(split))
 
 
 def make_trainer(config, data, mesh, workdir):
@@ -208,8 +260,13 @@ def train_and_evaluate(config, workdir):
   tc = config.train
   mesh = parallel.make_mesh(config.mesh.shape)
   data = load_data(config, workdir)
+  provenance.check_stage(
+      workdir, "train", config, train_fingerprint(config, workdir, data.accepted_ids),
+      target=wd.path(workdir, wd.PROVENANCE % "train"),
+      outputs=[wd.path(workdir, name) for name in TRAIN_OUTPUTS])
   sources = [data.train] + ([data.synthetic] if data.synthetic is not None else [])
   trainer = make_trainer(config, data, mesh, workdir)
+  trainer.train_step = progress.first_call_notice(trainer.train_step, "the train step")
   select_key = f"{config.eval.select_split}/{config.eval.select_metric}"
   ckpt = checkpoint_lib.Checkpointer(wd.path(workdir, wd.CKPT), tc.keep_checkpoints).watch_sigterm()
   main = wd.is_main_process()
@@ -270,7 +327,9 @@ def train_and_evaluate(config, workdir):
       # Running sums stay on device (float32), so steps dispatch without a host sync.
       sums = {"loss": np.float32(meta["epoch_loss_sum"]),
               "accuracy": np.float32(meta["epoch_acc_sum"])}
-      started = time.time()
+      started, first_batch = time.time(), batch_index
+      train_bar = progress.bar(num_steps * tc.batch_size, f"epoch {epoch} ({epoch + 1}/{tc.epochs})",
+                               initial=batch_index * tc.batch_size)
       for batch in iterator if iterator is not None else ():
         if batch_index >= num_steps:
           break
@@ -279,6 +338,7 @@ def train_and_evaluate(config, workdir):
         state, step_metrics = trainer.train_step(state, parallel.put_batch(images, mesh), lr)
         sums = {k: sums[k] + step_metrics[k] for k in sums}
         batch_index += 1
+        train_bar.update(tc.batch_size)
         if writer is not None and step % tc.log_every_steps == 0:
           writer.add_scalar("train/step_loss", float(step_metrics["loss"]), step)
           writer.add_scalar("train/lr", lr, step)
@@ -292,9 +352,11 @@ def train_and_evaluate(config, workdir):
           ckpt.save(step, state=state, curriculum=cstate, data_iter=iterator, picks=picks,
                     meta=meta)
         if preempted:
+          train_bar.close()
           logging.warning("preempted: saved epoch %d after batch %d (step %d)", epoch,
                           batch_index, step)
           return {"preempted": True, "epoch": epoch, "batches_done": batch_index}
+      train_bar.close()
       meta.update(batches_done=batch_index, epoch_loss_sum=float(sums["loss"]),
                   epoch_acc_sum=float(sums["accuracy"]))
       row = {"epoch": epoch, "step": int(state.step), "lr": lr,
@@ -316,10 +378,9 @@ def train_and_evaluate(config, workdir):
       if main:
         wd.append_jsonl(metrics_path, [row])
         _log_tb(writer, row)
-      logging.info("epoch %d: loss %.4f %s", epoch, row["loss"], " ".join(
-          f"{k} {row[k]:.3f}" for k in row if k.endswith(("/all", "/macro_f1"))))
-      logging.info("epoch %d: curriculum phase %s level %s", epoch,
-                   row.get("curriculum_phase"), row.get("curriculum_level"))
+      logging.info("%s", epoch_line(row, tc.epochs, data.eval_splits,
+                                    (batch_index - first_batch) * tc.batch_size,
+                                    time.time() - started))
       meta.update(epoch=epoch + 1, batches_done=0, mid_epoch=False, plan=None,
                   epoch_loss_sum=0.0, epoch_acc_sum=0.0)
       ckpt.save(int(state.step), state=state, curriculum=cstate, data_iter=iterator,
@@ -333,6 +394,19 @@ def train_and_evaluate(config, workdir):
     ckpt.close()
     if writer is not None:
       writer.close()
+
+
+def epoch_line(row, epochs, split_names, images, seconds):
+  """Returns the log line of one finished epoch: loss, Many / Medium / Few / All (%) per
+  split, the curriculum phase and level, seconds and training images/s."""
+  groups = " ".join(
+      f"{name} " + " ".join(f"{group.capitalize()} {100 * row.get(f'{name}/{group}', float('nan')):.1f}"
+                            for group in ("many", "medium", "few", "all")) + " %"
+      for name in split_names)
+  train_seconds = row.get("epoch_seconds", seconds)
+  return (f"epoch {row['epoch']} ({row['epoch'] + 1}/{epochs}): loss {row['loss']:.4f} | "
+          f"{groups} | {row.get('curriculum_phase', '-')} level {report.level_label(row)} | "
+          f"{seconds:.1f} s ({images / max(train_seconds, 1e-9):.0f} img/s training)")
 
 
 def _json_line(row):
