@@ -172,8 +172,10 @@ STAGE_KEYS = {
     "prompts": (("prompts",), ("prompts.descriptions_file",)),
     "score": (("score.model", "score.tiny", "score.dtype", "score.text_template", "data.name",
                "data.tfds_name"), ()),
+    # train.init_checkpoint counts by content (the loop adds its hash), not by path.
     "train": (("seed", "train", "curriculum", "eval", "data", "score.threshold"),
-              ("train.log_every_steps", "train.keep_checkpoints", "train.checkpoint_every_steps")),
+              ("train.log_every_steps", "train.keep_checkpoints", "train.checkpoint_every_steps",
+               "train.init_checkpoint")),
 }
 # hard.rule="misclassified" predicts with the CLIP FLYP fine-tunes.
 _MISCLASSIFIED_KEYS = ("train.clip_model", "train.clip_templates", "score.model", "score.tiny")
