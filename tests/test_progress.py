@@ -38,7 +38,7 @@ def test_bars_are_quiet_when_stderr_is_not_a_terminal(capsys):
   assert capsys.readouterr().err == ""
 
 
-def test_persistent_compilation_cache_is_written_and_read_back(tmp_path):
+def test_persistent_compilation_cache_is_written_to_the_configured_dir(tmp_path):
   script = textwrap.dedent("""
       import jax, jax.numpy as jnp
       from discl_jax import progress
