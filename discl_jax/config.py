@@ -83,6 +83,8 @@ def base_config():
       verify_images="exists",  # file lists at load: exists | header | decode
       augment=True,
       num_workers=0,           # grain worker processes (0: in-process)
+      spectrum_dir="",         # train on another workdir's spectrum (WORKDIR/spectrum; its
+                               # hard.jsonl beside it); "": this workdir's own
   )
   c.hard = dict(
       rule="few_classes",      # few_classes | misclassified
@@ -118,6 +120,7 @@ def base_config():
                                # before generation; 0: off (CIFAR100-LT: 128, the rebuttal's)
       slots=16,                # jobs in flight per sampler step (global)
       grid_sources=4,          # sources per class in the spectrum grid
+      seed=-1,                 # the spectrum's seed (prompts, sampling); < 0: the top-level seed
   )
   c.score = dict(
       model="openai/clip-vit-base-patch32",  # local dir or hub id (Flax msgpack or PyTorch safetensors)
@@ -149,7 +152,8 @@ def base_config():
                                # (.pth/.pt/.checkpoint or .safetensors; train/import_torch.py)
       require_init_checkpoint=False,  # the train stage refuses to start with init_checkpoint empty
       log_every_steps=50,
-      keep_checkpoints=2,
+      keep_checkpoints=2,       # newest checkpoints kept; the best epoch's is kept beside them
+      checkpoint_every_steps=0,  # also checkpoint inside an epoch every N global steps (0: epoch ends)
       # train.model="clip" (FLYP): the CLIP to fine-tune ("" uses score.model, or the
       # workdir's tiny CLIP with score.tiny), caption templates ({c}: the class's common
       # name), WiSE-FT weight at evaluation (1.0: fine-tuned weights only).

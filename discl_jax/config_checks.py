@@ -113,6 +113,7 @@ RANGES = {
     "hard.prob_quantile": _unit(high_open=True),
     "diffusion.strengths": Range(0.0, 1.0, low_open=True, each=True),
     "diffusion.seeds_per_level": _count(1),
+    "diffusion.seed": _count(-1),
     "diffusion.num_inference_steps": _count(1),
     "diffusion.guidance_scale": Range(0.0),
     "diffusion.resolution": _count(0),
@@ -134,6 +135,7 @@ RANGES = {
     "train.epochs": _count(1),
     "train.log_every_steps": _count(1),
     "train.keep_checkpoints": _count(1),
+    "train.checkpoint_every_steps": _count(0),
     "train.wise_ft_alpha": _unit(),
     "curriculum.levels": Range(0.0, 1.0, high_open=True, each=True),
     "curriculum.curriculum_epochs": _count(0),
@@ -325,6 +327,8 @@ def inputs(config, stages):
     models.append(("score.model", config.score.model))
   if "train" in stages:
     models.append(("train.init_checkpoint", config.train.init_checkpoint))
+    if config.data.spectrum_dir:
+      found.append(("data.spectrum_dir", pathlib.Path(config.data.spectrum_dir), "directory"))
   found.extend(filter(None, (_model_input(key, name) for key, name in models)))
   return found
 

@@ -34,6 +34,7 @@ from discl_jax import config as config_lib
 from discl_jax import parallel
 from discl_jax import pipeline
 from discl_jax import shipped_configs
+from discl_jax import progress
 from discl_jax import stages
 
 # What each stage writes into the workdir (shown by --help).
@@ -93,6 +94,7 @@ def main(argv):
       filename = config_flags.get_config_filename(flags.FLAGS["config"])
       raise type(e)(f"bad config {filename!r}: {e.args[0] if e.args else e}") from e
     parallel.initialize(config)
+    progress.enable_compilation_cache()
     pipeline.run_stages(config, _WORKDIR.value, names)
   except Exception as e:  # pylint: disable=broad-except
     # Every error is one line naming the file, key or value; the traceback

@@ -15,6 +15,11 @@ def stable_hash(*parts):
   return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:4], "little")
 
 
+def generation_seed(config):
+  """Returns the seed of the spectrum (prompts, generation): `diffusion.seed`, or `seed` when < 0."""
+  return int(config.seed) if config.diffusion.seed < 0 else int(config.diffusion.seed)
+
+
 def job_key(seed, job_id):
   """Returns the PRNG key of job `job_id` under config seed `seed`."""
   return jax.random.fold_in(jax.random.key(seed), stable_hash(job_id))

@@ -26,8 +26,11 @@ HARD_SUMMARY = "hard_summary.json"  # the hard stage's figures (misclassified ru
 PREDICTIONS = "predictions.npz"   # val/test predictions of the best-val epoch
 TRAIN_RESULT = "train_result.json"
 REPORT = "report.md"
-CONFIG = "config.json"
+ACCEPTANCE_PNG = "acceptance.png"  # the score stage's acceptance figure
+STAGE_TIMES = "stage_times.json"  # per stage: wall seconds summed over its runs
+CONFIG = "config.json"         # {stage: the config its current output was made with}
 LOCK = ".discl.lock"  # held (flock) by the one run using the workdir
+PROVENANCE = "%s.provenance.json"  # a stage's fingerprint and config, beside its output
 
 
 def path(workdir, *parts):

@@ -31,7 +31,6 @@ the markdown.
 import argparse
 import json
 import pathlib
-import shutil
 import sys
 import time
 
@@ -51,7 +50,6 @@ LOSSES = ("ce", "balanced_softmax")
 LOSS_NAMES = {"ce": "CE", "balanced_softmax": "BS"}
 GROUPS = ("many", "medium", "few", "all")
 SPECTRUM_STAGES = ("hard", "prompts", "generate", "score")
-SHARED_FILES = (wd.HARD, wd.PROMPTS)
 
 
 def parse_args(argv):
@@ -144,16 +142,10 @@ def method_config(loss, schedule, seed, protocol, init_checkpoint):
   return c
 
 
-def link_spectrum(spectrum_dir, run_dir):
-  """Returns `run_dir`, given the shared hard list, prompts and spectrum (read only)."""
-  run_dir.mkdir(parents=True, exist_ok=True)
-  for name in SHARED_FILES:
-    if not (run_dir / name).exists():
-      shutil.copyfile(spectrum_dir / name, run_dir / name)
-  link = run_dir / wd.SPECTRUM
-  if not link.exists():
-    link.symlink_to((spectrum_dir / wd.SPECTRUM).resolve(), target_is_directory=True)
-  return run_dir
+def shared_spectrum(config, spectrum_dir):
+  """Returns `config` training on the shared spectrum (and hard list) of workdir `spectrum_dir`."""
+  config.data.spectrum_dir = str((spectrum_dir / wd.SPECTRUM).resolve())
+  return config
 
 
 def train_once(config, run_dir):
@@ -233,15 +225,15 @@ def main(argv=None, *, compile_cache=True):
   runs = []
   todo = [(loss, seed) for loss in protocol["losses"] for seed in protocol["seeds"]]
   for loss, seed in todo:
-    base_dir = link_spectrum(spectrum_dir, workdir / "base" / loss / f"seed{seed}")
+    base_dir = workdir / "base" / loss / f"seed{seed}"
     tick = time.perf_counter()
-    train_once(base_config(loss, seed, protocol), base_dir)
+    train_once(shared_spectrum(base_config(loss, seed, protocol), spectrum_dir), base_dir)
     print(f"base {LOSS_NAMES[loss]} seed {seed}: {time.perf_counter() - tick:.0f} s", flush=True)
     for schedule in protocol["schedules"]:
-      run_dir = link_spectrum(spectrum_dir, workdir / "runs" / loss / schedule / f"seed{seed}")
+      run_dir = workdir / "runs" / loss / schedule / f"seed{seed}"
       tick = time.perf_counter()
-      result, trained = train_once(
-          method_config(loss, schedule, seed, protocol, base_dir / wd.CKPT), run_dir)
+      result, trained = train_once(shared_spectrum(
+          method_config(loss, schedule, seed, protocol, base_dir / wd.CKPT), spectrum_dir), run_dir)
       seconds = time.perf_counter() - tick
       last = last_epoch(run_dir)
       runs.append({"loss": loss, "schedule": schedule, "seed": seed, "seconds": seconds,

@@ -64,11 +64,12 @@ def test_smoke_table_runs_every_stage_and_resumes(table, tmp_path):
   # One spectrum from the shipped digit models, scored, shared by the runs.
   scores = (work / "spectrum" / "spectrum" / "scores-00000.jsonl").read_text().splitlines()
   assert len(scores) > 0
-  assert (work / "runs" / "ce" / "text_only" / "seed0" / "spectrum").resolve() == (
-      work / "spectrum" / "spectrum").resolve()
+  config = json.loads((work / "runs" / "ce" / "text_only" / "seed0" / "config.json").read_text())
+  assert config["train"]["data"]["spectrum_dir"] == str((work / "spectrum" / "spectrum").resolve())
+  assert not (work / "runs" / "ce" / "text_only" / "seed0" / "spectrum").exists()
   # Each method run starts from its base run's checkpoint.
   config = json.loads((work / "runs" / "ce" / "none" / "seed0" / "config.json").read_text())
-  assert config["train"]["init_checkpoint"] == str(work / "base" / "ce" / "seed0" / "ckpt")
+  assert config["train"]["train"]["init_checkpoint"] == str(work / "base" / "ce" / "seed0" / "ckpt")
   # The text-only run trained on synthetic images; the plain run on real ones only.
   metrics = [json.loads(line) for line in
              (work / "runs" / "ce" / "text_only" / "seed0" / "metrics.jsonl").read_text().splitlines()]

@@ -307,7 +307,7 @@ def test_generate_refuses_a_store_from_another_generation_config(killed_then_res
   k = killed_then_resumed
   config = make_config()
   config.diffusion.guidance_scale = 3.0
-  with pytest.raises(ValueError, match="diffusion.guidance_scale: stored 7.5, now 3.0"):
+  with pytest.raises(ValueError, match="diffusion.guidance_scale is 3.0 now but was 7.5"):
     generate_stage.run(config, k["workdir"])
   config = make_config()
   config.diffusion.strengths = (0.5, 0.7, 1.0)  # more levels extend the store

@@ -75,7 +75,13 @@ def _score_lines(workdir):
 def test_scores_every_row_and_writes_the_report(prepared, workdir):
   config = _config()
   config.score.threshold = -0.1
+  sources = {(r["source_id"], r["class_name"]) for r in
+             spectrum_store.SpectrumStore(wd.path(workdir, wd.SPECTRUM)).rows()}
+  wd.append_jsonl(wd.path(workdir, wd.HARD),
+                  [{"source_id": s, "class_name": c} for s, c in sorted(sources)])
   report = score_stage.run(config, workdir)
+  # Spectrum grids are drawn again, with the scores: one per class.
+  assert len(list(workdir.glob("spectrum_grid_*.png"))) == 3
   rows = spectrum_store.SpectrumStore(wd.path(workdir, wd.SPECTRUM)).rows()
   assert len(rows) == 24 and all(r["clip_text"] is not None for r in rows)
   assert all(r["clip_source"] is not None and r["score_error"] is None for r in rows)

@@ -5,17 +5,24 @@ spectrum written through `SpectrumStore`) in subprocesses that share a
 persistent XLA compilation cache:
   full    an uninterrupted run,
   broken  SIGTERM mid-epoch 1 (mid-epoch checkpoint with the grain iterator
-          state), resume in the same process, then SIGKILL right after epoch
-          1's metrics row (before its checkpoint), then a fresh process resumes,
+          state), resume in the same process with a checkpoint every K steps
+          (one inside epoch 2), then SIGKILL right after epoch 2's metrics row
+          (before its checkpoint), then a fresh process resumes from the
+          in-epoch checkpoint,
+  group   data.num_workers=2 and SIGTERM to the whole process group while the
+          grain workers start: the run checkpoints and exits,
   multi   the full run on 8 fake CPU devices.
+Checkpoints are named by the global step.
 """
 
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import ml_collections
 import numpy as np
@@ -30,15 +37,20 @@ EPOCHS = 3
 
 _CHILD = textwrap.dedent("""
     import os
+    import pathlib
     import signal
     import sys
 
     import jax
+    from absl import logging
+    logging.set_verbosity("info")
     jax.config.update("jax_compilation_cache_dir", sys.argv[3])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
     from discl_jax import config as config_lib
     from discl_jax import workdir as wd
+    from discl_jax.data import pipeline
+    from discl_jax.train import checkpoint as checkpoint_lib
     from discl_jax.train import loop
     from discl_jax.train import steps as steps_lib
 
@@ -63,10 +75,30 @@ _CHILD = textwrap.dedent("""
       c.curriculum.levels = (0.1, 0.3)
       c.curriculum.curriculum_epochs = 2
       c.curriculum.nontail_fraction = 0.5
+      c.train.checkpoint_every_steps = int(os.environ.get("CHECKPOINT_EVERY", "0"))
+      c.data.num_workers = int(os.environ.get("NUM_WORKERS", "0"))
+      c.seed = int(os.environ.get("SEED", "0"))
+      c.data.spectrum_dir = os.environ.get("SPECTRUM_DIR", "")
       return c
 
-    workdir, mode = sys.argv[1], sys.argv[2]
-    if mode == "broken":
+    def main(workdir, mode):
+      if mode == "broken":
+        broken(workdir)
+      if mode == "group":
+        # Marks the start of epoch 1 (its grain workers are about to start).
+        make_loader = pipeline.train_loader
+        def train_loader(*args, **kwargs):
+          if kwargs["epoch"] == 1:
+            pathlib.Path(workdir, "epoch1_started").touch()
+          return make_loader(*args, **kwargs)
+        pipeline.train_loader = train_loader
+        print("RESULT", loop.train_and_evaluate(make_config(), workdir), flush=True)
+        return
+      result = loop.train_and_evaluate(make_config(), workdir)
+      assert "preempted" not in result, result
+      print("RESULT", result)
+
+    def broken(workdir):
       # 1) SIGTERM after the 2nd step of epoch 1: the loop saves mid-epoch and returns.
       make_step = steps_lib.make_train_step
       calls = {"n": 0}
@@ -82,16 +114,23 @@ _CHILD = textwrap.dedent("""
       result = loop.train_and_evaluate(make_config(), workdir)
       assert result["preempted"] and result["epoch"] == 1, result
       steps_lib.make_train_step = make_step
-      # 2) resume in this process; SIGKILL once epoch 1's row is written (before its checkpoint).
+      # 2) resume in this process, saving every CHECKPOINT_EVERY steps (synchronously, so
+      # the kill below finds them on disk); SIGKILL once epoch 2's row is written, before
+      # its checkpoint: the latest checkpoint is then the one inside epoch 2.
+      save = checkpoint_lib.Checkpointer.save
+      def save_and_wait(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        self.wait()
+      checkpoint_lib.Checkpointer.save = save_and_wait
       append = wd.append_jsonl
       def append_then_die(target, rows):
         append(target, rows)
-        if rows[-1].get("epoch") == 1:
+        if rows[-1].get("epoch") == 2:
           os.kill(os.getpid(), signal.SIGKILL)
       wd.append_jsonl = append_then_die
-    result = loop.train_and_evaluate(make_config(), workdir)
-    assert "preempted" not in result, result
-    print("RESULT", result)
+
+    if __name__ == "__main__":  # grain's spawned workers import this file too
+      main(sys.argv[1], sys.argv[2])
 """) % {"epochs": EPOCHS}
 
 
@@ -126,19 +165,25 @@ def _steps_per_epoch0(workdir):
   return _metrics(workdir)[0]["step"]
 
 
-def _run(tmp_root, name, mode, *extra, devices=1):
+def _child(tmp_root, name, mode, *extra, devices=1, **env_extra):
+  """Returns (workdir, argv, env) of one child run; writes the spectrum once (unless the
+  run reads another's, SPECTRUM_DIR)."""
   workdir = tmp_root / name
-  if not (workdir / "spectrum").exists():
+  if not (workdir / "spectrum").exists() and "SPECTRUM_DIR" not in env_extra:
     _write_spectrum(workdir)
   script = tmp_root / "child.py"
   script.write_text(_CHILD)
-  env = dict(os.environ)
+  env = dict(os.environ, **{k: str(v) for k, v in env_extra.items()})
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                       f" --xla_force_host_platform_device_count={devices}").strip()
   env["JAX_PLATFORMS"] = "cpu"
-  proc = subprocess.run(
-      [sys.executable, str(script), str(workdir), mode, str(tmp_root / "xla_cache"), *extra],
-      env=env, capture_output=True, text=True, timeout=600)
+  argv = [sys.executable, str(script), str(workdir), mode, str(tmp_root / "xla_cache"), *extra]
+  return workdir, argv, env
+
+
+def _run(tmp_root, name, mode, *extra, devices=1, **env_extra):
+  workdir, argv, env = _child(tmp_root, name, mode, *extra, devices=devices, **env_extra)
+  proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
   return workdir, proc
 
 
@@ -149,9 +194,14 @@ def _metrics(workdir):
   return rows
 
 
-def _final_params(workdir):
-  step_dir = workdir / "ckpt" / str(EPOCHS * 1_000_000) / "state"
-  restored = checkpoint_lib.restore_host(step_dir.absolute())
+def _checkpoint_steps(workdir):
+  return sorted(int(p.name) for p in (workdir / "ckpt").iterdir() if p.name.isdigit())
+
+
+def _params(workdir, step=None):
+  """Returns (params, batch_stats) of checkpoint `step` (default: the newest)."""
+  step = _checkpoint_steps(workdir)[-1] if step is None else step
+  restored = checkpoint_lib.restore_host((workdir / "ckpt" / str(step) / "state").absolute())
   return restored["params"], restored["batch_stats"]
 
 
@@ -177,20 +227,89 @@ def test_full_run_follows_the_curriculum(runs):
   assert result["best_epoch"] == best
   assert result["test/all"] == rows[best]["test/all"]
   assert (full / "predictions.npz").exists() and any((full / "tb").iterdir())
+  # Named by global step; keep_checkpoints=2 keeps the last two epochs and the best one.
+  assert _checkpoint_steps(full) == sorted({rows[1]["step"], rows[2]["step"], rows[best]["step"]})
 
 
 def test_killed_and_resumed_run_equals_uninterrupted(runs):
   root, full = runs
-  broken, proc = _run(root, "broken", "broken", str(_steps_per_epoch0(full)))
+  rows = _metrics(full)
+  every = rows[1]["step"] + 2  # the only in-epoch checkpoint: 2 steps into epoch 2
+  assert every < rows[2]["step"]
+  broken, proc = _run(root, "broken", "broken", str(_steps_per_epoch0(full)),
+                      CHECKPOINT_EVERY=every)
   assert proc.returncode == -9, proc.stderr[-3000:]
   assert "preempted: saved epoch 1" in proc.stderr
-  assert [r["epoch"] for r in _metrics(broken)] == [0, 1]
-  broken, proc = _run(root, "broken", "resume")
+  assert [r["epoch"] for r in _metrics(broken)] == [0, 1, 2]
+  assert _checkpoint_steps(broken)[-1] == every
+  broken, proc = _run(root, "broken", "resume", CHECKPOINT_EVERY=every)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert _metrics(broken) == _metrics(full)
-  got, want = _final_params(broken), _final_params(full)
+  assert f"resumed from checkpoint {every}: epoch 2, batch 2" in proc.stderr
+  assert _metrics(broken) == rows
+  got, want = _params(broken), _params(full)
   for a, b in zip(_leaves(got), _leaves(want), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_process_group_sigterm_with_workers_checkpoints_and_exits(runs):
+  root, _ = runs
+  workdir, argv, env = _child(root, "group", "group", NUM_WORKERS=2)
+  marker = workdir / "epoch1_started"
+  proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True)
+  try:
+    deadline = time.time() + 400
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.2)
+    assert marker.exists(), proc.communicate()[1][-3000:]
+    time.sleep(1.0)  # the grain workers of epoch 1 are starting
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.communicate()
+  assert proc.returncode == 0, err[-3000:]
+  assert "SIGTERM received" in err and "RESULT {'preempted': True, 'epoch': 1" in out
+  assert [r["epoch"] for r in _metrics(workdir)] == [0]
+  assert _checkpoint_steps(workdir)[-1] > _metrics(workdir)[0]["step"]  # saved inside epoch 1
+
+
+def test_changed_key_on_a_finished_run_is_refused_and_names_it(runs):
+  from discl_jax import provenance  # pylint: disable=g-import-not-at-top
+  from discl_jax.train import loop  # pylint: disable=g-import-not-at-top
+  _, full = runs
+  result = (full / "train_result.json").read_text()
+  stored = provenance.stored_config(full / "train.provenance.json")
+  stored.train.epochs = 2
+  with pytest.raises(ValueError, match=r"^train: .*train\.epochs is 2 now but was 3.*"
+                                       r"another --workdir, or delete .*ckpt"):
+    loop.train_and_evaluate(stored, full)
+  stored = provenance.stored_config(full / "train.provenance.json")
+  stored.curriculum.schedule = "none"
+  with pytest.raises(ValueError, match=r"curriculum\.schedule is 'none' now"):
+    loop.train_and_evaluate(stored, full)
+  stored = provenance.stored_config(full / "train.provenance.json")
+  stored.score.threshold = 0.6  # accepts none of the synthetic images
+  with pytest.raises(ValueError, match=r"score\.threshold is 0\.6 now.*synthetic\.accepted"):
+    loop.train_and_evaluate(stored, full)
+  assert (full / "train_result.json").read_text() == result
+
+
+def test_two_training_seeds_share_one_spectrum(runs):
+  root, full = runs
+  shared, proc = _run(root, "seed1", "full", SEED=1, SPECTRUM_DIR=full / "spectrum")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not (shared / "spectrum").exists()
+  fingerprints = [json.loads((w / "train.provenance.json").read_text())["fingerprint"]
+                  for w in (full, shared)]
+  for key in ("synthetic.accepted", "synthetic.accepted_sha256"):
+    assert fingerprints[0][key] == fingerprints[1][key]
+  assert fingerprints[0]["synthetic.accepted"] > 0
+  assert (fingerprints[0]["seed"], fingerprints[1]["seed"]) == (0, 1)
+  ours, theirs = _metrics(full), _metrics(shared)
+  assert theirs[0]["num_synthetic"] > 0
+  assert [r["loss"] for r in ours] != [r["loss"] for r in theirs]
 
 
 def _leaves(tree):
@@ -207,7 +326,7 @@ def test_eight_devices_match_one(runs):
                              rtol=1e-4)
   np.testing.assert_allclose([r["val/loss"] for r in eight], [r["val/loss"] for r in one],
                              rtol=1e-3)
-  got, want = _final_params(multi), _final_params(full)
+  got, want = _params(multi), _params(full)
   for a, b in zip(_leaves(got), _leaves(want), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
@@ -267,8 +386,10 @@ def test_init_checkpoint_loads_weights_and_rejects_other_models(runs):
     model = resnet.get_model(name, 10)
     return jax.eval_shape(lambda: state_lib.create(model, tx, jax.random.key(0, impl="rbg"), 16))
 
-  variables = checkpoint_lib.load_variables(full / "ckpt", target("tiny"))
-  params, batch_stats = _final_params(full)
+  variables = checkpoint_lib.load_variables(full, target("tiny"))  # the best epoch's weights
+  rows = _metrics(full)
+  best = json.loads((full / "train_result.json").read_text())["best_epoch"]
+  params, batch_stats = _params(full, rows[best]["step"])
   for a, b in zip(_leaves((variables["params"], variables["batch_stats"])),
                   _leaves((params, batch_stats)), strict=True):
     np.testing.assert_array_equal(a, b)

@@ -7,6 +7,7 @@ Layout under `root` (= workdir/spectrum):
   manifest-{process:05d}.jsonl                  one row per image, per process
   scores-{process:05d}.jsonl                    CLIP scores, per process
   generation.json                               the generation config fingerprint
+  score.provenance.json                         the scoring config fingerprint (`provenance`)
 
 Each process writes only its own shards and its own image files; readers merge
 all shards. Images are written atomically before their manifest row, so after a
@@ -26,11 +27,13 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from discl_jax import provenance
 from discl_jax import seeding
 from discl_jax import workdir as wd
 from discl_jax.data import records
 
 GENERATION = "generation.json"
+SCORE_PROVENANCE = "score.provenance.json"
 MANIFEST_GLOB = "manifest-*.jsonl"
 SCORES_GLOB = "scores-*.jsonl"
 ROW_KEYS = ("job_id", "source_id", "label", "class_name", "strength",
@@ -103,20 +106,6 @@ def encode_png(image_uint8):
   return buffer.getvalue()
 
 
-def _canonical(obj):
-  """Returns `obj` as it reads back from JSON (tuples become lists, ...)."""
-  return json.loads(json.dumps(obj, sort_keys=True))
-
-
-def _flatten(obj, prefix=""):
-  if isinstance(obj, dict):
-    flat = {}
-    for key, value in obj.items():
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    return flat
-  return {prefix[:-1]: obj}
-
-
 class SpectrumStore:
   """Generated images and their manifest under `root`, seen from one process."""
 
@@ -131,29 +120,19 @@ class SpectrumStore:
   def check_fingerprint(self, generation_config):
     """Records `generation_config` on first use; returns None.
 
-    Raises ValueError naming every differing key when the store was made by a
-    different generation config.
+    Raises ValueError naming the first differing key (and every other) when
+    the store was made by a different generation config.
     """
-    current = _canonical(generation_config)
+    current = provenance.canonical(generation_config)
     target = self.root / GENERATION
-    if not target.exists():
+    stored = provenance.read_record(target)
+    if stored is None:
       wd.atomic_write_json(target, current)
       return
-    try:
-      stored = json.loads(target.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{target} is not valid JSON: {e}") from e
-    old, new = _flatten(stored), _flatten(current)
-    unset = "<unset>"
-    differing = sorted(k for k in old.keys() | new.keys() if old.get(k, unset) != new.get(k, unset))
+    differing = provenance.differences(stored, current)
     if differing:
-      details = "; ".join(
-          f"{k}: stored {old.get(k, unset)!r}, now {new.get(k, unset)!r}"
-          for k in differing)
-      raise ValueError(
-          f"{self.root} was made by a different generation config "
-          f"(differing key(s): {', '.join(differing)}). {details}. "
-          f"Use a fresh workdir, or restore the config recorded in {target}.")
+      raise ValueError(provenance.mismatch_message(
+          f"generate: {self.root}", target, differing, [self.root]))
 
   def reconcile(self, expected_rows=None):
     """Makes this process's manifest shard agree with the files; returns counts.

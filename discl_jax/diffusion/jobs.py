@@ -16,6 +16,7 @@ import pathlib
 import numpy as np
 from PIL import Image
 
+from discl_jax import seeding
 from discl_jax.data import records
 from discl_jax.data import spectrum_store as ss
 
@@ -37,7 +38,7 @@ def generation_fingerprint(config):
 
   A descriptions file counts by its content (sha256), not its path.
   """
-  fingerprint = {"seed": int(config.seed)}
+  fingerprint = {"seed": seeding.generation_seed(config)}
   for section, keys in FINGERPRINT_KEYS.items():
     fingerprint[section] = {k: config[section][k] for k in keys}
   if config.diffusion.source_upsample:  # recorded when set, so older stores stay valid

@@ -14,6 +14,7 @@ import shutil
 from absl import logging
 
 from discl_jax import parallel
+from discl_jax import seeding
 from discl_jax import workdir as wd
 from discl_jax.diffusion import jobs
 from discl_jax.diffusion import models
@@ -38,9 +39,9 @@ def checkpoint_dir(config, workdir):
     staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     if family == "sd":
-      models.build_tiny(staging, seed=config.seed)
+      models.build_tiny(staging, seed=seeding.generation_seed(config))
     else:
-      models.build_tiny_sdxl(staging, seed=config.seed, family=family)
+      models.build_tiny_sdxl(staging, seed=seeding.generation_seed(config), family=family)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
     logging.info("generate: built a tiny %s checkpoint at %s", family, target)
@@ -98,7 +99,7 @@ def run_rows(sampler, store, rows, source_image, source_hw, config, order, progr
   for size in sorted(groups):
     group = sorted(groups[size], key=order)
     for job, image in sampler.run(sampler_jobs(group, source_image, size, config.diffusion,
-                                               config.seed)):
+                                               seeding.generation_seed(config))):
       store.add(by_id[job.job_id], image)
       made += 1
       if progress is not None:

@@ -14,10 +14,12 @@ Keys a row lacks are shown as "-", so older or partial logs still render.
 import io
 import json
 import math
+import pathlib
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from discl_jax import workdir as wd
 from discl_jax.evaluation import metrics as metrics_lib
@@ -143,13 +145,51 @@ def hard_section(figures):
   return out
 
 
-def render_markdown(rows, *, final=None, config=None, per_class=None, hard=None):
+def synthetic_section(synthetic):
+  """Returns markdown lines: generator and CLIP, threshold, acceptance per level, links."""
+  overall = synthetic["overall"]
+  out = [f"Generator `{synthetic['generator']}`, CLIP `{synthetic['clip']}`, CLIPScore "
+         f"threshold {synthetic['threshold']}: {overall.get('accepted')} of "
+         f"{overall.get('generated')} generated images accepted; "
+         f"{synthetic['trained_on']} synthetic samples trained on (summed over epochs).", "",
+         "| image guidance λ | generated | accepted |", "|---:|---:|---:|"]
+  for level in synthetic["per_level"]:
+    out.append(f"| {level['image_guidance']:.2f} | {level.get('generated')} | "
+               f"{level.get('accepted')} |")
+  links = ([f"[acceptance per level and class]({synthetic['acceptance_png']})"]
+           if synthetic.get("acceptance_png") else [])
+  links += [f"[{pathlib.PurePath(g).stem.replace('_', ' ')}]({g})" for g in synthetic["grids"]]
+  if links:
+    out += ["", "Figures: " + ", ".join(links) + "."]
+  return out
+
+
+def run_section(run):
+  """Returns markdown lines: wall time and images/s per stage, package versions, the commit."""
+  out = []
+  if run.get("stages"):
+    out += ["| stage | wall time (s) | runs | images | images/s |", "|---|---:|---:|---:|---:|"]
+    for s in run["stages"]:
+      images = s.get("images")
+      rate = f"{images / s['seconds']:.1f}" if images and s["seconds"] > 0 else "-"
+      out.append(f"| {s['stage']} | {s['seconds']:.1f} | {s['runs']} | "
+                 f"{images if images is not None else '-'} | {rate} |")
+    out += ["", "Wall time is summed over every run of a stage (resumed runs included)."]
+  environment = run.get("environment") or {}
+  packages = ", ".join(f"{k} {v}" for k, v in sorted(environment.get("packages", {}).items()))
+  out += ([""] if out else []) + [
+      f"Code: commit `{environment.get('commit') or 'unknown'}`. Packages: {packages}."]
+  return out
+
+
+def render_markdown(rows, *, final=None, config=None, per_class=None, hard=None, run=None):
   """Returns the text of report.md.
 
   `final` is the train loop's result dict (its "best_epoch", "selected_on"
   and best-epoch metrics); `per_class` a dict with preds, labels,
   class_names, groups, train_counts (the best epoch's test predictions);
-  `hard` the hard stage's figures (hard_summary.json) or None.
+  `hard` the hard stage's figures (hard_summary.json) or None; `run` the
+  eval stage's `run_summary` (synthetic data, stage timings, environment).
   """
   splits = splits_in(rows)
   out = ["# DisCL run report", ""]
@@ -184,7 +224,11 @@ def render_markdown(rows, *, final=None, config=None, per_class=None, hard=None)
             "dropped); the phase trains on the argmax.", "", adaptive, ""]
   if hard is not None:
     out += ["## Hard images", ""] + hard_section(hard) + [""]
+  if run is not None and run.get("synthetic"):
+    out += ["## Synthetic data", ""] + synthetic_section(run["synthetic"]) + [""]
   out += ["## Epochs", "", epoch_table(rows, splits), ""]
+  if run is not None:
+    out += ["## Run", ""] + run_section(run) + [""]
   return "\n".join(out)
 
 
@@ -223,6 +267,7 @@ def render_curves(rows, best_epoch=None):
   level_ax.set_ylabel("image guidance λ")
   level_ax.set_xlabel("epoch (grey bands: adaptive uniform phases)" if uniform else "epoch")
   level_ax.grid(alpha=0.3)
+  level_ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
   if best_epoch is not None and best_epoch >= 0:
     for ax in (acc_ax, level_ax):
       ax.axvline(best_epoch, color="tab:purple", linestyle=":", linewidth=1)
@@ -233,7 +278,7 @@ def render_curves(rows, best_epoch=None):
   return buffer.getvalue()
 
 
-def write_report(workdir, rows, *, final=None, config=None, per_class=None):
+def write_report(workdir, rows, *, final=None, config=None, per_class=None, run=None):
   """Writes workdir/report.md and workdir/curves.png atomically; returns their paths."""
   if not rows:
     raise ValueError(f"{wd.path(workdir, wd.METRICS)}: no epoch rows to report on")
@@ -244,7 +289,8 @@ def write_report(workdir, rows, *, final=None, config=None, per_class=None):
   hard = json.loads(hard_path.read_text(encoding="utf-8")) if hard_path.is_file() else None
   report = wd.atomic_write_text(
       wd.path(workdir, wd.REPORT),
-      render_markdown(rows, final=final, config=config, per_class=per_class, hard=hard))
+      render_markdown(rows, final=final, config=config, per_class=per_class, hard=hard,
+                      run=run))
   return report, curves
 
 

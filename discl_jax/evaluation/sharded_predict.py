@@ -12,6 +12,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from discl_jax import parallel
+from discl_jax import progress
 from discl_jax.data import pipeline
 from discl_jax.data import transforms
 
@@ -29,7 +30,8 @@ def predict_split(split, step, mesh, *, eval_batch, image_size, on_bad_image="er
                                 shard=(pi, pc), on_bad_image=on_bad_image, mean=mean, std=std,
                                 recipe=recipe)
   outputs = []
-  for batch in loader:
+  progress.compiling("the prediction step")
+  for batch in progress.counted(loader, len(split), "predict", lambda b: int(np.sum(b["mask"]))):
     inputs = parallel.put_batch({k: batch[k] for k in ("image", "label")}, mesh)
     out = dict(step(inputs), label=inputs["label"],
                **parallel.put_batch({k: batch[k] for k in ("row", "mask")}, mesh))

@@ -3,18 +3,26 @@
 Reads workdir/metrics.jsonl (one row per epoch), train_result.json (the best
 validation epoch and its metrics) and predictions.npz (that epoch's test
 predictions, for per-class accuracy), and writes report.md and curves.png.
-Only process 0 writes; rerunning rewrites both from the same inputs.
+Everything is described by the config the run was trained with (recorded by
+the train stage in train.provenance.json), never by the current flags. Only
+process 0 writes; rerunning rewrites both from the same inputs.
 """
 
 import json
+import os
+import pathlib
 
 import numpy as np
 from absl import logging
 
+from discl_jax import provenance
+from discl_jax import stages as stages_lib
 from discl_jax import workdir as wd
 from discl_jax.data import datasets
 from discl_jax.data import longtail
+from discl_jax.data import spectrum_store
 from discl_jax.evaluation import report
+from discl_jax.scoring import acceptance
 
 
 def run(config, workdir):
@@ -26,11 +34,69 @@ def run(config, workdir):
   if not rows:
     raise FileNotFoundError(
         f"{metrics_path}: no epoch metrics to report on; run the train stage first")
+  config = run_config(config, workdir)
   final = _read_json(wd.path(workdir, wd.TRAIN_RESULT))
   per_class = _per_class(config, wd.path(workdir, wd.PREDICTIONS))
-  paths = report.write_report(workdir, rows, final=final, config=config, per_class=per_class)
+  paths = report.write_report(workdir, rows, final=final, config=config, per_class=per_class,
+                              run=run_summary(config, workdir, rows))
   logging.info("eval: wrote %s and %s", *paths)
   return paths
+
+
+def run_config(config, workdir):
+  """Returns the config the workdir's run was trained with; `config` (with a warning)
+  when the train stage recorded none (a workdir of an older version)."""
+  record = wd.path(workdir, wd.PROVENANCE % "train")
+  stored = provenance.stored_config(record)
+  if stored is None:
+    logging.warning("eval: %s is missing; the report describes the current config", record)
+    return config
+  return stored
+
+
+def run_summary(config, workdir, rows):
+  """Returns the report's run facts: {"synthetic": dict or None, "stages": [rows],
+  "environment": dict}, from the stored spectrum, timings and train record."""
+  spectrum = (pathlib.Path(config.data.spectrum_dir) if config.data.spectrum_dir
+              else wd.path(workdir, wd.SPECTRUM))
+  store_rows = spectrum_store.SpectrumStore(spectrum).rows() if spectrum.is_dir() else []
+  synthetic = None
+  if store_rows and config.curriculum.schedule != "none":
+    synthetic = _synthetic(config, workdir, spectrum, store_rows, rows)
+  times = provenance.read_record(wd.path(workdir, wd.STAGE_TIMES)) or {}
+  if config.data.spectrum_dir:  # the spectrum stages ran in the workdir that holds it
+    shared = provenance.read_record(spectrum.parent / wd.STAGE_TIMES) or {}
+    times.update({k: v for k, v in shared.items() if k in ("hard", "prompts", "generate", "score")})
+  batches = np.diff([0] + [int(r.get("step", 0)) for r in rows])
+  images = {"generate": len(store_rows),
+            "score": sum(acceptance.is_scored(r) for r in store_rows),
+            "train": int(np.sum(batches)) * int(config.train.batch_size)}
+  stages = [dict(stage=name, seconds=times[name]["seconds"], runs=times[name]["runs"],
+                 images=images.get(name)) for name in stages_lib.ORDER if name in times]
+  record = provenance.stored_record(wd.path(workdir, wd.PROVENANCE % "train"))
+  return {"synthetic": synthetic, "stages": stages,
+          "environment": record.get("environment") or provenance.environment()}
+
+
+def _synthetic(config, workdir, spectrum, store_rows, rows):
+  """Returns the synthetic-data summary: models, threshold, acceptance per level, links."""
+  accepted = acceptance.build_report(store_rows, config.score.threshold)
+  generation = provenance.read_record(spectrum / spectrum_store.GENERATION) or {}
+  diffusion = generation.get("diffusion", {})
+  scoring = provenance.stored_record(spectrum / spectrum_store.SCORE_PROVENANCE).get(
+      "fingerprint", {})
+  home = spectrum.parent  # the workdir that made the spectrum (this one unless shared)
+  relative = lambda p: os.path.relpath(p, workdir)
+  acceptance_png = home / wd.ACCEPTANCE_PNG
+  return dict(
+      generator="tiny random SD" if diffusion.get("tiny") else diffusion.get("model", "-"),
+      clip=("tiny random CLIP" if scoring.get("score.tiny")
+            else scoring.get("score.model", "-")),
+      threshold=float(config.score.threshold), per_level=accepted["per_level"],
+      overall=accepted["overall"],
+      trained_on=sum(int(r.get("num_synthetic") or 0) for r in rows),
+      acceptance_png=relative(acceptance_png) if acceptance_png.exists() else None,
+      grids=[relative(p) for p in sorted(home.glob("spectrum_grid_*.png"))])
 
 
 def _read_json(path):

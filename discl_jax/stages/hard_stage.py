@@ -32,6 +32,7 @@ import numpy as np
 from absl import logging
 
 from discl_jax import parallel
+from discl_jax import provenance
 from discl_jax import workdir as wd
 from discl_jax.data import class_names as class_names_lib
 from discl_jax.data import datasets
@@ -154,6 +155,9 @@ def select_hard_with_figures(config, splits, workdir):
 
 def run(config, workdir):
   """Writes workdir/hard.jsonl (process 0) and logs the per-class counts."""
+  provenance.check_stage(workdir, "hard", config, provenance.fingerprint(config, "hard"),
+                         target=wd.path(workdir, wd.PROVENANCE % "hard"),
+                         outputs=[wd.path(workdir, wd.HARD), wd.path(workdir, wd.HARD_SUMMARY)])
   splits = datasets.load(config.data)
   rows, figures = select_hard_with_figures(config, splits, workdir)
   per_class = collections.Counter(row["class_name"] for row in rows)

@@ -11,6 +11,8 @@ import collections
 from absl import logging
 
 from discl_jax import parallel
+from discl_jax import provenance
+from discl_jax import seeding
 from discl_jax import workdir as wd
 from discl_jax.data import class_names as class_names_lib
 from discl_jax.diffusion import prompts
@@ -37,10 +39,13 @@ def caption_named(hard_rows, source):
 
 def run(config, workdir):
   """Writes workdir/prompts.json (process 0) for the images in hard.jsonl."""
+  provenance.check_stage(workdir, "prompts", config, provenance.fingerprint(config, "prompts", workdir),
+                         target=wd.path(workdir, wd.PROVENANCE % "prompts"),
+                         outputs=[wd.path(workdir, wd.PROMPTS)])
   hard_rows = caption_named(read_hard(workdir), config.prompts.source)
   class_names_lib.check_readable(config.data, {row["class_name"] for row in hard_rows},
                                  "the prompts (and later score's CLIP texts)")
-  document = prompts.build_prompts(config.prompts, hard_rows, config.seed,
+  document = prompts.build_prompts(config.prompts, hard_rows, seeding.generation_seed(config),
                                    config.diffusion.seeds_per_level)
   used = collections.Counter(p for per_seed in document["sources"].values() for p in per_seed)
   logging.info("prompts: %d images, %d classes, %d distinct prompts (source %s, %s)",

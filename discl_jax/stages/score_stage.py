@@ -22,6 +22,7 @@ import tqdm
 from absl import logging
 
 from discl_jax import parallel
+from discl_jax import provenance
 from discl_jax import seeding
 from discl_jax import workdir as wd
 from discl_jax.data import class_names as class_names_lib
@@ -32,6 +33,7 @@ from discl_jax.data import upsample
 from discl_jax.diffusion import jobs
 from discl_jax.diffusion import regeneration
 from discl_jax.diffusion import spectrum_run
+from discl_jax.evaluation import spectrum_grid
 from discl_jax.scoring import acceptance
 from discl_jax.scoring import clip
 from discl_jax.scoring import preprocess
@@ -200,6 +202,9 @@ def run(config, workdir):
   root = wd.path(workdir, wd.SPECTRUM)
   if not root.is_dir():
     raise FileNotFoundError(f"{root} does not exist: run the generate stage first")
+  provenance.check_stage(workdir, "score", config, provenance.fingerprint(config, "score"),
+                         target=root / spectrum_store.SCORE_PROVENANCE,
+                         outputs=[root / spectrum_store.SCORES_GLOB])
   store = spectrum_store.SpectrumStore(root)
   store.repair_scores()
   rows = store.rows()
@@ -238,7 +243,8 @@ def regenerate(config, workdir, store, scoring, threshold, last_attempt):
     first = regeneration.needing_attempt(store.rows(), threshold, attempt)
     if not first:
       break
-    rows = regeneration.attempt_rows(first, attempt, prompt_document, config.seed)
+    rows = regeneration.attempt_rows(first, attempt, prompt_document,
+                                      seeding.generation_seed(config))
     store.reconcile(rows)
     done = store.done_job_ids()
     owned = _owned(rows)
@@ -279,6 +285,9 @@ def write_report(config, workdir, rows, threshold, last_attempt=0):
   wd.atomic_write_json(wd.path(workdir, ACCEPTANCE_JSON), report)
   wd.atomic_write_bytes(wd.path(workdir, ACCEPTANCE_PNG), acceptance.plot_png(
       report, acceptance.final_rows(rows, last_attempt)))
+  spectrum_grid.write_scored_grids(
+      workdir, acceptance.final_rows(rows, last_attempt), wd.read_jsonl(wd.path(workdir, wd.HARD)),
+      SourceImages(datasets.load(config.data)).image, threshold, config.diffusion.grid_sources)
   overall = report["overall"]
   logging.info("score: accepted %d of %d scored images (threshold %s); %d unreadable",
                overall["accepted"], overall["scored"], threshold, overall["errors"])

@@ -1,18 +1,26 @@
 """Orbax checkpoints: train state, curriculum state, data iterator and run meta together.
 
-One checkpoint per step id (the global train step) holds the items
+One checkpoint per global train step (its directory name) holds the items
   "state"       the TrainState pytree,
   "curriculum"  the CurriculumState pytree (JSON: small, may hold empty arrays),
   "data_iter"   the grain iterator state of the epoch in progress,
   "plan"        that epoch's picks (so a mid-epoch resume replays the same epoch),
   "meta"        JSON: next epoch, batches done in it, level, phase, best-so-far.
+and, for the checkpoint at an epoch's end, orbax's "metrics" item: the value
+the best epoch is chosen on. Retention keeps the newest `max_to_keep`
+checkpoints and, beside them, the best epoch's (the weights report.md
+describes), so rotation never deletes the reported model.
 Saves are asynchronous; orbax finalises a checkpoint atomically, so a killed
-run restores the last complete one. SIGTERM and orbax's multi-host preemption
-notice both make `preempted(step)` true so the loop can save and stop.
+run restores the last complete one, and a damaged one (torn, partly deleted)
+is moved aside with a warning for the previous intact one. SIGTERM, SIGINT
+(Ctrl-C) and orbax's multi-host preemption notice all make `preempted(step)`
+true so the loop can save and stop.
 """
 
+import hashlib
 import pathlib
 import signal
+import time
 
 import grain
 import jax
@@ -23,42 +31,98 @@ from absl import logging
 from discl_jax.train import import_torch
 
 ITEMS = ("state", "curriculum", "data_iter", "plan", "meta")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+NOT_AN_EPOCH_END = -1.0  # the selection value of a mid-epoch checkpoint: below any accuracy
+
+
+def selection_key(metrics):
+  """Returns the sort key of a checkpoint's metrics: higher value, then earlier step, is better."""
+  return (float(metrics["value"]), -int(metrics["step"]))
+
+
+def _options(max_to_keep, enable_async=True, read_only=False):
+  keep = ocp.checkpoint_managers
+  policy = keep.AnyPreservationPolicy([
+      keep.LatestN(n=max_to_keep),
+      keep.BestN(get_metric_fn=selection_key, n=1, keep_checkpoints_without_metrics=False)])
+  return ocp.CheckpointManagerOptions(
+      create=not read_only, read_only=read_only, enable_async_checkpointing=enable_async,
+      best_fn=selection_key, best_mode="max",
+      preservation_policy=None if read_only else policy)
 
 
 class Checkpointer:
   """Saves and restores the loop's checkpoints under `directory`."""
 
   def __init__(self, directory, max_to_keep=2, enable_async=True):
+    if max_to_keep < 1:
+      raise ValueError(f"train.keep_checkpoints={max_to_keep}: keep at least 1 checkpoint")
     self.directory = pathlib.Path(directory).absolute()
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True,
-        enable_async_checkpointing=enable_async)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
-    self._sigterm = False
-    self._previous_handler = None
+    self.manager = ocp.CheckpointManager(self.directory,
+                                         options=_options(max_to_keep, enable_async))
+    self._stop_signal = None
+    self._previous_handlers = {}
 
   def watch_sigterm(self):
-    """Makes SIGTERM (a preemption notice) set the preempted flag; returns self."""
+    """Makes SIGTERM or SIGINT set the preempted flag; returns self.
+
+    A second SIGINT interrupts at once. The calling (main) thread also blocks
+    both signals until `close`, so the data loader's worker processes it
+    starts inherit the block: a signal to the whole process group (a
+    scheduler, Ctrl-C) leaves them running until the loop has saved and
+    closed them, instead of killing them under a main process that then
+    waits for their batches forever.
+    """
     def handler(signum, frame):
-      del signum, frame
-      logging.warning("SIGTERM received: will checkpoint and stop at the next step")
-      self._sigterm = True
+      name = signal.Signals(signum).name
+      if self._stop_signal is not None and signum == signal.SIGINT:
+        raise KeyboardInterrupt
+      logging.warning("%s received: will checkpoint and stop at the next step", name)
+      self._stop_signal = name
     try:
-      self._previous_handler = signal.signal(signal.SIGTERM, handler)
-    except ValueError:
-      self._previous_handler = None
+      for signum in STOP_SIGNALS:
+        self._previous_handlers[signum] = signal.signal(signum, handler)
+    except ValueError:  # not the main thread: the caller handles signals
+      return self
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     return self
 
   def preempted(self, step):
     """Returns True when this run should checkpoint at `step` and stop."""
-    return self._sigterm or self.manager.reached_preemption(int(step))
+    if self._stop_signal is None and self._previous_handlers:
+      pending = signal.sigtimedwait(STOP_SIGNALS, 0)  # one no thread took (all block it)
+      if pending is not None:
+        self._stop_signal = signal.Signals(pending.si_signo).name
+        logging.warning("%s received: will checkpoint and stop at the next step",
+                        self._stop_signal)
+    return self._stop_signal is not None or self.manager.reached_preemption(int(step))
 
   def latest_step(self):
     """Returns the newest complete checkpoint's step, or None."""
     return self.manager.latest_step()
 
-  def save(self, step, *, state, curriculum, data_iter, picks, meta):
-    """Starts an async save of everything at `step`; returns None."""
+  def best_step(self):
+    """Returns the step of the best epoch-end checkpoint kept, or None."""
+    return best_step(self.manager)
+
+  def all_steps(self):
+    """Returns the steps of every checkpoint kept, oldest first."""
+    return sorted(self.manager.all_steps())
+
+  def save(self, step, *, state, curriculum, data_iter, picks, meta, selection_value=None):
+    """Starts an async save of everything at `step`; returns None.
+
+    `selection_value` (the epoch's `{select_split}/{select_metric}`) marks an
+    epoch-end checkpoint that may be kept as the best; None marks a mid-epoch one.
+    An existing checkpoint at `step` (an epoch that took no step) is replaced.
+    """
+    step = int(step)
+    if step in self.manager.all_steps():
+      self.manager.wait_until_finished()
+      self.manager.delete(step)
+    end = selection_value is not None
+    value = float(selection_value) if end and np.isfinite(selection_value) else NOT_AN_EPOCH_END
+    metrics = {"value": value, "step": step, "epoch_end": end}
     args = dict(
         state=ocp.args.StandardSave(state),
         curriculum=ocp.args.JsonSave(tree_to_json(curriculum)),
@@ -66,7 +130,45 @@ class Checkpointer:
         meta=ocp.args.JsonSave(meta))
     if data_iter is not None:
       args["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
-    self.manager.save(int(step), args=ocp.args.Composite(**args), force=True)
+    self.manager.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=True)
+
+  def restore_latest(self, state_target, curriculum_target):
+    """Returns (step, meta, picks, train state, curriculum state) of the newest intact checkpoint.
+
+    Returns None when there is no checkpoint. A checkpoint that fails to
+    restore (torn, partly deleted) is moved aside to `<step>.damaged-<time>`
+    with a warning and the previous one is tried; ValueError when none restores.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    damaged = []
+    for step in steps:
+      try:
+        meta, picks = self.restore_meta(step)
+        if meta.get("mid_epoch") and not self.has_item(step, "data_iter"):
+          raise FileNotFoundError("item 'data_iter' of a mid-epoch checkpoint is missing")
+        state, curriculum = self.restore_states(step, state_target, curriculum_target)
+      except Exception as e:  # pylint: disable=broad-except
+        damaged.append((step, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+        continue
+      for bad, reason in damaged:
+        moved = self._move_aside(bad)
+        logging.warning("checkpoint %s is damaged (%s); moved it to %s and resumed from "
+                        "checkpoint %d", self.directory / str(bad), reason, moved, step)
+      return step, meta, picks, state, curriculum
+    if damaged:
+      listing = "; ".join(f"{step}: {reason}" for step, reason in damaged)
+      raise ValueError(f"no checkpoint in {self.directory} restores ({listing}); delete "
+                       "that directory to train from the start")
+    return None
+
+  def _move_aside(self, step):
+    """Renames checkpoint `step` so orbax no longer lists it; returns the new path."""
+    source = self.directory / str(step)
+    target = source.with_name(f"{step}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    if jax.process_index() == 0 and source.exists():
+      source.rename(target)
+    self.manager.reload()
+    return target
 
   def restore_meta(self, step):
     """Returns the meta dict and the epoch's picks of checkpoint `step`."""
@@ -102,12 +204,14 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def close(self):
-    """Finishes pending saves, restores the SIGTERM handler; returns None."""
+    """Finishes pending saves, restores the signal handlers and mask; returns None."""
     self.manager.wait_until_finished()
     self.manager.close()
-    if self._previous_handler is not None:
-      signal.signal(signal.SIGTERM, self._previous_handler)
-      self._previous_handler = None
+    if self._previous_handlers:
+      signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # delivers a pending one here
+      for signum, previous in self._previous_handlers.items():
+        signal.signal(signum, previous)
+      self._previous_handlers = {}
 
 
 def tree_to_json(tree):
@@ -146,26 +250,80 @@ def restore_host(path):
   return handler.restore(item, args=ocp.args.StandardRestore(target))
 
 
-def load_variables(path, target):
-  """Returns {"params", "batch_stats"} from the train checkpoint at `path`.
+def best_step(manager):
+  """Returns the step of `manager`'s best epoch-end checkpoint, or None when it has none."""
+  ends = [(selection_key(m), step) for step in manager.all_steps()
+          if (m := manager.metrics(step)) is not None and m.get("epoch_end")]
+  return max(ends)[1] if ends else None
 
-  `path` is a checkpoint directory of this project (the newest step is used),
-  one step directory inside it, or that step's "state" item; or a PyTorch
-  ResNet checkpoint file (`import_torch`). Shapes must match `target` (a
-  TrainState); a mismatch raises ValueError naming the leaves.
+
+def state_item(path):
+  """Returns the "state" item directory `train.init_checkpoint=path` names.
+
+  `path` is a workdir of this project or its checkpoint directory (the best
+  epoch's checkpoint is used; the newest when none is marked), one step
+  directory inside it, or that step's "state" item.
   """
   path = pathlib.Path(path).absolute()
   if not path.exists():
     raise FileNotFoundError(f"train.init_checkpoint {str(path)!r} does not exist")
-  if path.is_file():
-    return import_torch.load_variables(path, target)
+  if (path / "ckpt").is_dir():
+    path = path / "ckpt"
   if (path / "state").is_dir():
-    path = path / "state"
-  elif not (path / "_METADATA").exists() and not (path / "_CHECKPOINT_METADATA").exists():
-    steps = sorted((int(p.name) for p in path.iterdir() if p.name.isdigit()), reverse=True)
-    if not steps:
-      raise ValueError(f"train.init_checkpoint {str(path)!r} holds no checkpoint")
-    path = path / str(steps[0]) / "state"
+    return path / "state"
+  if (path / "_METADATA").exists() or (path / "_CHECKPOINT_METADATA").exists():
+    return path
+  steps = sorted((int(p.name) for p in path.iterdir() if p.name.isdigit()), reverse=True)
+  if not steps:
+    raise ValueError(f"train.init_checkpoint {str(path)!r} holds no checkpoint")
+  manager = ocp.CheckpointManager(path, options=_options(None, read_only=True))
+  try:
+    chosen = best_step(manager)
+  finally:
+    manager.close()
+  return path / str(steps[0] if chosen is None else chosen) / "state"
+
+
+def init_checkpoint_sha256(path):
+  """Returns the content hash of what `train.init_checkpoint=path` loads (`state_item`).
+
+  A file, or a directory that holds no checkpoint of ours, counts as a whole.
+  """
+  path = pathlib.Path(path)
+  if path.is_dir():
+    try:
+      path = state_item(path)
+    except ValueError:
+      pass
+  return content_sha256(path)
+
+
+def content_sha256(path):
+  """Returns the sha256 hex digest of the file `path`, or of every file under it
+  (relative names and bytes)."""
+  digest = hashlib.sha256()
+  root = pathlib.Path(path)
+  if not root.exists():
+    raise FileNotFoundError(f"{str(root)!r} does not exist")
+  files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+  for item in files:
+    digest.update(str(item.relative_to(root) if item != root else "").encode("utf-8") + b"\0")
+    with open(item, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
+  return digest.hexdigest()
+
+
+def load_variables(path, target):
+  """Returns {"params", "batch_stats"} from the train checkpoint `path` names (`state_item`),
+  or from a PyTorch ResNet checkpoint file (`import_torch`).
+
+  Shapes must match `target` (a TrainState); a mismatch raises ValueError
+  naming the leaves.
+  """
+  if pathlib.Path(path).is_file():
+    return import_torch.load_variables(pathlib.Path(path).absolute(), target)
+  path = state_item(path)
   restored = restore_host(path)
   variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
   wanted = {"params": target.params, "batch_stats": target.batch_stats}

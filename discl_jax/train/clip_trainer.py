@@ -78,8 +78,12 @@ class ClipTrainer:
     self._zero_shot = None
     self._eval_cache = (None, None)
 
-  def initial_state(self):
-    """Returns the replicated initial TrainState: the loaded (zero-shot) CLIP weights."""
+  def initial_state(self, load_init=True):
+    """Returns the replicated initial TrainState: the loaded (zero-shot) CLIP weights.
+
+    Loaded on resume as well (`load_init` is ignored): WiSE-FT needs them.
+    """
+    del load_init
     state = flyp.create_state(self.models.params, self.tx)
     state = parallel.put_replicated(state, self.mesh)
     if self.wise_ft_alpha < 1.0:

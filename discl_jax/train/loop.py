@@ -4,8 +4,10 @@
 images, builds the curriculum, and per epoch: plans the epoch's samples, trains
 on them with the jitted step, evaluates on the `eval.splits` (long-tail: val
 and test; iWildCam: id_val, id_test, val, test), appends a row to
-`metrics.jsonl` (and TensorBoard under `tb/`) and checkpoints. A killed run
-resumes from the latest checkpoint to the same result as an uninterrupted one.
+`metrics.jsonl` (and TensorBoard under `tb/`) and checkpoints (named by the
+global step; also every `train.checkpoint_every_steps` steps inside an epoch).
+A killed run resumes from the latest checkpoint to the same result as an
+uninterrupted one; a resumed run does not load `train.init_checkpoint` again.
 The best epoch is chosen on `{eval.select_split}/{eval.select_metric}` (a
 validation split, never a test split); its numbers on every split are reported.
 
@@ -27,6 +29,8 @@ from absl import logging
 
 from discl_jax import config as config_lib
 from discl_jax import parallel
+from discl_jax import progress
+from discl_jax import provenance
 from discl_jax import seeding
 from discl_jax import workdir as wd
 from discl_jax import curriculum
@@ -37,6 +41,7 @@ from discl_jax.data import spectrum_store
 from discl_jax.data import transforms
 from discl_jax.evaluation import metrics as metrics_lib
 from discl_jax.evaluation import sharded_predict
+from discl_jax.evaluation import report
 from discl_jax.scoring import acceptance
 from discl_jax.models import resnet
 from discl_jax.train import checkpoint as checkpoint_lib
@@ -47,7 +52,7 @@ from discl_jax.train import state as state_lib
 from discl_jax.train import steps as steps_lib
 
 SELECT_METRICS = ("all", "macro_f1", "many", "medium", "few")
-_STRIDE = 1_000_000  # checkpoint ids: end of epoch e-1 = e * _STRIDE, mid-epoch e after batch i = that + i
+_SEGMENT_SEEDS = 1_000_000  # a stream segment's loader seed: epoch * this + its first batch
 
 
 @dataclasses.dataclass
@@ -58,6 +63,32 @@ class Data:
   synthetic: object
   groups: np.ndarray
   spec: object
+  accepted_ids: tuple = ()
+
+
+TRAIN_OUTPUTS = (wd.CKPT, wd.METRICS, wd.TRAIN_RESULT, wd.PREDICTIONS, wd.TENSORBOARD)
+
+
+def spectrum_root(config, workdir):
+  """Returns the spectrum directory training reads: `data.spectrum_dir`, else workdir/spectrum.
+
+  Raises FileNotFoundError when `data.spectrum_dir` is set and is not a directory.
+  """
+  if not config.data.spectrum_dir:
+    return wd.path(workdir, wd.SPECTRUM)
+  root = pathlib.Path(config.data.spectrum_dir)
+  if not root.is_dir():
+    raise FileNotFoundError(f"data.spectrum_dir {str(root)!r} is not a directory (give "
+                            f"another workdir's {wd.SPECTRUM}/ folder)")
+  return root
+
+
+def hard_path(config, workdir):
+  """Returns workdir/hard.jsonl, or the one beside `data.spectrum_dir` when this workdir has none."""
+  own = wd.path(workdir, wd.HARD)
+  if own.exists() or not config.data.spectrum_dir:
+    return own
+  return pathlib.Path(config.data.spectrum_dir).parent / wd.HARD
 
 
 def accepted_rows(config, workdir):
@@ -66,7 +97,7 @@ def accepted_rows(config, workdir):
   Raises FileNotFoundError / ValueError naming the stage to run when the
   curriculum has no spectrum, no scores or no accepted image to train on.
   """
-  root = wd.path(workdir, wd.SPECTRUM)
+  root = spectrum_root(config, workdir)
   rows = spectrum_store.SpectrumStore(root).rows() if root.is_dir() else []
   accepted = acceptance.accepted_rows(rows, config.score.threshold,
                                       acceptance.max_attempt(config.score))
@@ -74,6 +105,28 @@ def accepted_rows(config, workdir):
     acceptance.raise_nothing_accepted(rows, config.score.threshold, root,
                                       config.curriculum.schedule)
   return accepted
+
+
+def train_fingerprint(config, workdir, accepted_ids):
+  """Returns the provenance fingerprint of a training run (`provenance.STAGE_KEYS["train"]`).
+
+  Adds the content hash of `train.init_checkpoint`, the accepted synthetic set
+  (count and a hash of its job ids) and the fingerprints of the spectrum it
+  comes from (generation and score).
+  """
+  out = provenance.fingerprint(config, "train")
+  if config.train.init_checkpoint:
+    out["train.init_checkpoint_sha256"] = checkpoint_lib.init_checkpoint_sha256(
+        config.train.init_checkpoint)
+  ids = sorted(accepted_ids)
+  out["synthetic.accepted"] = len(ids)
+  out["synthetic.accepted_sha256"] = provenance.sha256_bytes("\n".join(ids))
+  if ids:
+    root = spectrum_root(config, workdir)
+    out["synthetic.generation"] = provenance.read_record(root / spectrum_store.GENERATION) or {}
+    scored = provenance.read_record(root / spectrum_store.SCORE_PROVENANCE) or {}
+    out["synthetic.score"] = scored.get("fingerprint", {})
+  return out
 
 
 def load_data(config, workdir):
@@ -90,15 +143,16 @@ def load_data(config, workdir):
   real_only = config.curriculum.schedule in curriculum.REAL_ONLY_SCHEDULES
   rows = [] if real_only else accepted_rows(config, workdir)
   synthetic = (spectrum_store.to_labeled_images(
-      rows, train.class_names, wd.path(workdir, wd.SPECTRUM)) if rows else None)
-  hard_rows = wd.read_jsonl(wd.path(workdir, wd.HARD))
+      rows, train.class_names, spectrum_root(config, workdir)) if rows else None)
+  hard_rows = wd.read_jsonl(hard_path(config, workdir))
   hard_ids = {row["source_id"] for row in hard_rows} if hard_rows else None
   spec = curriculum.CurriculumSpec.from_config(
       config.curriculum, train=train, groups=groups, synthetic_rows=rows,
       seed=config.seed, hard_ids=hard_ids,
       rows_per_image=len(config.train.clip_templates) if config.train.model == "clip" else 1)
   return Data(train=train, eval_splits={name: splits[name] for name in eval_names},
-              synthetic=synthetic, groups=groups, spec=spec)
+              synthetic=synthetic, groups=groups, spec=spec,
+              accepted_ids=tuple(str(row["job_id"]) for row in rows))
 
 
 def check_eval_splits(eval_config, splits, data_name="data"):
@@ -156,12 +210,13 @@ class Trainer:
     del sources, epoch
     return {"image": batch["image"], "label": batch["label"]}
 
-  def initial_state(self):
-    """Returns the replicated initial TrainState (from `train.init_checkpoint` if set)."""
+  def initial_state(self, load_init=True):
+    """Returns the replicated initial TrainState (from `train.init_checkpoint` if set
+    and `load_init`; a resumed run's checkpoint replaces it anyway)."""
     # RBG keys: XLA-CPU compiles a threefry ResNet init ~10x slower.
     rng = jax.random.key(seeding.stable_hash("train/init", self.config.seed), impl="rbg")
     state = state_lib.create(self.model, self.tx, rng, self.config.data.image_size)
-    if self.config.train.init_checkpoint:
+    if self.config.train.init_checkpoint and load_init:
       variables = checkpoint_lib.load_variables(self.config.train.init_checkpoint, state)
       state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
                             opt_state=self.tx.init(variables["params"]))
@@ -219,22 +274,28 @@ def train_and_evaluate(config, workdir):
   tc = config.train
   mesh = parallel.make_mesh(config.mesh.shape)
   data = load_data(config, workdir)
+  provenance.check_stage(
+      workdir, "train", config, train_fingerprint(config, workdir, data.accepted_ids),
+      target=wd.path(workdir, wd.PROVENANCE % "train"),
+      outputs=[wd.path(workdir, name) for name in TRAIN_OUTPUTS])
   sources = [data.train] + ([data.synthetic] if data.synthetic is not None else [])
   trainer = make_trainer(config, data, mesh, workdir)
+  trainer.train_step = progress.first_call_notice(trainer.train_step, "the train step")
   select_key = f"{config.eval.select_split}/{config.eval.select_metric}"
   ckpt = checkpoint_lib.Checkpointer(wd.path(workdir, wd.CKPT), tc.keep_checkpoints).watch_sigterm()
   main = wd.is_main_process()
 
-  state = trainer.initial_state()
+  resuming = ckpt.latest_step() is not None
+  state = trainer.initial_state(load_init=not resuming)
   cstate = data.spec.initial_state()
   meta = {"epoch": 0, "batches_done": 0, "segment_start": 0, "mid_epoch": False,
           "best_epoch": -1, "best_val": -1.0,
           "best": {}, "plan": None, "epoch_loss_sum": 0.0, "epoch_acc_sum": 0.0}
   resume_picks = None
-  latest = ckpt.latest_step()
-  if latest is not None:
-    meta, resume_picks = ckpt.restore_meta(latest)
-    state, cstate = ckpt.restore_states(latest, state, cstate)
+  latest = None
+  restored = ckpt.restore_latest(state, cstate) if resuming else None
+  if restored is not None:
+    latest, meta, resume_picks, state, cstate = restored
     logging.info("resumed from checkpoint %d: epoch %d, batch %d", latest,
                  meta["epoch"], meta["batches_done"])
   metrics_path = wd.path(workdir, wd.METRICS)
@@ -278,7 +339,7 @@ def train_and_evaluate(config, workdir):
       else:
         iterator = iter(pipeline.train_loader(
             sources, picks, image_size=trainer.image_size, batch_size=tc.batch_size,
-            seed=config.seed, epoch=epoch * _STRIDE + segment_start if stream else epoch,
+            seed=config.seed, epoch=epoch * _SEGMENT_SEEDS + segment_start if stream else epoch,
             shuffle=not stream, augment=config.data.augment, shard=shard,
             num_workers=config.data.num_workers, on_bad_image=config.data.on_bad_image,
             mean=trainer.mean, std=trainer.std, recipe=transforms.recipe_for(tc.model)))
@@ -291,7 +352,9 @@ def train_and_evaluate(config, workdir):
       sums = {"loss": np.float32(meta["epoch_loss_sum"]),
               "accuracy": np.float32(meta["epoch_acc_sum"])}
       if meta["batches_done"] == 0 or mid_epoch:  # a stream epoch spans several segments
-        started = time.time()
+        started, first_batch = time.time(), batch_index
+      train_bar = progress.bar(num_steps * tc.batch_size, f"epoch {epoch} ({epoch + 1}/{tc.epochs})",
+                               initial=batch_index * tc.batch_size)
       for batch in iterator if iterator is not None else ():
         if batch_index >= num_steps:
           break
@@ -300,18 +363,26 @@ def train_and_evaluate(config, workdir):
         state, step_metrics = trainer.train_step(state, parallel.put_batch(images, mesh), lr)
         sums = {k: sums[k] + step_metrics[k] for k in sums}
         batch_index += 1
+        train_bar.update(tc.batch_size)
         if writer is not None and step % tc.log_every_steps == 0:
           writer.add_scalar("train/step_loss", float(step_metrics["loss"]), step)
           writer.add_scalar("train/lr", lr, step)
         step += 1
-        if batch_index < epoch_steps and ckpt.preempted(step):
+        if batch_index >= epoch_steps:
+          continue  # the epoch-end checkpoint follows
+        preempted = ckpt.preempted(step)
+        if preempted or (tc.checkpoint_every_steps > 0 and step % tc.checkpoint_every_steps == 0):
           meta.update(epoch=epoch, batches_done=batch_index, segment_start=segment_start,
                       mid_epoch=True, plan=plan_summary,
                       epoch_loss_sum=float(sums["loss"]), epoch_acc_sum=float(sums["accuracy"]))
-          ckpt.save(epoch * _STRIDE + batch_index, state=state, curriculum=cstate,
-                    data_iter=iterator, picks=picks, meta=meta)
-          logging.warning("preempted: saved epoch %d after batch %d", epoch, batch_index)
+          ckpt.save(step, state=state, curriculum=cstate, data_iter=iterator, picks=picks,
+                    meta=meta)
+        if preempted:
+          train_bar.close()
+          logging.warning("preempted: saved epoch %d after batch %d (step %d)", epoch,
+                          batch_index, step)
           return {"preempted": True, "epoch": epoch, "batches_done": batch_index}
+      train_bar.close()
       meta.update(batches_done=batch_index, epoch_loss_sum=float(sums["loss"]),
                   epoch_acc_sum=float(sums["accuracy"]))
       if stream and batch_index < epoch_steps:  # the epoch goes on with the stream's next segment
@@ -336,14 +407,13 @@ def train_and_evaluate(config, workdir):
       if main:
         wd.append_jsonl(metrics_path, [row])
         _log_tb(writer, row)
-      logging.info("epoch %d: loss %.4f %s", epoch, row["loss"], " ".join(
-          f"{k} {row[k]:.3f}" for k in row if k.endswith(("/all", "/macro_f1"))))
-      logging.info("epoch %d: curriculum phase %s level %s", epoch,
-                   row.get("curriculum_phase"), row.get("curriculum_level"))
+      logging.info("%s", epoch_line(row, tc.epochs, data.eval_splits,
+                                    (batch_index - first_batch) * tc.batch_size,
+                                    time.time() - started))
       meta.update(epoch=epoch + 1, batches_done=0, segment_start=0, mid_epoch=False, plan=None,
                   epoch_loss_sum=0.0, epoch_acc_sum=0.0)
-      ckpt.save((epoch + 1) * _STRIDE, state=state, curriculum=cstate,
-                data_iter=iterator, picks=picks, meta=meta)
+      ckpt.save(int(state.step), state=state, curriculum=cstate, data_iter=iterator,
+                picks=picks, meta=meta, selection_value=row[select_key])
       epoch += 1
     result = {"epochs": tc.epochs, "best_epoch": meta["best_epoch"],
               "selected_on": select_key, **meta["best"]}
@@ -354,6 +424,19 @@ def train_and_evaluate(config, workdir):
     ckpt.close()
     if writer is not None:
       writer.close()
+
+
+def epoch_line(row, epochs, split_names, images, seconds):
+  """Returns the log line of one finished epoch: loss, Many / Medium / Few / All (%) per
+  split, the curriculum phase and level, seconds and training images/s."""
+  groups = " ".join(
+      f"{name} " + " ".join(f"{group.capitalize()} {100 * row.get(f'{name}/{group}', float('nan')):.1f}"
+                            for group in ("many", "medium", "few", "all")) + " %"
+      for name in split_names)
+  train_seconds = row.get("epoch_seconds", seconds)
+  return (f"epoch {row['epoch']} ({row['epoch'] + 1}/{epochs}): loss {row['loss']:.4f} | "
+          f"{groups} | {row.get('curriculum_phase', '-')} level {report.level_label(row)} | "
+          f"{seconds:.1f} s ({images / max(train_seconds, 1e-9):.0f} img/s training)")
 
 
 def _json_line(row):

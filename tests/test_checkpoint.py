@@ -1,0 +1,90 @@
+"""Checkpoint retention (the best epoch survives rotation), init from a run, damaged fallback."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from discl_jax.train import checkpoint as checkpoint_lib
+
+_META = {"epoch": 1, "batches_done": 0, "mid_epoch": False}
+
+
+def _state(value):
+  return {"w": jnp.full((3,), value, jnp.float32), "b": jnp.zeros((2,), jnp.float32)}
+
+
+def _curriculum():
+  return {"gains": np.zeros((2,), np.float32)}
+
+
+def _save(ckpt, step, value, selection_value):
+  ckpt.save(step, state=_state(value), curriculum=_curriculum(), data_iter=None,
+            picks=np.zeros((4, 2), np.int64), meta=dict(_META, value=value),
+            selection_value=selection_value)
+
+
+def _filled(directory, values, keep=2):
+  """Saves epoch ends (step, selection value) in order; returns the Checkpointer."""
+  ckpt = checkpoint_lib.Checkpointer(directory, keep, enable_async=False)
+  for step, selection in values:
+    _save(ckpt, step, float(step), selection)
+  ckpt.wait()
+  return ckpt
+
+
+def test_best_epoch_survives_rotation_and_init_takes_it(tmp_path):
+  # Epoch ends at steps 10..40 (val 0.5, 0.9, 0.3, 0.4) and a mid-epoch save at 35.
+  ckpt = _filled(tmp_path / "ckpt", [(10, 0.5), (20, 0.9), (30, 0.3), (35, None), (40, 0.4)])
+  assert ckpt.all_steps() == [20, 35, 40]
+  assert ckpt.best_step() == 20 and ckpt.latest_step() == 40
+  ckpt.close()
+  # A later process sees the same best; init_checkpoint=<workdir> takes the best epoch.
+  again = checkpoint_lib.Checkpointer(tmp_path / "ckpt", 2, enable_async=False)
+  assert again.best_step() == 20
+  again.close()
+  assert checkpoint_lib.state_item(tmp_path) == tmp_path / "ckpt" / "20" / "state"
+  assert checkpoint_lib.state_item(tmp_path / "ckpt" / "40") == tmp_path / "ckpt" / "40" / "state"
+  restored = checkpoint_lib.restore_host(checkpoint_lib.state_item(tmp_path))
+  np.testing.assert_array_equal(restored["w"], np.full(3, 20.0, np.float32))
+
+
+def test_ties_keep_the_earliest_best_epoch(tmp_path):
+  ckpt = _filled(tmp_path, [(5, 0.7), (10, 0.7), (15, 0.2), (20, 0.1)], keep=1)
+  assert ckpt.all_steps() == [5, 20] and ckpt.best_step() == 5
+  ckpt.close()
+
+
+@pytest.mark.parametrize("damage", ["delete_item", "truncate_files"])
+def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path, damage, caplog):
+  ckpt = _filled(tmp_path, [(10, 0.5), (20, 0.6)])
+  ckpt.close()
+  state_dir = tmp_path / "20" / "state"
+  if damage == "delete_item":
+    for item in sorted(state_dir.rglob("*"), reverse=True):
+      item.rmdir() if item.is_dir() else item.unlink()
+    state_dir.rmdir()
+  else:
+    for item in state_dir.rglob("*"):
+      if item.is_file():
+        item.write_bytes(item.read_bytes()[:7])
+  ckpt = checkpoint_lib.Checkpointer(tmp_path, 2, enable_async=False)
+  with caplog.at_level("WARNING"):
+    step, meta, _, state, _ = ckpt.restore_latest(_state(0.0), _curriculum())
+  assert step == 10 and meta["value"] == 10.0
+  np.testing.assert_array_equal(np.asarray(state["w"]), np.full(3, 10.0, np.float32))
+  assert "checkpoint" in caplog.text and "is damaged" in caplog.text
+  assert ckpt.all_steps() == [10]
+  assert [p.name.startswith("20.damaged-") for p in tmp_path.iterdir() if p.name != "10"] == [True]
+  # Training goes on past the damaged step.
+  _save(ckpt, 20, 20.0, 0.6)
+  ckpt.close()
+
+
+def test_no_intact_checkpoint_is_a_clear_error(tmp_path):
+  ckpt = _filled(tmp_path, [(10, 0.5)])
+  for item in (tmp_path / "10" / "state").rglob("*"):
+    if item.is_file():
+      item.write_bytes(b"")
+  with pytest.raises(ValueError, match="no checkpoint in .* restores .*delete that directory"):
+    ckpt.restore_latest(_state(0.0), _curriculum())
+  ckpt.close()
