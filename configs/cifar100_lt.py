@@ -1,4 +1,4 @@
-# CIFAR100-LT with ResNet-32 (DESIGN.md 1.6). Variants pick imbalance, schedule and loss:
+# CIFAR100-LT with ResNet-32 (docs/design.md 1.6). Variants pick imbalance, schedule and loss:
 #   discl --config=configs/cifar100_lt.py:ir=100 --workdir=runs/c100lt_ir100
 #   discl --config=configs/cifar100_lt.py:ir=50,schedule=none,loss=balanced_softmax --workdir=runs/c100lt_bs
 #   discl --config=configs/cifar100_lt.py:ir=100,runlocal --workdir=/tmp/smoke
@@ -37,10 +37,10 @@ def get_config(arg=None):
   c.diffusion.resolution = 512  # 32x32 inputs: too small for the UNet's down-sampling
   c.diffusion.source_upsample = 128
   c.curriculum.levels = (0.5, 0.6, 0.7, 0.8, 0.9)
-  c.train.require_init_checkpoint = True  # DESIGN.md §6: DisCL fine-tunes a long-tail base
+  c.train.require_init_checkpoint = True  # docs/design.md §6: DisCL fine-tunes a long-tail base
   if arg.base:
     config_lib.reference_base_recipe(c)
-  c.curriculum.tail_fill = "pooled"  # the reference's one tail pool (DESIGN.md §6)
+  c.curriculum.tail_fill = "pooled"  # the reference's one tail pool (docs/design.md §6)
 
   if arg.runlocal:
     config_lib.smoke_sized(c)

@@ -1,4 +1,4 @@
-# ImageNet-LT with ResNet-10, the paper's main long-tail table (DESIGN.md 1.5-1.7).
+# ImageNet-LT with ResNet-10, the paper's main long-tail table (docs/design.md 1.5-1.7).
 # Needs ImageNet images under data.root and the ImageNet-LT split files:
 #   discl --config=configs/imagenet_lt.py --workdir=runs/inlt \
 #     --config.data.root=/data/imagenet --config.data.train_list=/data/ImageNet_LT_train.txt \
@@ -32,10 +32,10 @@ def get_config(arg=None):
   c.prompts.description_format = "a 8k real photo: {d}"
   config_lib.paper_longtail_recipe(c, model="resnet10", loss=arg.loss, schedule=arg.schedule)
   config_lib.reference_generator(c, arg.sd)
-  c.train.require_init_checkpoint = True  # DESIGN.md §6: DisCL fine-tunes a long-tail base
+  c.train.require_init_checkpoint = True  # docs/design.md §6: DisCL fine-tunes a long-tail base
   if arg.base:
     config_lib.reference_base_recipe(c)
-  c.curriculum.tail_fill = "pooled"  # the reference's one tail pool (DESIGN.md §6)
+  c.curriculum.tail_fill = "pooled"  # the reference's one tail pool (docs/design.md §6)
 
   if arg.runlocal:
     config_lib.smoke_sized(c)

@@ -1,8 +1,8 @@
-# WILDS iWildCam, the paper's low-quality task (DESIGN.md 1.1, 1.5, 1.6): CLIP ViT-B/16,
+# WILDS iWildCam, the paper's low-quality task (docs/design.md 1.1, 1.5, 1.6): CLIP ViT-B/16,
 # FLYP fine-tuning, adaptive curriculum. Needs the WILDS v2.0 layout (images in train/
 # beside metadata.csv, categories.csv) plus FLYP's labels.csv (y,name,english: the common
 # names for captions and prompts) beside metadata.csv (data.metadata_csv).
-# Two steps, as the reference (DESIGN.md §6): the hard images are those a model trained
+# Two steps, as the reference (docs/design.md §6): the hard images are those a model trained
 # on iWildCam gets wrong on the train split (about 6 %), so first the FLYP baseline, then
 # DisCL from its checkpoint (a DisCL schedule without hard.model_checkpoint is refused):
 #   discl --config=configs/iwildcam.py:schedule=none --workdir=runs/flyp \
@@ -58,7 +58,7 @@ def get_config(arg=None):
   c.curriculum.schedule = arg.schedule
   c.curriculum.levels = (0.5, 0.6, 0.7, 0.8, 0.9)
   c.curriculum.curriculum_epochs = 15
-  # DoCL as the reference (DESIGN.md §6): uniform phases of 30,000 real image-caption rows,
+  # DoCL as the reference (docs/design.md §6): uniform phases of 30,000 real image-caption rows,
   # synthetic phases of every accepted row at g* plus the non-hard real images, 2,000
   # validation images with every level.
   c.curriculum.uniform_rows = 30_000

@@ -209,7 +209,7 @@ def _check_keys(config, schema, prefix):
 
 
 def reference_generator(config, model=SDXL_REFINER):
-  """Returns `config` with the reference's generation settings (DESIGN.md §1.3, §5) for `model`.
+  """Returns `config` with the reference's generation settings (docs/design.md §1.3, §5) for `model`.
 
   Euler, 50 steps, text guidance 10, strengths 0.1 ... 1.0, 8 seeds per level,
   no negative prompt, aesthetic scores 6.0 / 2.5 (SDXL refiner), each input at
@@ -230,7 +230,7 @@ def reference_generator(config, model=SDXL_REFINER):
 
 
 def paper_longtail_recipe(config, *, model, loss, schedule):
-  """Returns `config` with the paper's long-tail training recipe set (DESIGN.md 1.5-1.6).
+  """Returns `config` with the paper's long-tail training recipe set (docs/design.md 1.5-1.6).
 
   Adam 1e-3, weight decay 1e-5, batch 128, 65 epochs of which the first 60 run
   the curriculum (levels 0.1 -> 0.3 -> 0.5), non-tail subsampled to 30 %;
@@ -255,7 +255,7 @@ def paper_longtail_recipe(config, *, model, loss, schedule):
 
 
 def reference_base_recipe(config):
-  """Returns `config` set to train the long-tail base classifier as the reference did (DESIGN.md §6).
+  """Returns `config` set to train the long-tail base classifier as the reference did (docs/design.md §6).
 
   SGD lr 0.1, Nesterov momentum 0.9, weight decay 2e-4, 5 warm-up epochs,
   x0.1 at epochs 60 and 80, 100 epochs, batch 128, mixup alpha 0.2; real

@@ -1,6 +1,6 @@
 """CPU self-attention cost at the small geometry's 32x32 level, before/after deferred normalisation.
 
-DESIGN.md ("Where CPU time goes"): one attention (batch 16, 4 heads, 1024 tokens,
+docs/design.md ("Where CPU time goes"): one attention (batch 16, 4 heads, 1024 tokens,
 head dim 16) costs ~0.47 s jitted in XLA:CPU against 0.056 s in PyTorch's fused
 `scaled_dot_product_attention`, most of it passes over the [B, H, T, T] score
 matrix. The idea measured here: normalise after the PV product (divide the

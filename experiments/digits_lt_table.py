@@ -5,7 +5,7 @@ r"""The digits-LT table: CE and BS, alone and with DisCL's schedules, over train
   python experiments/digits_lt_table.py --schedules=none,syn_to_real,resample   # a subset
 
 Protocol (the reference's: DisCL fine-tunes a model already trained on the
-long-tailed data, DESIGN.md 1.6), on the demo config (`configs/demo.py`):
+long-tailed data, docs/design.md 1.6), on the demo config (`configs/demo.py`):
   1. spectrum: the demo's hard -> prompts -> generate -> score, once, into
      WORKDIR/spectrum (shipped digit generator and digit CLIP, seed 0);
   2. base: for each loss and training seed, `--base_epochs` epochs on real

@@ -3,7 +3,7 @@ r"""The iWildCam table: FLYP and FLYP + DisCL (adaptive), ID / OOD macro-F1 over
   python experiments/iwildcam_table.py --set=data.metadata_csv=/data/iwildcam_v2.0/metadata.csv
   python experiments/iwildcam_table.py --config_arg=runlocal --seeds=0 --set=...   # smoke size
 
-Protocol (the reference's two steps, DESIGN.md §6), on `configs/iwildcam.py`:
+Protocol (the reference's two steps, docs/design.md §6), on `configs/iwildcam.py`:
   1. baseline: for each training seed, FLYP on the real data
      (`curriculum.schedule=none`);
   2. spectrum: the hard images are the train-split errors of the first seed's

@@ -368,7 +368,7 @@ def write_readme(out, summary):
       "= the digit CLIP's text tower, CLIPTokenizer, DDIM scheduler config); load with "
       "`discl_jax.diffusion.models.load_sd`. The UNet was trained with diffusers' Flax modules "
       "(tanh GELU, GroupNorm eps 1e-5): its config.json says `\"discl_numerics\": \"flax\"`, "
-      "so `load_sd` computes those functions for it (DESIGN.md §5.9).",
+      "so `load_sd` computes those functions for it (docs/design.md §5.9).",
       "- `clip/`: transformers layout (FlaxCLIPModel); load with `discl_jax.scoring.clip.load_clip`.",
       "",
       "## Quality",

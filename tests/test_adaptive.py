@@ -1,4 +1,4 @@
-"""The adaptive curriculum's phase stream (DESIGN.md §6): phase sizes in steps, the
+"""The adaptive curriculum's phase stream (docs/design.md §6): phase sizes in steps, the
 validation set's count, the progress window reset in each uniform phase, exact resume."""
 
 import math

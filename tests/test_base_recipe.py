@@ -22,7 +22,7 @@ def _train(**overrides):
 
 
 def test_step_schedule_with_epoch_warmup_is_the_reference_lambda():
-  # DESIGN.md §6: lr 0.1, x0.1 at epochs 60 and 80, 5 warm-up epochs, 100 epochs.
+  # docs/design.md §6: lr 0.1, x0.1 at epochs 60 and 80, 5 warm-up epochs, 100 epochs.
   train = _train(learning_rate=0.1, lr_schedule="step", lr_milestones=(60, 80), lr_decay=0.1,
                  warmup_epochs=5, epochs=100)
   steps_per_epoch = 10

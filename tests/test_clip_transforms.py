@@ -1,4 +1,4 @@
-"""CLIP's own transforms (FLYP / DisCL, DESIGN.md §6), on exact crop parameters."""
+"""CLIP's own transforms (FLYP / DisCL, docs/design.md §6), on exact crop parameters."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Curriculum schedules: epoch plans per DESIGN.md 1.5, the adaptive rule, fallbacks."""
+"""Curriculum schedules: epoch plans per docs/design.md 1.5, the adaptive rule, fallbacks."""
 
 import logging
 

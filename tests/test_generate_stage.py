@@ -128,7 +128,7 @@ def test_build_rows_and_resolution_policy():
   with pytest.raises(ValueError, match="'a'.*per seed index 0..2.*rerun the `prompts` stage"):
     jobs.build_rows(hard, {"a": "pa", "b": ["pb"] * 3}, (0.3,), 3)
   assert jobs.target_size(32, 32) == (32, 32)
-  # resolution 0: rounded down to a multiple of 8, as diffusers' image processor (DESIGN.md §5.3)
+  # resolution 0: rounded down to a multiple of 8, as diffusers' image processor (docs/design.md §5.3)
   assert jobs.target_size(270, 480) == (264, 480)
   assert jobs.target_size(375, 500) == (368, 496)
   assert jobs.target_size(270, 480, resolution=256, multiple=64) == (256, 448)

@@ -1,7 +1,7 @@
 """PyTorch ResNet checkpoints through train.init_checkpoint give PyTorch's logits.
 
 The PyTorch models are written here as plain torch.nn modules with the
-reference's architectures (DESIGN.md §6): the torchvision-style ResNet-10 that
+reference's architectures (docs/design.md §6): the torchvision-style ResNet-10 that
 LDMLR trains on ImageNet-LT (7x7/2 stem, 3x3/2 max pool padded 1, one basic
 block per stage, 1x1 projection shortcuts) and the CIFAR ResNet-32 (3x3 stem,
 5 blocks per stage, option-A zero-padding shortcuts). They are saved in the

@@ -55,7 +55,7 @@ def test_smoke_table_on_the_tiny_fixture_runs_both_steps_and_resumes(table, tmp_
   report = table.main(args, compile_cache=False)
   work = tmp_path / "work"
   # Step 2 took its hard set from the baseline's checkpoint, without "empty".
-  config = json.loads((work / "discl" / "seed0" / "config.json").read_text())
+  config = json.loads((work / "discl" / "seed0" / "config.json").read_text())["train"]
   assert config["hard"]["model_checkpoint"] == str(work / "baseline" / "seed0" / "ckpt")
   hard = [json.loads(l) for l in (work / "spectrum" / "hard.jsonl").read_text().splitlines()]
   assert all(r["class_name"] != "empty" for r in hard)

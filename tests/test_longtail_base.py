@@ -1,4 +1,4 @@
-"""The long-tail configs start from a base (DESIGN.md §6); `:base` trains one; text needs readable names."""
+"""The long-tail configs start from a base (docs/design.md §6); `:base` trains one; text needs readable names."""
 
 import json
 import pathlib

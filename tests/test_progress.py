@@ -25,7 +25,7 @@ def test_epoch_line_gives_groups_in_percent_and_seconds():
 def test_compiling_is_announced_once_per_name(caplog):
   calls = []
   step = progress.first_call_notice(lambda x: calls.append(x) or x, "a test step")
-  with caplog.at_level("INFO"):
+  with caplog.at_level("INFO", logger="absl"):  # absl may be at WARNING after flag parsing
     assert [step(1), step(2)] == [1, 2]
     progress.compiling("a test step")
   assert calls == [1, 2]

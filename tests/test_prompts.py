@@ -157,5 +157,5 @@ def test_a_store_made_under_another_prompt_choice_is_refused(tmp_path):
   store = spectrum_store.SpectrumStore(tmp_path, 0, 1)
   store.check_fingerprint(jobs.generation_fingerprint(config))
   config.prompts.choice = "per_seed"
-  with pytest.raises(ValueError, match=r"prompts\.choice: stored '<unset>', now 'per_seed'"):
+  with pytest.raises(ValueError, match=r"prompts\.choice is 'per_seed' now but was '<unset>'"):
     store.check_fingerprint(jobs.generation_fingerprint(config))

@@ -19,7 +19,7 @@ from discl_jax.diffusion import sampler
 from discl_jax.diffusion import schedules
 
 STEPS, GUIDANCE = 10, 10.0
-HEIGHT, WIDTH = 40, 56  # multiples of 8, not of 64 (DESIGN.md §5.11)
+HEIGHT, WIDTH = 40, 56  # multiples of 8, not of 64 (docs/design.md §5.11)
 STRENGTHS = (0.1, 0.5, 1.0)
 PROMPT = "a photo of the wild"
 
@@ -206,7 +206,7 @@ def test_sdxl_loading_flags_and_precision(torch_sdxl):
 
 
 def test_sdxl_first_sigma_per_strength():
-  """DESIGN.md §5.4: SDXL's Euler schedule, 50 steps, leading spacing, steps_offset 1."""
+  """docs/design.md §5.4: SDXL's Euler schedule, 50 steps, leading spacing, steps_offset 1."""
   schedule = schedules.make_schedule(models.SDXL_SCHEDULER_CONFIG, 50, "euler")
   assert schedule.timesteps[0] == 981 and schedule.timesteps[-1] == 1
   strengths = [round(0.1 * k, 1) for k in range(1, 11)]
@@ -285,7 +285,7 @@ def test_imagenet_lt_runlocal_with_tiny_refiner(tmp_path, tmp_path_factory):
   rows = spectrum_store.SpectrumStore(wd.path(str(workdir), wd.SPECTRUM)).rows()
   assert len(rows) == 3 * 2 and all("clip_text" in r for r in rows)
   shapes = {r["source_id"]: Image.open(workdir / wd.SPECTRUM / r["path"]).size for r in rows}
-  multiple = 8  # rounded down to a multiple of 8 (DESIGN.md §5.3)
+  multiple = 8  # rounded down to a multiple of 8 (docs/design.md §5.3)
   assert sorted(set(shapes.values())) == sorted(
       {(w // multiple * multiple, h // multiple * multiple) for h, w in sizes.values()})
 

@@ -290,8 +290,12 @@ def test_changed_key_on_a_finished_run_is_refused_and_names_it(runs):
   with pytest.raises(ValueError, match=r"curriculum\.schedule is 'none' now"):
     loop.train_and_evaluate(stored, full)
   stored = provenance.stored_config(full / "train.provenance.json")
-  stored.score.threshold = 0.6  # accepts none of the synthetic images
-  with pytest.raises(ValueError, match=r"score\.threshold is 0\.6 now.*synthetic\.accepted"):
+  stored.score.threshold = 0.6  # accepts none of the synthetic images: refused up front
+  with pytest.raises(ValueError, match=r"none of the \d+ scored spectrum images reaches "
+                                       r"score\.threshold=0\.6"):
+    loop.train_and_evaluate(stored, full)
+  stored.score.threshold = 0.05  # also accepts the images scored 0.1: another accepted set
+  with pytest.raises(ValueError, match=r"score\.threshold is 0\.05 now.*synthetic\.accepted"):
     loop.train_and_evaluate(stored, full)
   assert (full / "train_result.json").read_text() == result
 

@@ -14,7 +14,7 @@ from discl_jax.diffusion import unet as unet_lib
 
 torch = pytest.importorskip("torch", reason="PyTorch parity needs the torch extra")
 
-# Refiner-shaped (DESIGN.md §5.1) at tiny scale: Down/CrossAttn/CrossAttn/Down, transformer
+# Refiner-shaped (docs/design.md §5.1) at tiny scale: Down/CrossAttn/CrossAttn/Down, transformer
 # depth 2, linear projections, text_time with 5 micro-conditions (72 = 32 + 5 x 8).
 REFINER_UNET = dict(
     sample_size=8, in_channels=4, out_channels=4,

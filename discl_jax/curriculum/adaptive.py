@@ -1,6 +1,6 @@
 """The adaptive (DoCL-style) curriculum: a stream of phases counted in steps.
 
-As in the reference (DESIGN.md §6), within the curriculum epochs training is a
+As in the reference (docs/design.md §6), within the curriculum epochs training is a
 stream of alternating phases that runs across epoch boundaries:
   uniform    `uniform_rows` training rows of random real images (reference:
              30,000 image-caption rows; 0: every usable real image);

@@ -3,7 +3,7 @@
 Every epoch: the non-tail real images are subsampled to `nontail_fraction`
 (re-drawn each epoch), and the tail gets `tail_share` of the epoch's list.
 How the tail share is filled is `tail_fill`:
-  pooled     as the reference (DESIGN.md §6 "Sampling"): a synthetic epoch
+  pooled     as the reference (docs/design.md §6 "Sampling"): a synthetic epoch
              takes all real tail images plus draws from ONE pool of every
              accepted synthetic image at the epoch's level(s) over all tail
              classes (with replacement only when the pool is too small), so
@@ -58,7 +58,7 @@ def validation_set(hard, syn_sources, syn_levels, levels, count, seed):
   """Returns (real rows [V], synthetic rows [len(levels), V]) of the curriculum validation set.
 
   Candidates are hard real images that have at least one synthetic row at every
-  level; `count` of them in all (DESIGN.md §6: 2,000) are drawn deterministically
+  level; `count` of them in all (docs/design.md §6: 2,000) are drawn deterministically
   from `seed`, and for each level the lowest-numbered synthetic row of that image is used.
   """
   syn_sources = np.asarray(syn_sources)

@@ -6,7 +6,7 @@ goes to the earliest stages, as in the reference); every epoch from
   none         real images only, every image once per epoch (CE / BS baselines).
   resample     real images only, every epoch sampled as the other schedules'
                real epochs (non-tail subsampled, tail share held with real tail
-               images): the reference's `augment_type='baseline'` (DESIGN.md §6).
+               images): the reference's `augment_type='baseline'` (docs/design.md §6).
   syn_to_real  levels in order, then a real stage: 0.1 -> 0.3 -> 0.5 -> real
                (60 curriculum epochs: 15 each).
   real_to_syn  the reverse: real -> 0.5 -> 0.3 -> 0.1.

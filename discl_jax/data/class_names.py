@@ -5,7 +5,7 @@ Text is built from readable names only: a file-list dataset without
 WordNet ids such as n01440764), which would make prompts and CLIP texts read
 "a photo of 417"; `text_names` refuses them. A name with "/" lists
 alternatives, which read as "a or b" (the reference's ImageNet names,
-DESIGN.md §6 "Class names").
+docs/design.md §6 "Class names").
 """
 
 import csv

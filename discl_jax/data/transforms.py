@@ -3,7 +3,7 @@
 Two recipes, picked by the classifier (`recipe_for(train.model)`):
   resnet  train: random-resized-crop (area 0.35-1), horizontal flip, mild color
           jitter; eval: resize the shorter side and center-crop 0.875.
-  clip    CLIP's own (FLYP / DisCL, DESIGN.md §6): train RandomResizedCrop(size,
+  clip    CLIP's own (FLYP / DisCL, docs/design.md §6): train RandomResizedCrop(size,
           scale=(0.9, 1.0)) with bicubic resampling and nothing else; eval
           resize the shorter side to `size` (bicubic) and center-crop `size`,
           with torchvision's crop parameters and rounding.

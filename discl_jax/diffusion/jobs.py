@@ -5,7 +5,7 @@ image, the prompt, the strength and the per-level seed index. The sampler gets
 the source image (optionally first resized to a fixed `diffusion.source_size`)
 at a size whose sides are multiples of `multiple` (8 or the model's total
 down-sampling factor): at `resolution=0` its own size rounded down with a
-LANCZOS resize, as diffusers' image processor does (DESIGN.md §5.3), else
+LANCZOS resize, as diffusers' image processor does (docs/design.md §5.3), else
 scaled to that shorter side, aspect kept.
 """
 
@@ -120,7 +120,7 @@ def build_rows(hard_rows, prompt_by_source, strengths, seeds_per_level):
 def target_size(height, width, resolution=0, multiple=8):
   """Returns (height, width) for generation: multiples of `multiple`.
 
-  `resolution` 0: the input's own size rounded down (DESIGN.md §5.3);
+  `resolution` 0: the input's own size rounded down (docs/design.md §5.3);
   otherwise the shorter side becomes `resolution`, aspect kept (rounded).
   """
   height, width = int(height), int(width)

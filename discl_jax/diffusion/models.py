@@ -4,7 +4,7 @@
 directory or a hub id, with Flax msgpack weights (through the classes'
 `from_pretrained`) or PyTorch safetensors (converted in-process by
 `convert.py`, no torch). The family comes from `model_index.json`: SDXL base
-(two text encoders) and refiner (`text_encoder_2` only), DESIGN.md §5.1.
+(two text encoders) and refiner (`text_encoder_2` only), docs/design.md §5.1.
 `build_tiny` / `build_tiny_sdxl` write tiny random checkpoints in the same
 layouts; they load through exactly the same code.
 """
@@ -48,7 +48,7 @@ SD_SCHEDULER_CONFIG = {
     "prediction_type": "epsilon",
     "timestep_spacing": "leading",
 }
-# The scheduler config SDXL base and refiner 1.0 ship (Euler-discrete, DESIGN.md §5.4).
+# The scheduler config SDXL base and refiner 1.0 ship (Euler-discrete, docs/design.md §5.4).
 SDXL_SCHEDULER_CONFIG = {
     "_class_name": "EulerDiscreteScheduler",
     "beta_start": 0.00085,
@@ -268,7 +268,7 @@ def _vae_force_upcast(root):
 def load_sd(model, dtype="float32"):
   """Returns the SDModels of checkpoint `model` (local dir or hub id) with params in `dtype`.
 
-  SD 1.x/2.x or SDXL base/refiner, as `model_index.json` says (DESIGN.md §5.1).
+  SD 1.x/2.x or SDXL base/refiner, as `model_index.json` says (docs/design.md §5.1).
   SDXL keeps its VAE in float32 when the VAE config says `force_upcast`, as
   diffusers' SDXL pipelines do.
   The UNet is unet.UNet with the numerics its config.json records (default: PyTorch's).
@@ -379,7 +379,7 @@ def tiny_sdxl_configs(family, vocab_size, bos_id, eos_id):
   Refiner-shaped: blocks Down/CrossAttn/CrossAttn/Down, `text_encoder_2` only,
   5 micro-conditions; base-shaped: Down/CrossAttn/CrossAttn, two encoders whose
   penultimate states concatenate, 6 micro-conditions. The VAE has two blocks
-  (2x) so 40x56 images keep 20x28 latents (DESIGN.md §5.11).
+  (2x) so 40x56 images keep 20x28 latents (docs/design.md §5.11).
   """
   if family not in ("sdxl_refiner", "sdxl_base"):
     raise ValueError(f"tiny SDXL family must be sdxl_refiner or sdxl_base, got {family!r}")

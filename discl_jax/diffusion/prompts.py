@@ -8,7 +8,7 @@ Two sources (`prompts.source`):
       "{c}" may appear too).
 The choice (`prompts.choice`) is deterministic, from a stable hash (never
 Python's `hash`), the same on every run, host and process:
-  per_seed   as the reference (DESIGN.md §6 "Prompts"), per (class, image,
+  per_seed   as the reference (docs/design.md §6 "Prompts"), per (class, image,
              generation seed): the hash of (seed, class, image id) picks the
              candidate of seed index 0 and seed index k takes the k-th next one,
              so an image's seeds get different descriptions (all distinct while

@@ -2,7 +2,7 @@
 
 The reference regenerates an image while its CLIP text score is at or below the
 threshold, with a new description and new noise, up to 5 more times, and keeps
-the best-scoring attempt (DESIGN.md §6 "CLIP filter"). Here attempt a
+the best-scoring attempt (docs/design.md §6 "CLIP filter"). Here attempt a
 (1 .. score.max_regenerations) of job J is a job of its own: id "J|retry{a}"
 (so its own noise key), the prompt `a` candidates after J's
 (`prompts.choose_prompt`), its own file next to J's. Attempt a is made only when

@@ -14,7 +14,7 @@ sharded over the `data` axis, params replicated); on several hosts each process
 runs the jobs its caller gave it, independently.
 
 SDXL checkpoints (base and refiner) follow diffusers' PyTorch
-`StableDiffusionXLImg2ImgPipeline` (DESIGN.md §5): each slot also carries the
+`StableDiffusionXLImg2ImgPipeline` (docs/design.md §5): each slot also carries the
 pooled text embedding, the run carries the micro-conditioning `time_ids` of its
 image size, and the VAE runs in its own dtype (float32 with `force_upcast`).
 """
@@ -205,7 +205,7 @@ def time_ids(sd, height, width, aesthetic_score=6.0, negative_aesthetic_score=2.
   """Returns SDXL's float32 micro-conditioning [2, n] (negative, prompt) for an H x W image.
 
   Refiner (`requires_aesthetics_score`): (H, W, 0, 0, aesthetic); base:
-  (H, W, 0, 0, H, W), DESIGN.md §5.6. ValueError when the UNet's add-embedding
+  (H, W, 0, 0, H, W), docs/design.md §5.6. ValueError when the UNet's add-embedding
   expects another length.
   """
   if sd.requires_aesthetics_score:
@@ -253,7 +253,7 @@ class SpectrumSampler:
 
   # ------------------------------------------------------------------ text
   def _negative(self, negative_prompt):
-    """Returns the negative branch's {context, pooled} (DESIGN.md §5.2).
+    """Returns the negative branch's {context, pooled} (docs/design.md §5.2).
 
     An empty `negative_prompt` is diffusers' `negative_prompt=None`: SDXL uses
     zeros when model_index.json sets `force_zeros_for_empty_prompt` (the

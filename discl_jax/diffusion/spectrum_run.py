@@ -1,6 +1,6 @@
 """Running spectrum jobs through the sampler: the one path `generate` and regeneration share.
 
-Sources are resized as the reference fed them (DESIGN.md §5.3): first to
+Sources are resized as the reference fed them (docs/design.md §5.3): first to
 `diffusion.source_size` if set, then to the generation size (`jobs.target_size`:
 LANCZOS at `resolution=0`, else bicubic); jobs run in one sampler pass per
 generation size, each image stored as it comes.

@@ -4,7 +4,7 @@
 `FlaxUNet2DConditionModel`, including SDXL's `addition_embed_type="text_time"`,
 so Flax msgpack checkpoints and `convert.py`'s safetensors load into it
 unchanged. It differs from that class where PyTorch's `UNet2DConditionModel`
-does (DESIGN.md §5.9):
+does (docs/design.md §5.9):
 
 - numerics: every real SD checkpoint was trained in PyTorch and gets PyTorch's
   functions (`NUMERICS["pytorch"]`); a checkpoint trained with diffusers' Flax

@@ -50,7 +50,7 @@ def per_class_accuracy(preds, labels, num_classes):
 def macro_f1(preds, labels):
   """Returns WILDS' macro-F1: the unweighted mean F1 over the classes present in `labels`.
 
-  WILDS' iWildCam metric (DESIGN.md §6) is sklearn's `f1_score(labels, preds,
+  WILDS' iWildCam metric (docs/design.md §6) is sklearn's `f1_score(labels, preds,
   average="macro", labels=unique(labels))`: a class predicted but absent from
   the split does not enter the average (sklearn's default, the union of true
   and predicted classes, would count it as F1 = 0). A present class never

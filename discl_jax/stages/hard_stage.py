@@ -9,7 +9,7 @@ overrides the rule with an explicit list of class names.
 
 Rules:
   few_classes    every training image of a Few class (long-tail tasks).
-  misclassified  low-quality tasks (DESIGN.md 1.1, §6): a model trained on the
+  misclassified  low-quality tasks (docs/design.md 1.1, §6): a model trained on the
                  original data predicts every training image; hard = misclassified,
                  or true-class probability below the `hard.prob_quantile` quantile
                  (when > 0). The model is the CLIP of `hard.model_checkpoint`: the

@@ -39,10 +39,10 @@ def caption_named(hard_rows, source):
 
 def run(config, workdir):
   """Writes workdir/prompts.json (process 0) for the images in hard.jsonl."""
+  hard_rows = caption_named(read_hard(workdir), config.prompts.source)
   provenance.check_stage(workdir, "prompts", config, provenance.fingerprint(config, "prompts", workdir),
                          target=wd.path(workdir, wd.PROVENANCE % "prompts"),
                          outputs=[wd.path(workdir, wd.PROMPTS)])
-  hard_rows = caption_named(read_hard(workdir), config.prompts.source)
   class_names_lib.check_readable(config.data, {row["class_name"] for row in hard_rows},
                                  "the prompts (and later score's CLIP texts)")
   document = prompts.build_prompts(config.prompts, hard_rows, seeding.generation_seed(config),

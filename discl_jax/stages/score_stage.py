@@ -229,14 +229,14 @@ def regenerate(config, workdir, store, scoring, threshold, last_attempt):
   """Runs regeneration rounds 1 .. `last_attempt` into `store`; returns the images made here.
 
   Round a generates and scores attempt a of every job whose attempts so far
-  all scored at or below `threshold` (DESIGN.md §6 "CLIP filter"); it stops
+  all scored at or below `threshold` (docs/design.md §6 "CLIP filter"); it stops
   early when no job needs another attempt.
   """
   prompt_document = _read_prompts(workdir)
   store.check_fingerprint(jobs.generation_fingerprint(config))
   sampler, made = None, 0
 
-  def source_image(source_id):  # as `generate` saw it (DESIGN.md §6: CIFAR sources upsampled)
+  def source_image(source_id):  # as `generate` saw it (docs/design.md §6: CIFAR sources upsampled)
     return upsample.upsample(scoring.source_image(source_id), config.diffusion.source_upsample)
 
   for attempt in range(1, last_attempt + 1):

@@ -16,7 +16,7 @@ captions, even identical ones, count as negatives. This is FLYP's loss as
 published; we do not mask or soft-label duplicates.
 
 Captions. The references list every (image, template) pair as a row of the
-training CSV, and an epoch is one shuffled pass over every row (DESIGN.md §6:
+training CSV, and an epoch is one shuffled pass over every row (docs/design.md §6:
 with two templates, ceil(2N / batch) steps for N images). `pair_picks` does
 the same with an epoch's (source, row) picks: every pick with every template,
 as (source, row, template) records the loader shuffles. The reference's last

@@ -1,4 +1,4 @@
-"""Hard samples of low-quality data (DESIGN.md 1.1): what a model of the original data gets wrong.
+"""Hard samples of low-quality data (docs/design.md 1.1): what a model of the original data gets wrong.
 
 Given, for every training image, the prediction and the true-class
 probability of a model trained on the original (real) data, an image is hard
@@ -8,7 +8,7 @@ true-class probabilities (`prob_quantile > 0`). With both criteria on, an
 image is hard when either holds. The quantile is taken over the whole
 training split, so classes the model finds hard get more hard images.
 Images of `exclude_labels` are never hard (iWildCam's `empty` class gets no
-spectrum, as in the reference, DESIGN.md §6).
+spectrum, as in the reference, docs/design.md §6).
 """
 
 import dataclasses

@@ -1,7 +1,7 @@
 """PyTorch ResNet checkpoints -> this project's flax variables (`train.init_checkpoint`).
 
 The reference fine-tunes an ImageNet-LT ResNet-10 saved by LDMLR's code
-(DESIGN.md §6): `torch.load(path)["state_dict"]["model"]`, keys with a
+(docs/design.md §6): `torch.load(path)["state_dict"]["model"]`, keys with a
 `module.` prefix when saved from DataParallel. Accepted here: `.safetensors`
 (read without torch) or a torch pickle (`.pth`, `.pt`, LDMLR's `.checkpoint`,
 read with `torch.load(weights_only=True)`), holding a plain state dict or that

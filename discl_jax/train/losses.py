@@ -3,7 +3,7 @@
 Balanced Softmax (Ren et al. 2020) is cross-entropy on logits shifted by the
 log of the training class prior, which undoes the long-tail label shift.
 Mixup (Zhang et al. 2018; the reference's base recipe uses alpha 0.2,
-DESIGN.md §6) blends each batch with a permutation of itself by one lambda
+docs/design.md §6) blends each batch with a permutation of itself by one lambda
 ~ Beta(alpha, alpha) per batch and blends the two labels' losses likewise.
 """
 

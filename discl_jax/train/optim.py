@@ -8,7 +8,7 @@ the train step from `learning_rate(...)`:
   step: the rate times `lr_decay` at each epoch of `lr_milestones` (PyTorch's
       MultiStepLR, stepped per epoch).
 Both are multiplied by an epoch-wise warm-up, (epoch + 1) / `warmup_epochs`
-in the first `warmup_epochs` epochs (the reference's base recipe, DESIGN.md
+in the first `warmup_epochs` epochs (the reference's base recipe, docs/design.md
 §6: LambdaLR per epoch), and a step-wise linear warm-up over the first
 `warmup_steps` steps.
 """
