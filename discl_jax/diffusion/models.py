@@ -49,20 +49,9 @@ SD_SCHEDULER_CONFIG = {
     "timestep_spacing": "leading",
 }
 # The scheduler config SDXL base and refiner 1.0 ship (Euler-discrete, docs/design.md §5.4).
-SDXL_SCHEDULER_CONFIG = {
-    "_class_name": "EulerDiscreteScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-    "timestep_spacing": "leading",
-    "interpolation_type": "linear",
-    "use_karras_sigmas": False,
-}
+SDXL_SCHEDULER_CONFIG = dict(
+    SD_SCHEDULER_CONFIG, _class_name="EulerDiscreteScheduler", interpolation_type="linear",
+    use_karras_sigmas=False)
 
 
 @dataclasses.dataclass
