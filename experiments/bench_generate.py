@@ -104,12 +104,14 @@ def _scheduler(sd):
   return "euler" if sd.is_sdxl else "ddim"
 
 
-def make_jobs(n_images, strengths, size):
-  """Returns the benchmark's jobs, longest (highest strength) first."""
+def make_jobs(n_images, strengths, size, seeds=1):
+  """Returns the benchmark's jobs (images x strengths x seeds), longest (highest strength) first."""
   rng = seeding.numpy_rng(0, "bench-generate")
   images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n_images)]
-  return [sampler_lib.Job(f"img{i}|s{s:.3f}|seed0", images[i], PROMPTS[i % len(PROMPTS)], s, 0)
-          for s in sorted(strengths, reverse=True) for i in range(n_images)]
+  return [sampler_lib.Job(f"img{i}|s{s:.3f}|seed{seed}", images[i], PROMPTS[i % len(PROMPTS)],
+                          s, seed)
+          for s in sorted(strengths, reverse=True) for seed in range(seeds)
+          for i in range(n_images)]
 
 
 def _useful_evals(jobs, steps):
@@ -212,6 +214,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="tiny")
   parser.add_argument("--images", type=int, default=4, help="source images (x 10 strengths)")
+  parser.add_argument("--seeds", type=int, default=1, help="generation seeds per (image, strength)")
   parser.add_argument("--steps", type=int, default=50)
   parser.add_argument("--slots", type=int, default=16)
   parser.add_argument("--methods", default="packed,flax,torch,torch1")
@@ -232,7 +235,7 @@ def main():
   if family != "sd" and "flax" in methods:
     print("diffusers has no Flax SDXL img2img pipeline: skipping flax")
     methods.remove("flax")
-  jobs = make_jobs(args.images, STRENGTHS, size)
+  jobs = make_jobs(args.images, STRENGTHS, size, args.seeds)
   with tempfile.TemporaryDirectory() as tmp:
     path, pt = build_checkpoint(args.geometry, pathlib.Path(tmp) / "sd", torch_version is not None)
     sd = models.load_sd(str(path))

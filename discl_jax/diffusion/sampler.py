@@ -390,6 +390,17 @@ class SpectrumSampler:
     for job, image in self.generate(jobs):
       yield job, to_uint8(image)
 
+  def lower_step(self, latent_shape, image_size=None):
+    """Returns the `jax.stages.Lowered` denoising step of this sampler's slots at `latent_shape` (C, h, w).
+
+    For cost and memory analysis (`.compile().cost_analysis()` / `.memory_analysis()`)
+    without running it; `image_size` (H, W) sets SDXL's time ids (default: latents x 8).
+    """
+    size = image_size or (latent_shape[1] * 8, latent_shape[2] * 8)
+    state = jax.eval_shape(lambda: self._empty_state(latent_shape))
+    return self._fns["step"].lower(self._params["unet"], self._tables, self._uncond,
+                                   self._guidance, self._time_ids_for(tuple(size)), state)
+
   def _empty_state(self, latent_shape):
     s = self.slots
     state = {"latents": self._put(np.zeros((s,) + latent_shape, np.float32)),
