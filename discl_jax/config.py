@@ -118,7 +118,9 @@ def base_config():
       resolution=0,            # shorter side; 0: the input's size rounded down to a multiple of 8 (LANCZOS)
       source_upsample=0,       # scale smaller source images up to this shorter side (LANCZOS)
                                # before generation; 0: off (CIFAR100-LT: 128, the rebuttal's)
-      slots=16,                # jobs in flight per sampler step (global)
+      slots=16,                # jobs in flight per sampler step (global); 0: auto (CPU 8, GPU/TPU
+                               # the most up to 64 per device whose step fits device memory)
+      vae_batch=0,             # images per VAE encode/decode call; 0: the slot count
       grid_sources=4,          # sources per class in the spectrum grid
       seed=-1,                 # the spectrum's seed (prompts, sampling); < 0: the top-level seed
   )

@@ -92,6 +92,50 @@ def test_job_independent_of_batch_composition(packed):
   np.testing.assert_array_equal(alone, out[job.job_id])
 
 
+def test_steps_between_finishes_run_in_one_dispatch(tiny, packed):
+  """Strengths 0.25 and 1.0 finish after steps 1 and 4: two dispatches (1 step, then 3)."""
+  s = sampler.SpectrumSampler(tiny[1], num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                              slots=16)
+  jobs = [j for j in make_jobs(16) if j.strength in (0.25, 1.0)]
+  out = {job.job_id: image for job, image in s.generate(jobs)}
+  assert (s.stats["dispatches"], s.stats["steps"]) == (2, STEPS)
+  assert s.stats["useful_evals"] == sum(int(STEPS * j.strength) for j in jobs)
+  for job in jobs:  # the same executable whatever the trip count: bitwise the same image
+    np.testing.assert_array_equal(out[job.job_id], packed[1][job.job_id])
+
+
+def test_vae_batch_is_independent_of_slots(tiny, packed):
+  s = sampler.SpectrumSampler(tiny[1], num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                              slots=16, vae_batch=4)
+  assert (s.slots, s.vae_batch) == (16, 4)
+  jobs = make_jobs(6)
+  out = dict(s.generate(jobs))
+  assert len(out) == 6
+  for job in jobs:
+    _assert_same_up_to_kernel_rounding(out[job], packed[1][job.job_id])
+
+
+def test_auto_slots(tiny, monkeypatch):
+  """slots=0: the measured CPU count; on an accelerator the most slots whose step fits memory."""
+  sd = tiny[1]
+  assert sampler.SpectrumSampler(sd, num_inference_steps=STEPS, slots=0).slots == (
+      sampler.AUTO_SLOTS["cpu"])
+  fits_8 = sampler._step_bytes(  # pylint: disable=protected-access
+      sampler.SpectrumSampler(sd, num_inference_steps=STEPS, slots=8).lower_step((4, 16, 16))
+      .compile())
+  monkeypatch.setattr(sampler, "AUTO_SLOTS", {})  # CPU standing in for a GPU of this memory:
+  monkeypatch.setattr(sampler, "MAX_AUTO_SLOTS_PER_DEVICE", 16)
+  monkeypatch.setattr(sampler, "_device_memory", lambda mesh: fits_8 / sampler.DEVICE_MEMORY_FRACTION)
+  s = sampler.SpectrumSampler(sd, num_inference_steps=STEPS, guidance_scale=GUIDANCE, slots=0)
+  assert s.slots == 16
+  assert len(list(s.generate(make_jobs(2)))) == 2
+  assert s.slots == 8 and s.vae_batch == 8
+  with pytest.raises(ValueError, match="diffusion.slots must be >= 0"):
+    sampler.SpectrumSampler(sd, num_inference_steps=STEPS, slots=-1)
+  with pytest.raises(ValueError, match="diffusion.vae_batch must be >= 0"):
+    sampler.SpectrumSampler(sd, num_inference_steps=STEPS, vae_batch=-2)
+
+
 def _assert_same_up_to_kernel_rounding(got, want):
   # XLA:CPU picks GEMM/conv blockings by batch shape, so a different slot count
   # or per-device batch changes float32 rounding (seen: <= 5e-6 on [0, 1]); the

@@ -153,6 +153,11 @@ def _build_functions(modules, schedule, mesh):
     new = in_model_dtype(schedules.step(schedule, tables, guided, latents, i))
     return dict(state, latents=new, index=index + 1)
 
+  def steps(params, tables, uncond, guidance, time_ids, state, count):
+    """`count` denoising steps in one dispatch (a loop on the device, no host round trip)."""
+    return jax.lax.fori_loop(
+        0, count, lambda _, s: step(params, tables, uncond, guidance, time_ids, s), state)
+
   def decode(params, latents):
     image = vae.apply({"params": params}, (latents / scaling).astype(vae_dtype),
                       method=vae.decode).sample
@@ -170,6 +175,7 @@ def _build_functions(modules, schedule, mesh):
       "prepare": jax.jit(quiet(prepare), out_shardings=batch),
       "refill": jax.jit(refill, donate_argnums=(0,), out_shardings=state_sharding),
       "step": jax.jit(quiet(step), donate_argnums=(5,), out_shardings=state_sharding),
+      "steps": jax.jit(quiet(steps), donate_argnums=(5,), out_shardings=state_sharding),
       "decode": jax.jit(quiet(decode), out_shardings=batch),
   }
 
@@ -223,21 +229,50 @@ def time_ids(sd, height, width, aesthetic_score=6.0, negative_aesthetic_score=2.
   return np.asarray(ids, np.float32)
 
 
+# diffusion.slots=0 (auto): per-backend slot counts. CPU: the per-slot cost of XLA:CPU's
+# step grows past ~8-16 slots (score blocks leave the cache); measured with
+# bench_generate.py, docs/benchmarks.md. Accelerators: the largest count up to
+# MAX_AUTO_SLOTS_PER_DEVICE per device whose step fits the device's memory.
+AUTO_SLOTS = {"cpu": 8}
+MAX_AUTO_SLOTS_PER_DEVICE = 64
+DEVICE_MEMORY_FRACTION = 0.8  # of bytes_limit, leaving room for the VAE and text encoder
+
+
+def _device_memory(mesh):
+  """Returns the smallest bytes_limit among `mesh`'s devices, or 0 where unknown (CPU)."""
+  limits = []
+  for device in mesh.devices.flat:
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    limits.append((stats or {}).get("bytes_limit", 0))
+  return min(limits) if limits and all(limits) else 0
+
+
+def _step_bytes(compiled):
+  """Returns a compiled step's per-device peak bytes: arguments, outputs and temporaries."""
+  m = compiled.memory_analysis()
+  return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+
+
 class SpectrumSampler:
   """Runs img2img jobs of mixed strengths through one packed, jitted denoising step."""
 
   def __init__(self, models, *, num_inference_steps=50, guidance_scale=10.0, negative_prompt="",
                scheduler="ddim", slots=16, mesh=None, dtype=None, aesthetic_score=6.0,
-               negative_aesthetic_score=2.5):
+               negative_aesthetic_score=2.5, vae_batch=0):
     if dtype is not None and jnp.dtype(models_lib._dtype(dtype)) != jnp.dtype(models.dtype):  # pylint: disable=protected-access
       raise ValueError(f"sampler dtype {dtype!r} differs from the loaded models' "
                        f"{jnp.dtype(models.dtype).name}; load them with load_sd(model, dtype)")
-    if slots < 1:
-      raise ValueError(f"diffusion.slots must be >= 1, got {slots}")
+    if slots < 0:
+      raise ValueError(f"diffusion.slots must be >= 0 (0: auto), got {slots}")
+    if vae_batch < 0:
+      raise ValueError(f"diffusion.vae_batch must be >= 0 (0: the slot count), got {vae_batch}")
     self.models = models
     self.schedule = schedules.make_schedule(models.scheduler_config, num_inference_steps, scheduler)
     self.mesh = _local_mesh(mesh)
-    self.slots = parallel.pad_to_multiple(slots, parallel.data_size(self.mesh))
+    self.auto_slots = slots == 0
+    per_device = MAX_AUTO_SLOTS_PER_DEVICE * parallel.data_size(self.mesh)
+    self.slots = self._round_slots(slots or AUTO_SLOTS.get(jax.default_backend(), per_device))
+    self.vae_batch = self._round_slots(vae_batch or self.slots)
     self.guidance_scale = float(guidance_scale)
     self._fns = _compiled(_signature(models, self.schedule, self.mesh))
     self._batch = NamedSharding(self.mesh, P(parallel.DATA_AXIS))
@@ -313,6 +348,27 @@ class SpectrumSampler:
     except ValueError as e:
       raise ValueError(f"job {job.job_id!r}: {e}") from None
 
+  def _round_slots(self, n):
+    return parallel.pad_to_multiple(n, parallel.data_size(self.mesh))
+
+  def _first_state(self, latent_shape, image_size):
+    """Returns the empty slot state; with slots=0 on an accelerator, first fits the slot count.
+
+    Auto on GPU/TPU: the largest power of two up to MAX_AUTO_SLOTS_PER_DEVICE per device
+    whose compiled step fits DEVICE_MEMORY_FRACTION of the device's memory
+    (XLA memory analysis, compile only); on CPU the measured AUTO_SLOTS.
+    """
+    limit = _device_memory(self.mesh)
+    if self.auto_slots and limit:
+      devices = parallel.data_size(self.mesh)
+      while self.slots > devices:
+        needed = _step_bytes(self.lower_step(latent_shape, image_size).compile())
+        if needed <= DEVICE_MEMORY_FRACTION * limit:
+          break
+        self.slots = self._round_slots(self.slots // 2)
+      self.vae_batch = min(self.vae_batch, self.slots)
+    return self._empty_state(latent_shape)
+
   def _put(self, x):
     return jax.device_put(x, self._batch)
 
@@ -322,7 +378,7 @@ class SpectrumSampler:
     pixels = np.stack([to_pixels(j.image) for j in jobs])
     key_data = np.stack([np.asarray(jax.random.key_data(jnp.stack(job_keys(j)))) for j in jobs])
     index = np.asarray(starts, np.int32)
-    pad = self.slots - n
+    pad = self.vae_batch - n
     pixels = np.concatenate([pixels, np.repeat(pixels[:1], pad, 0)])
     key_data = np.concatenate([key_data, np.repeat(key_data[:1], pad, 0)])
     index = np.concatenate([index, np.repeat(index[:1], pad, 0)])
@@ -332,21 +388,25 @@ class SpectrumSampler:
 
   def _decode(self, latents):
     n = len(latents)
-    batch = np.concatenate([latents, np.zeros((self.slots - n,) + latents.shape[1:], np.float32)])
+    batch = np.concatenate([latents, np.zeros((self.vae_batch - n,) + latents.shape[1:], np.float32)])
     return np.asarray(self._fns["decode"](self._params["vae"], self._put(batch)))[:n]
 
   # ------------------------------------------------------------------ loop
   def generate(self, jobs):
-    """Yields (job, float32 [H, W, 3] image in [0, 1]) as jobs finish (not in input order)."""
+    """Yields (job, float32 [H, W, 3] image in [0, 1]) as jobs finish (not in input order).
+
+    Between refills the step runs on the device for as many steps as the
+    nearest finish needs (one dispatch, no host round trip); the queue is
+    encoded and the finished jobs decoded `vae_batch` at a time.
+    """
     jobs = iter(jobs)
-    s, n_steps = self.slots, self.schedule.num_steps
+    n_steps = self.schedule.num_steps
     ready = collections.deque()  # (job, start latent, start index)
-    slot_job, slot_index = [None] * s, np.zeros(s, np.int64)
-    done, size, exhausted, state = [], None, False, None
+    slot_job, slot_index, done, size, exhausted, state = None, None, [], None, False, None
     while True:
-      free = [j for j in range(s) if slot_job[j] is None]
-      while len(ready) < len(free) and not exhausted:
-        chunk = list(itertools.islice(jobs, s))
+      free = [] if slot_job is None else [j for j, job in enumerate(slot_job) if job is None]
+      while (slot_job is None or len(ready) < len(free)) and not exhausted:
+        chunk = list(itertools.islice(jobs, self.vae_batch))
         if not chunk:
           exhausted = True
           break
@@ -355,28 +415,35 @@ class SpectrumSampler:
           starts.append(self._check(job, size))
           size = job.image.shape[:2]
         ready.extend(zip(chunk, self._prepare(chunk, starts), starts))
-      if state is None and ready:
-        state = self._empty_state(ready[0][1].shape)
+        if slot_job is None:
+          break
+      if state is None:
+        if not ready:
+          return
+        state = self._first_state(ready[0][1].shape, size)
+        slot_job, slot_index = [None] * self.slots, np.zeros(self.slots, np.int64)
+        continue
       if free and ready:
         state = self._refill(state, free, ready, slot_job, slot_index)
-      active = [j for j in range(s) if slot_job[j] is not None]
+      active = [j for j, job in enumerate(slot_job) if job is not None]
       if not active:
         break
-      state = self._fns["step"](self._params["unet"], self._tables, self._uncond,
-                                self._guidance, self._time_ids_for(size), state)
-      self.stats["steps"] += 1
-      self.stats["slot_evals"] += s
-      self.stats["useful_evals"] += len(active)
-      slot_index[active] += 1
+      count = int(n_steps - slot_index[active].max())  # steps until the nearest finish
+      state = self._fns["steps"](self._params["unet"], self._tables, self._uncond, self._guidance,
+                                 self._time_ids_for(size), state, np.int32(count))
+      self.stats["steps"] += count
+      self.stats["dispatches"] += 1
+      self.stats["slot_evals"] += self.slots * count
+      self.stats["useful_evals"] += len(active) * count
+      slot_index[active] += count
       finished = [j for j in active if slot_index[j] == n_steps]
-      if finished:
-        latents = np.asarray(state["latents"])
-        for j in finished:
-          done.append((slot_job[j], latents[j]))
-          slot_job[j] = None
-      while len(done) >= s:
-        yield from self._finish(done[:s])
-        done = done[s:]
+      latents = np.asarray(state["latents"])
+      for j in finished:
+        done.append((slot_job[j], latents[j]))
+        slot_job[j] = None
+      while len(done) >= self.vae_batch:
+        yield from self._finish(done[:self.vae_batch])
+        done = done[self.vae_batch:]
     if done:
       yield from self._finish(done)
 

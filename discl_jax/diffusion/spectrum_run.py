@@ -56,7 +56,7 @@ def make_sampler(config, checkpoint):
   return sampler_lib.SpectrumSampler(
       sd, num_inference_steps=diffusion.num_inference_steps,
       guidance_scale=diffusion.guidance_scale, negative_prompt=diffusion.negative_prompt,
-      scheduler=diffusion.scheduler, slots=diffusion.slots,
+      scheduler=diffusion.scheduler, slots=diffusion.slots, vae_batch=diffusion.vae_batch,
       mesh=parallel.make_mesh(config.mesh.shape), dtype=diffusion.dtype,
       aesthetic_score=diffusion.aesthetic_score,
       negative_aesthetic_score=diffusion.negative_aesthetic_score)
