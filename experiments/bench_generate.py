@@ -1,6 +1,6 @@
 """Spectrum generation speed: the packed multi-strength sampler against per-strength pipelines.
 
-Methods (same weights, same jobs: N images x strengths, one seed, `--steps` steps):
+Methods (same weights, same jobs: N images x strengths x `--seeds` seeds, `--steps` steps):
   packed      our SpectrumSampler: every strength in one jitted step over `--slots` slots
   flax        diffusers FlaxStableDiffusionImg2ImgPipeline (jit path), one call per strength
               with the N images batched (it compiles once per strength); SD geometries only
@@ -17,12 +17,15 @@ Each method runs the whole job set twice: the first pass includes compilation
 Weights: with torch installed the checkpoint is written by PyTorch models as
 safetensors and loaded for JAX by our converter; without torch, `build_tiny(_sdxl)`.
 
+  python experiments/bench_generate.py --geometry=tiny --images=16 --seeds=2 --steps=20 \
+      --methods=packed,flax,torch
   python experiments/bench_generate.py --geometry=tiny --images=4 --methods=packed,flax,torch,torch1
   python experiments/bench_generate.py --geometry=refiner --images=4 --methods=packed,torch,torch1
 """
 
 import argparse
 import json
+import os
 import pathlib
 import platform
 import tempfile
@@ -136,11 +139,13 @@ def _timed_passes(run_once):
 
 def bench_packed(sd, jobs, args):
   s = sampler_lib.SpectrumSampler(sd, num_inference_steps=args.steps, guidance_scale=10.0,
-                                  slots=args.slots, scheduler=_scheduler(sd))
+                                  slots=args.slots, vae_batch=args.vae_batch,
+                                  scheduler=_scheduler(sd))
   first, steady = _timed_passes(lambda: sum(1 for _ in s.run(jobs)))
   # stats cover both passes; x2 for the CFG halves, /2 for the passes.
   return dict(first_s=first, steady_s=steady, unet_evals=s.stats["slot_evals"],
-              useful_evals=s.stats["useful_evals"])
+              useful_evals=s.stats["useful_evals"], slots=s.slots, vae_batch=s.vae_batch,
+              dispatches_per_pass=s.stats["dispatches"] // 2, steps_per_pass=s.stats["steps"] // 2)
 
 
 def bench_flax(sd, jobs, args):
@@ -210,13 +215,29 @@ def bench_torch(pt, jobs, args, per_job):
   return dict(first_s=first, steady_s=steady, unet_evals=evals, useful_evals=evals)
 
 
+def _targets(results):
+  """Returns issue #14's three checks of the packed sampler, as printable lines."""
+  packed, lines = results.get("packed"), []
+  if packed is None:
+    return lines
+  lines.append(f"useful UNet evaluations {packed['useful_fraction']:.1%} (target >= 95 %)")
+  if "flax" in results:
+    ratio = packed["steady_img_s"] / results["flax"]["steady_img_s"]
+    lines.append(f"steady images/s vs diffusers Flax per strength {ratio:.2f}x (target >= 1)")
+  if "torch" in results:
+    ratio = packed["first_img_s"] / results["torch"]["first_img_s"]
+    lines.append(f"end to end vs PyTorch per strength {ratio:.2f}x (target >= 1.5)")
+  return lines
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="tiny")
   parser.add_argument("--images", type=int, default=4, help="source images (x 10 strengths)")
   parser.add_argument("--seeds", type=int, default=1, help="generation seeds per (image, strength)")
   parser.add_argument("--steps", type=int, default=50)
-  parser.add_argument("--slots", type=int, default=16)
+  parser.add_argument("--slots", type=int, default=0, help="0: the sampler's auto choice")
+  parser.add_argument("--vae_batch", type=int, default=0, help="0: the slot count")
   parser.add_argument("--methods", default="packed,flax,torch,torch1")
   parser.add_argument("--out", default="experiments/results")
   args = parser.parse_args()
@@ -268,11 +289,15 @@ def main():
     print(f"{method:8s} {r['first_s']:8.1f} {r['first_img_s']:10.2f} {r['steady_s']:9.1f} "
           f"{r['steady_img_s']:7.2f} {r['steady_unet_evals_s']:10.0f} {r['useful_fraction']:7.2f} "
           f"{ratios[0]:>13s} {ratios[1]:>16s}")
+  targets = _targets(results)
+  for line in targets:
+    print(line)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   record = dict(geometry=args.geometry, images=args.images, strengths=STRENGTHS, steps=args.steps,
                 slots=args.slots, jobs=len(jobs), platform=platform.platform(),
-                devices=[str(d) for d in jax.devices()], torch=torch_version, results=results)
+                devices=[str(d) for d in jax.devices()], torch=torch_version, results=results,
+                targets=targets, load_average=os.getloadavg())
   target = out / f"bench_generate_{args.geometry}.json"
   target.write_text(json.dumps(record, indent=2))
   print(f"wrote {target}")

@@ -121,8 +121,8 @@ def test_auto_slots(tiny, monkeypatch):
   assert sampler.SpectrumSampler(sd, num_inference_steps=STEPS, slots=0).slots == (
       sampler.AUTO_SLOTS["cpu"])
   fits_8 = sampler._step_bytes(  # pylint: disable=protected-access
-      sampler.SpectrumSampler(sd, num_inference_steps=STEPS, slots=8).lower_step((4, 16, 16))
-      .compile())
+      sampler.SpectrumSampler(sd, num_inference_steps=STEPS, slots=8).lower_step(
+          (4, 16, 16), loop=True).compile())
   monkeypatch.setattr(sampler, "AUTO_SLOTS", {})  # CPU standing in for a GPU of this memory:
   monkeypatch.setattr(sampler, "MAX_AUTO_SLOTS_PER_DEVICE", 16)
   monkeypatch.setattr(sampler, "_device_memory", lambda mesh: fits_8 / sampler.DEVICE_MEMORY_FRACTION)

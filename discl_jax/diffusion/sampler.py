@@ -355,14 +355,15 @@ class SpectrumSampler:
     """Returns the empty slot state; with slots=0 on an accelerator, first fits the slot count.
 
     Auto on GPU/TPU: the largest power of two up to MAX_AUTO_SLOTS_PER_DEVICE per device
-    whose compiled step fits DEVICE_MEMORY_FRACTION of the device's memory
-    (XLA memory analysis, compile only); on CPU the measured AUTO_SLOTS.
+    whose compiled step loop fits DEVICE_MEMORY_FRACTION of the device's memory
+    (XLA memory analysis; the persistent compilation cache then serves the
+    loop's real compile at the chosen count); on CPU the measured AUTO_SLOTS.
     """
     limit = _device_memory(self.mesh)
     if self.auto_slots and limit:
       devices = parallel.data_size(self.mesh)
       while self.slots > devices:
-        needed = _step_bytes(self.lower_step(latent_shape, image_size).compile())
+        needed = _step_bytes(self.lower_step(latent_shape, image_size, loop=True).compile())
         if needed <= DEVICE_MEMORY_FRACTION * limit:
           break
         self.slots = self._round_slots(self.slots // 2)
@@ -457,16 +458,20 @@ class SpectrumSampler:
     for job, image in self.generate(jobs):
       yield job, to_uint8(image)
 
-  def lower_step(self, latent_shape, image_size=None):
+  def lower_step(self, latent_shape, image_size=None, loop=False):
     """Returns the `jax.stages.Lowered` denoising step of this sampler's slots at `latent_shape` (C, h, w).
 
     For cost and memory analysis (`.compile().cost_analysis()` / `.memory_analysis()`)
-    without running it; `image_size` (H, W) sets SDXL's time ids (default: latents x 8).
+    without running it; `image_size` (H, W) sets SDXL's time ids (default: latents x 8);
+    `loop` lowers the multi-step loop `generate` runs instead of one step.
     """
     size = image_size or (latent_shape[1] * 8, latent_shape[2] * 8)
     state = jax.eval_shape(lambda: self._empty_state(latent_shape))
-    return self._fns["step"].lower(self._params["unet"], self._tables, self._uncond,
-                                   self._guidance, self._time_ids_for(tuple(size)), state)
+    args = (self._params["unet"], self._tables, self._uncond, self._guidance,
+            self._time_ids_for(tuple(size)), state)
+    if loop:
+      return self._fns["steps"].lower(*args, np.int32(1))
+    return self._fns["step"].lower(*args)
 
   def _empty_state(self, latent_shape):
     s = self.slots
