@@ -28,7 +28,8 @@ SMOKE_LIMIT_S = 900  # per benchmark on a (possibly busy) CPU
 # name: (time limit s on an accelerator host, arguments per profile, JSON result file)
 BENCHMARKS = {
     "generate": (240, {
-        "accelerator": ["--geometry=tiny", "--images=16", "--steps=20", "--methods=packed,flax,torch"],
+        "accelerator": ["--geometry=tiny", "--images=16", "--seeds=2", "--steps=20",
+                        "--methods=packed,flax,torch"],
         "smoke": ["--geometry=tiny", "--images=1", "--steps=10", "--methods=packed"],
     }, "bench_generate_tiny.json"),
     "score": (120, {"accelerator": ["--size=full"], "smoke": ["--size=quick", "--repeats=1"]},
