@@ -121,6 +121,7 @@ def base_config():
       slots=16,                # jobs in flight per sampler step (global); 0: auto (CPU 8, GPU/TPU
                                # the most up to 64 per device whose step fits device memory)
       vae_batch=0,             # images per VAE encode/decode call; 0: the slot count
+      attention="auto",        # UNet attention: auto | xla | cudnn (GPU, half precision) | chunked
       grid_sources=4,          # sources per class in the spectrum grid
       seed=-1,                 # the spectrum's seed (prompts, sampling); < 0: the top-level seed
   )

@@ -23,6 +23,7 @@ def enums():
   from discl_jax.curriculum import state as curriculum_state
   from discl_jax.data import datasets
   from discl_jax.data import filelists
+  from discl_jax.diffusion import attention as diffusion_attention
   from discl_jax.diffusion import models as diffusion_models
   from discl_jax.diffusion import prompts
   from discl_jax.diffusion import schedules
@@ -42,6 +43,7 @@ def enums():
       "diffusion.dtype": diffusion_models.DTYPES,
       "diffusion.tiny_family": diffusion_models.FAMILIES,
       "diffusion.scheduler": schedules.KINDS,
+      "diffusion.attention": diffusion_attention.IMPLEMENTATIONS,
       "score.dtype": tuple(clip.DTYPES),
       "train.model": tuple(resnet.MODELS) + (CLIP_MODEL,),
       "train.loss": losses.LOSSES + (FLYP_LOSS,),

@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from discl_jax import parallel
 from discl_jax import seeding
+from discl_jax.diffusion import attention as attention_lib
 from discl_jax.diffusion import models as models_lib
 from discl_jax.diffusion import schedules
 
@@ -196,7 +197,7 @@ def _encoders(sd):
 
 def _signature(sd, schedule, mesh):
   encoders = _encoders(sd)
-  key = json.dumps([_config(sd.unet.config), _config(sd.vae.config),
+  key = json.dumps([_config(sd.unet.config), sd.unet.attention, _config(sd.vae.config),
                     [_config(e.config.to_dict()) for _, e in encoders], sd.family,
                     str(jnp.dtype(sd.dtype)), str(jnp.dtype(sd.vae_dtype)),
                     schedule.kind, schedule.num_steps,
@@ -258,7 +259,7 @@ class SpectrumSampler:
 
   def __init__(self, models, *, num_inference_steps=50, guidance_scale=10.0, negative_prompt="",
                scheduler="ddim", slots=16, mesh=None, dtype=None, aesthetic_score=6.0,
-               negative_aesthetic_score=2.5, vae_batch=0):
+               negative_aesthetic_score=2.5, vae_batch=0, attention="auto"):
     if dtype is not None and jnp.dtype(models_lib._dtype(dtype)) != jnp.dtype(models.dtype):  # pylint: disable=protected-access
       raise ValueError(f"sampler dtype {dtype!r} differs from the loaded models' "
                        f"{jnp.dtype(models.dtype).name}; load them with load_sd(model, dtype)")
@@ -266,6 +267,10 @@ class SpectrumSampler:
       raise ValueError(f"diffusion.slots must be >= 0 (0: auto), got {slots}")
     if vae_batch < 0:
       raise ValueError(f"diffusion.vae_batch must be >= 0 (0: the slot count), got {vae_batch}")
+    if attention not in attention_lib.IMPLEMENTATIONS:
+      raise ValueError(f"diffusion.attention must be one of {attention_lib.IMPLEMENTATIONS}, "
+                       f"got {attention!r}")
+    models = dataclasses.replace(models, unet=models.unet.clone(attention=attention))
     self.models = models
     self.schedule = schedules.make_schedule(models.scheduler_config, num_inference_steps, scheduler)
     self.mesh = _local_mesh(mesh)

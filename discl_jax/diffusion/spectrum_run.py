@@ -59,7 +59,7 @@ def make_sampler(config, checkpoint):
       scheduler=diffusion.scheduler, slots=diffusion.slots, vae_batch=diffusion.vae_batch,
       mesh=parallel.make_mesh(config.mesh.shape), dtype=diffusion.dtype,
       aesthetic_score=diffusion.aesthetic_score,
-      negative_aesthetic_score=diffusion.negative_aesthetic_score)
+      negative_aesthetic_score=diffusion.negative_aesthetic_score, attention=diffusion.attention)
 
 
 def generation_size(height, width, diffusion, size_multiple):

@@ -14,6 +14,9 @@ does (docs/design.md §5.9):
 - sizes: any latent size, as PyTorch's `forward_upsample_size`: each upsampler
   resizes to its skip connection's size with torch's nearest indexing.
 
+The `attention` field names the attention implementation (attention.py,
+`diffusion.attention`); it is a run-time choice, not part of the config.json.
+
 Inference only: dropout is not applied.
 """
 
@@ -31,6 +34,7 @@ import numpy as np
 from flax import serialization
 from flax import traverse_util
 
+from discl_jax.diffusion import attention as attention_lib
 from discl_jax.diffusion import convert
 
 NUMERICS_KEY = "discl_numerics"
@@ -60,47 +64,6 @@ def _numerics(name):
 
 
 # ---------------------------------------------------------------- functions
-
-
-CACHE_SCORES = 2**16  # float32 scores per block on CPU (256 KiB, inside a core's L2)
-
-
-def score_block(pairs, lq, lk, backend):
-  """Returns how many (batch, head) pairs one attention block holds: on CPU as many as fit
-  CACHE_SCORES (a divisor of `pairs`, at least 1), elsewhere all of them."""
-  if backend != "cpu":
-    return pairs
-  fit = max(1, CACHE_SCORES // (lq * lk))
-  return max(n for n in range(1, min(fit, pairs) + 1) if pairs % n == 0)
-
-
-def attention(query, key, value, heads):
-  """Returns softmax(q k^T / sqrt(d)) v, [B, Lq, heads * d], for [B, L, heads * d] projections.
-
-  Scores and softmax in float32 (as PyTorch's fused attention kernels compute
-  them), the weighted sum of values in the inputs' dtype. On CPU the (batch,
-  head) pairs run `score_block` at a time (a loop, not one [B * heads, Lq, Lk]
-  score tensor) so one block's scores stay in cache: a 32-row, 8-head,
-  256-token self-attention ran 3.9x faster, bit-identical to the unblocked one.
-  """
-  b, lq, inner = query.shape
-  d = inner // heads
-  pairs = b * heads
-  block = score_block(pairs, lq, key.shape[1], jax.default_backend())
-
-  def split_heads(x):  # [B, L, H * d] -> [B * H / block, block, L, d]
-    x = x.reshape(b, x.shape[1], heads, d).transpose(0, 2, 1, 3)
-    return x.reshape(pairs // block, block, x.shape[2], d)
-
-  def one_block(qkv):
-    q, k, v = qkv
-    scores = jnp.einsum("bid,bjd->bij", q, k, preferred_element_type=jnp.float32) * d**-0.5
-    probs = jax.nn.softmax(scores, axis=2).astype(v.dtype)
-    return jnp.einsum("bij,bjd->bid", probs, v)
-
-  blocks = (split_heads(query), split_heads(key), split_heads(value))
-  out = one_block(tuple(x[0] for x in blocks))[None] if block == pairs else jax.lax.map(one_block, blocks)
-  return out.reshape(b, heads, lq, d).transpose(0, 2, 1, 3).reshape(b, lq, inner)
 
 
 def timestep_embedding(timesteps, dim, flip_sin_to_cos, freq_shift, torch_order=True):
@@ -196,11 +159,12 @@ class Upsample2D(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head attention: to_q/to_k/to_v projections, `attention`, to_out_0."""
+  """Multi-head attention: to_q/to_k/to_v projections, attention.py's `attention`, to_out_0."""
   query_dim: int
   heads: int
   dim_head: int
   dtype: Any = jnp.float32
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x, context=None):
@@ -209,7 +173,7 @@ class Attention(nn.Module):
     query = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_q")(x)
     key = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_k")(context)
     value = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_v")(context)
-    out = attention(query, key, value, self.heads)
+    out = attention_lib.attention(query, key, value, self.heads, self.attention)
     return nn.Dense(self.query_dim, dtype=self.dtype, name="to_out_0")(out)
 
 
@@ -246,6 +210,7 @@ class BasicTransformerBlock(nn.Module):
   only_cross_attention: bool = False
   numerics: str = "pytorch"
   dtype: Any = jnp.float32
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x, context):
@@ -255,9 +220,10 @@ class BasicTransformerBlock(nn.Module):
       return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype,
                           use_fast_variance=not spec.two_pass_variance, name=name)
 
-    attn1 = Attention(self.dim, self.n_heads, self.d_head, self.dtype, name="attn1")
+    attn1 = Attention(self.dim, self.n_heads, self.d_head, self.dtype, self.attention,
+                      name="attn1")
     x = attn1(norm("norm1")(x), context if self.only_cross_attention else None) + x
-    x = Attention(self.dim, self.n_heads, self.d_head, self.dtype, name="attn2")(
+    x = Attention(self.dim, self.n_heads, self.d_head, self.dtype, self.attention, name="attn2")(
         norm("norm2")(x), context) + x
     return FeedForward(self.dim, self.numerics, self.dtype, name="ff")(norm("norm3")(x)) + x
 
@@ -273,6 +239,7 @@ class Transformer2D(nn.Module):
   norm_num_groups: int = 32
   numerics: str = "pytorch"
   dtype: Any = jnp.float32
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x, context):
@@ -287,7 +254,8 @@ class Transformer2D(nn.Module):
       x = _conv(inner, self.dtype, "proj_in", kernel=1)(x).reshape(b, h * w, inner)
     for i in range(self.depth):
       x = BasicTransformerBlock(inner, self.n_heads, self.d_head, self.only_cross_attention,
-                                self.numerics, self.dtype, name=f"transformer_blocks_{i}")(x, context)
+                                self.numerics, self.dtype, self.attention,
+                                name=f"transformer_blocks_{i}")(x, context)
     if self.use_linear_projection:
       x = nn.Dense(c, dtype=self.dtype, name="proj_out")(x).reshape(b, h, w, c)
     else:
@@ -306,6 +274,7 @@ class _BlockSpec:
   use_linear_projection: bool
   numerics: str
   dtype: Any
+  attention: str
 
   def resnet(self, out_channels, name):
     return ResnetBlock2D(out_channels, self.norm_num_groups, self.norm_eps, self.numerics,
@@ -314,7 +283,7 @@ class _BlockSpec:
   def transformer(self, channels, heads, depth, only_cross_attention, name):
     return Transformer2D(channels, heads, channels // heads, depth, self.use_linear_projection,
                          only_cross_attention, self.norm_num_groups, self.numerics, self.dtype,
-                         name=name)
+                         self.attention, name=name)
 
 
 class DownBlock(nn.Module):
@@ -402,7 +371,8 @@ class UNet(nn.Module):
   """diffusers' UNet2DConditionModel (its Flax class's params and call) with `numerics`' functions.
 
   Fields are the config.json entries of diffusers' Flax UNet plus PyTorch's
-  `norm_num_groups`, `norm_eps` and the `numerics` name (a key of NUMERICS).
+  `norm_num_groups`, `norm_eps` and the `numerics` name (a key of NUMERICS);
+  `attention` is one of attention.IMPLEMENTATIONS.
   """
   sample_size: int = 32
   in_channels: int = 4
@@ -428,6 +398,7 @@ class UNet(nn.Module):
   norm_eps: float = 1e-5
   numerics: str = "pytorch"
   dtype: Any = jnp.float32
+  attention: str = "xla"  # attention.py's implementation (not a config.json entry)
 
   @property
   def config(self):
@@ -459,7 +430,7 @@ class UNet(nn.Module):
     depths = _per_block(self.transformer_layers_per_block, n_blocks)
     only_cross = _per_block(self.only_cross_attention, n_blocks)
     blocks = _BlockSpec(self.norm_num_groups, self.norm_eps, self.use_linear_projection,
-                        self.numerics, self.dtype)
+                        self.numerics, self.dtype, self.attention)
     time_dim = self.block_out_channels[0] * 4
 
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
@@ -532,7 +503,7 @@ class _TimestepEmbedding(nn.Module):
 # ---------------------------------------------------------------- config and loading
 
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(UNet)
-                      if f.name not in ("dtype", "parent", "name"))
+                      if f.name not in ("dtype", "attention", "parent", "name"))
 # Keys that do not change what the UNet computes here (sizes of init inputs, attention
 # implementation choices, dropout at inference, PyTorch's fp16-only upcast).
 _INERT_KEYS = ("dropout", "use_memory_efficient_attention", "split_head_dim", "upcast_attention",
