@@ -683,9 +683,14 @@ def main(argv=None):
   print_report(report)
   print(f"\nwall {report['wall_s']} s, peak RSS {report['peak_rss_gib']} GiB; wrote {out}")
   if refusals:
-    print("\n".join(["refused:"] + refusals), file=sys.stderr)
-    raise SystemExit(2)
+    refuse(refusals)
   return report
+
+
+def refuse(refusals):
+  """Prints each slot refusal to stderr and exits with status 2."""
+  print("\n".join(["refused:"] + refusals), file=sys.stderr)
+  raise SystemExit(2)
 
 
 if __name__ == "__main__":
