@@ -8,7 +8,8 @@ few steps at real resolution and a small batch:
 
   sd15      a packed SpectrumSampler step at 512x512 (64x64 latents), VAE encode and decode
   refiner   the same at 384x512 (48x64 latents), Euler, the SDXL micro-conditioning
-  clip      a CLIP ViT-B/32 and ViT-B/16 scoring batch at 224 (image embeddings)
+  clip      a CLIP ViT-B/32 and ViT-B/16 scoring batch at 224 (image embeddings), and
+            ViT-B/16's FLYP train step (iWildCam's classifier)
   resnet    a ResNet-10 and ResNet-50 train step at 224 (the project's train step, Adam)
 
 It prints a table and writes experiments/results/rehearse.json: parameters,
@@ -59,7 +60,7 @@ from discl_jax.diffusion import unet as unet_lib
 from discl_jax.models import resnet
 from discl_jax.scoring import clip as clip_lib
 from discl_jax.scoring import preprocess
-from discl_jax.train import losses, optim, state as state_lib, steps as steps_lib
+from discl_jax.train import flyp, losses, optim, state as state_lib, steps as steps_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"
@@ -144,7 +145,7 @@ def rss_bytes():
 
 def peak_rss_bytes():
   """Returns this process's peak resident set size so far (Linux ru_maxrss is in KiB)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, rss_bytes())
 
 
 def count(tree):
@@ -280,7 +281,43 @@ def rehearse_clip(results, geo, args):
       compiled(params, pixels).block_until_ready()
       row["step_s"] = timed(lambda: compiled(params, pixels), args.steps)
       row["flops_per_item"] = row["flops"] / geo.batch
-      del model, params, compiled, embed
+      del compiled, embed
+    if patch == geo.clip_patches[-1]:
+      rehearse_flyp(results, geo, args, name, model, params)
+    del model, params
+
+
+def rehearse_flyp(results, geo, args, name, model, params):
+  """Compiles and times the project's FLYP train step (AdamW) of `model`: iWildCam's training."""
+  train = ml_collections.ConfigDict(dict(optimizer="adamw", learning_rate=1e-5,
+                                         weight_decay=0.2, momentum=0.9, nesterov=False))
+  tx = optim.make_optimizer(train)
+  mesh = parallel.make_mesh((1,))
+  rng = np.random.default_rng(0)
+  classes, length = 182, model.config.text_config.max_position_embeddings
+  with stage(results, "clip", f"{name}_flyp", batch=geo.batch, input=f"{geo.clip_image}px") as row:
+    row["params"] = count(params)
+    row["components"] = {k: count(v) for k, v in params.items()}
+    ids = rng.integers(0, CLIP_VOCAB, (2, classes, length)).astype(np.int32)
+    step = flyp.make_train_step(model, tx, mesh, ids, np.ones_like(ids))
+    state = parallel.put_replicated(flyp.create_state(params, tx), mesh)
+    batch = parallel.put_batch({
+        "image": rng.normal(size=(geo.batch, geo.clip_image, geo.clip_image, 3)
+                            ).astype(np.float32),
+        "label": rng.integers(0, classes, geo.batch).astype(np.int32),
+        "template": rng.integers(0, 2, geo.batch).astype(np.int32)}, mesh)
+    with models_lib.quiet():
+      compiled, row["compile_s"], row["flops"], row["xla_bytes"] = compile_stats(
+          step.lower(state, batch, 1e-5))
+    holder = [state]
+
+    def one_step():
+      holder[0], metrics = compiled(holder[0], batch, 1e-5)
+      return metrics
+    one_step()
+    row["step_s"] = timed(one_step, args.steps)
+    row["flops_per_item"] = row["flops"] / geo.batch
+    del state, holder, compiled, step
 
 
 # --------------------------------------------------------------- Stable Diffusion
@@ -414,11 +451,12 @@ def rehearse_sd(results, family, geo, args):
 
 
 def time_sampler(sampler, size, args):
-  """Returns {pipeline_compile_s, step_s, job_s}: `run` on one job at 1 and at 2 denoising steps.
+  """Returns {pipeline_first_run_s, job_1step_s, step_s}: `run` on one job of 1 and of 2 steps.
 
-  The first run compiles text encoding, VAE encode / decode and refill (the
-  step is already compiled by `lower_step`); a 2-step job minus a 1-step job
-  is one packed step; a 1-step job is text + VAE encode + step + decode.
+  The first run compiles text encoding, VAE encode / decode, refill and the
+  step; a 2-step job minus a 1-step job is one packed step (0 when timing
+  noise is larger, as with tiny models); a 1-step job is VAE encode + step +
+  decode + the host loop.
   """
   image = np.random.default_rng(0).integers(0, 256, size + (3,), dtype=np.uint8)
   n = sampler.schedule.num_steps
@@ -528,6 +566,15 @@ def epoch_projections(stages, args):
     flops = row["flops_per_item"] * EPOCH_IMAGES[dataset]
     rows.append(dict(what=f"epoch {dataset} ({row['name']})", images=EPOCH_IMAGES[dataset],
                      assumption=f"{EPOCH_IMAGES[dataset]} images x train-step FLOPs per image",
+                     flops=flops, seconds=seconds_at(flops, args)))
+  for row in stages:
+    if not row["name"].endswith("_flyp"):
+      continue
+    pairs = 2 * EPOCH_IMAGES["iwildcam"]  # FLYP: one row per (image, caption template), 2 templates
+    flops = row["flops_per_item"] * pairs
+    rows.append(dict(what=f"epoch iwildcam ({row['name']})", images=pairs,
+                     assumption=f"{pairs} image-caption rows (2 per image) x train-step FLOPs "
+                                "per row",
                      flops=flops, seconds=seconds_at(flops, args)))
   return rows
 
