@@ -374,9 +374,9 @@ def build_sd(family, quick, folder):
                              **common)
 
 
-def make_sampler(models, slots, scheduler, attention="xla"):
-  """Returns a 50-step SpectrumSampler; `attention` is passed only when not the default."""
-  extra = {} if attention == "xla" else {"attention": attention}
+def make_sampler(models, slots, scheduler, attention=None):
+  """Returns a 50-step SpectrumSampler; `attention` is passed only when given (else its default)."""
+  extra = {} if attention is None else {"attention": attention}
   return sampler_lib.SpectrumSampler(models, num_inference_steps=50, guidance_scale=10.0,
                                      scheduler=scheduler, slots=slots, **extra)
 
@@ -411,6 +411,7 @@ def rehearse_sd(results, family, geo, args):
   fitted (fixed, per-slot) memory line.
   """
   size = geo.refiner_size if family == "refiner" else geo.sd_size
+  attention = args.attention[0] if args.attention else None
   scheduler = "euler" if family == "refiner" else "ddim"
   with tempfile.TemporaryDirectory() as tmp:
     with stage(results, family, f"{family}_build", input=f"{size[0]}x{size[1]}") as row:
@@ -424,7 +425,7 @@ def rehearse_sd(results, family, geo, args):
       name = f"{family}_step_{slots}slot"
       with stage(results, family, name, batch=slots, input=f"{size[0]}x{size[1]}",
                  cfg_rows=2 * slots) as row:
-        sampler = make_sampler(models, slots, scheduler)
+        sampler = make_sampler(models, slots, scheduler, attention)
         row["params"] = count(models.params["unet"])
         row["components"] = {"unet": row["params"]}
         compiled, row["compile_s"], row["flops"], row["xla_bytes"] = compile_stats(
@@ -437,9 +438,9 @@ def rehearse_sd(results, family, geo, args):
                input=f"{size[0]}x{size[1]}") as row:
       row["components"] = {k: count(v) for k, v in models.params.items()}
       row["params"] = sum(row["components"].values())
-      row.update(time_sampler(make_sampler(models, min(memory), scheduler), size, args))
+      row.update(time_sampler(make_sampler(models, min(memory), scheduler, attention), size, args))
     vae_rows = rehearse_vae(results, family, models, size, args)
-    attention = attention_memory(models, scheduler, latent, size, args) if (
+    by_attention = attention_memory(models, scheduler, latent, size, args) if (
         len(args.attention) > 1) else None
     del models
   a, b = sorted(memory)[:2]
@@ -447,7 +448,7 @@ def rehearse_sd(results, family, geo, args):
   return dict(family=family, size=list(size), latent=list(latent),
               unet_flops_per_eval=memory[a]["flops"] / a,
               vae_flops_per_job=vae_rows["vae_encode"]["flops"] + vae_rows["vae_decode"]["flops"],
-              fixed_bytes=fixed, per_slot_bytes=per_slot, attention_memory=attention)
+              fixed_bytes=fixed, per_slot_bytes=per_slot, attention_memory=by_attention)
 
 
 def time_sampler(sampler, size, args):
@@ -641,7 +642,8 @@ def print_report(report):
     print(f"  {p['what']:<34} {p['flops'] / 1e15:10.3f} PFLOP  {p['seconds'] / 3600:8.3f} h"
           f"   ({p['assumption']})")
   print(f"\ndiffusion.slots per device ({report['devices']} device(s) of "
-        f"{report['device_memory_gib']} GiB, headroom {report['headroom']:.0%}):")
+        f"{report['device_memory_gib']} GiB, headroom {report['headroom']:.0%}; XLA {report['backend']}"
+        f" memory of the float32 step: bfloat16 on an accelerator needs about half):")
   for s in report["slot_memory"]:
     print(f"  {s['config']:<12} {s['family']:<8} {s['resolution']:<8} slots {s['slots']:>4}: "
           f"{s['projected_gib']:8.2f} GiB  fits={s['fits']}  max {s['max_slots']}")
@@ -671,9 +673,10 @@ def parse_args(argv=None):
   p.add_argument("--devices", type=int, default=1, help="data-parallel devices sharing the slots")
   p.add_argument("--lower_slots", action="store_true",
                  help="lower diffusion.slots to what fits instead of refusing")
-  p.add_argument("--attention", default="xla",
+  p.add_argument("--attention", default="",
                  help=f"comma list of SpectrumSampler attention implementations ({'|'.join(ATTENTION)})"
-                      "; two or more compare the compiled step's memory at --attention_slots")
+                      ": the first runs every stage (empty: the sampler's default, not passed); "
+                      "two or more also compare the compiled step's memory at --attention_slots")
   p.add_argument("--attention_slots", type=int, default=16)
   p.add_argument("--imagenet_lt_hard", type=int, default=1500,
                  help="hard (Few-class) images of ImageNet-LT assumed for the spectrum projection")
@@ -687,8 +690,8 @@ def parse_args(argv=None):
     p.error(f"--only: unknown families {unknown}; valid: {','.join(FAMILIES)}")
   args.attention = [a for a in args.attention.split(",") if a]
   bad = [a for a in args.attention if a not in ATTENTION]
-  if bad or not args.attention:
-    p.error(f"--attention: {bad or 'empty'}; valid: {','.join(ATTENTION)}")
+  if bad:
+    p.error(f"--attention: unknown {bad}; valid: {','.join(ATTENTION)}")
   args.memory_slots = sorted({int(s) for s in args.memory_slots.split(",")})
   if len(args.memory_slots) < 2 or args.memory_slots[0] < 1:
     p.error(f"--memory_slots needs two positive slot counts, got {args.memory_slots}")
@@ -720,7 +723,8 @@ def main(argv=None):
           backend=jax.default_backend(), jax=jax.__version__),
       accelerator_tflops=args.accelerator_tflops, mfu=args.mfu,
       device_memory_gib=args.device_memory_gib, headroom=args.headroom, devices=args.devices,
-      attention=args.attention, stages=stages, diffusion=diffusion,
+      attention=args.attention, dtype="float32", backend=jax.default_backend(),
+      stages=stages, diffusion=diffusion,
       projections=spectrum_projections(diffusion, stages, args) + epoch_projections(stages, args),
       slot_memory=slot_rows, refusals=refusals, peak_rss_gib=round(peak_rss_bytes() / GIB, 3),
       wall_s=round(time.perf_counter() - start, 1))

@@ -89,8 +89,33 @@ def test_attention_is_passed_only_when_not_the_default(rehearse, monkeypatch):
                       lambda models, **kwargs: calls.append(kwargs))
   rehearse.make_sampler("models", 4, "ddim")
   rehearse.make_sampler("models", 16, "ddim", "chunked")
+  rehearse.make_sampler("models", 16, "ddim", "xla")
   assert "attention" not in calls[0] and calls[0]["slots"] == 4
   assert calls[1]["attention"] == "chunked" and calls[1]["slots"] == 16
+  assert calls[2]["attention"] == "xla"
+  assert rehearse.parse_args([]).attention == []
+
+
+def test_attention_memory_compares_compiled_steps(rehearse, monkeypatch):
+  seen = []
+
+  class Sampler:  # compiles to a footprint of 1 GiB per slot for xla, half for chunked
+
+    def __init__(self, models, slots, attention, **unused):
+      self.bytes = slots * GIB // (1 if attention == "xla" else 2)
+      seen.append((slots, attention))
+
+    def lower_step(self, latent, size):
+      del latent, size
+      stats = Stats(self.bytes, 0, 0, 0, 0)
+      compiled = type("Compiled", (), {"memory_analysis": lambda _: stats})()
+      return type("Lowered", (), {"compile": lambda _: compiled})()
+
+  monkeypatch.setattr(rehearse.sampler_lib, "SpectrumSampler", Sampler)
+  args = rehearse.parse_args(["--attention=xla,chunked"])
+  out = rehearse.attention_memory("models", "ddim", (4, 64, 64), (512, 512), args)
+  assert out == {"slots": 16, "gib": {"xla": 16.0, "chunked": 8.0}}
+  assert seen == [(16, "xla"), (16, "chunked")]
 
 
 def test_bad_options_are_rejected(rehearse, capsys):
