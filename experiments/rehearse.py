@@ -191,6 +191,19 @@ def timed(fn, repeats):
   return (time.perf_counter() - start) / repeats
 
 
+class Stages(list):
+  """The stage rows so far, also written to `out` as partial JSON after each one (a killed run keeps them)."""
+
+  def __init__(self, out):
+    super().__init__()
+    self.out = out
+
+  def append(self, row):
+    super().append(row)
+    self.out.parent.mkdir(parents=True, exist_ok=True)
+    self.out.write_text(json.dumps({"partial": True, "stages": list(self)}, indent=2))
+
+
 @contextlib.contextmanager
 def stage(results, family, name, **fields):
   """Records a stage's row (filled by the block) with its RSS before/after and peak RSS."""
@@ -703,7 +716,8 @@ def main(argv=None):
   args = parse_args(argv)
   geo = QUICK if args.quick else REAL
   start = time.perf_counter()
-  stages, diffusion = [], {}
+  out = pathlib.Path(args.out)
+  stages, diffusion = Stages(out), {}
   for family in FAMILIES:
     if family not in args.only:
       continue
@@ -724,12 +738,10 @@ def main(argv=None):
       accelerator_tflops=args.accelerator_tflops, mfu=args.mfu,
       device_memory_gib=args.device_memory_gib, headroom=args.headroom, devices=args.devices,
       attention=args.attention, dtype="float32", backend=jax.default_backend(),
-      stages=stages, diffusion=diffusion,
+      partial=False, stages=list(stages), diffusion=diffusion,
       projections=spectrum_projections(diffusion, stages, args) + epoch_projections(stages, args),
       slot_memory=slot_rows, refusals=refusals, peak_rss_gib=round(peak_rss_bytes() / GIB, 3),
       wall_s=round(time.perf_counter() - start, 1))
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(report, indent=2))
   print_report(report)
   print(f"\nwall {report['wall_s']} s, peak RSS {report['peak_rss_gib']} GiB; wrote {out}")
