@@ -418,7 +418,7 @@ def rehearse_vae(results, family, models, size, args):
 
 
 def rehearse_sd(results, family, geo, args):
-  """Compiles the packed sampler step at two slot counts, times it through `run`, and the VAE.
+  """Compiles the packed sampler step at two slot counts, times the VAE, and the step through `run`.
 
   Returns the family's summary: per-eval FLOPs, VAE FLOPs per job and the
   fitted (fixed, per-slot) memory line.
@@ -447,12 +447,12 @@ def rehearse_sd(results, family, geo, args):
         memory[slots] = row
         del compiled
         del sampler
+    vae_rows = rehearse_vae(results, family, models, size, args)
     with stage(results, family, f"{family}_run", batch=min(memory),
                input=f"{size[0]}x{size[1]}") as row:
       row["components"] = {k: count(v) for k, v in models.params.items()}
       row["params"] = sum(row["components"].values())
       row.update(time_sampler(make_sampler(models, min(memory), scheduler, attention), size, args))
-    vae_rows = rehearse_vae(results, family, models, size, args)
     by_attention = attention_memory(models, scheduler, latent, size, args) if (
         len(args.attention) > 1) else None
     del models
