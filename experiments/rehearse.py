@@ -448,11 +448,13 @@ def rehearse_sd(results, family, geo, args):
         del compiled
         del sampler
     vae_rows = rehearse_vae(results, family, models, size, args)
-    with stage(results, family, f"{family}_run", batch=min(memory),
-               input=f"{size[0]}x{size[1]}") as row:
-      row["components"] = {k: count(v) for k, v in models.params.items()}
-      row["params"] = sum(row["components"].values())
-      row.update(time_sampler(make_sampler(models, min(memory), scheduler, attention), size, args))
+    if args.sampler_run:
+      with stage(results, family, f"{family}_run", batch=min(memory),
+                 input=f"{size[0]}x{size[1]}") as row:
+        row["components"] = {k: count(v) for k, v in models.params.items()}
+        row["params"] = sum(row["components"].values())
+        row.update(time_sampler(make_sampler(models, min(memory), scheduler, attention), size,
+                                args))
     by_attention = attention_memory(models, scheduler, latent, size, args) if (
         len(args.attention) > 1) else None
     del models
@@ -676,6 +678,9 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, default=2, help="timed steps per ResNet / CLIP stage")
   p.add_argument("--vae_steps", type=int, default=1, help="timed VAE encodes / decodes")
   p.add_argument("--run_repeats", type=int, default=1, help="sampler runs per timed job")
+  p.add_argument("--no_sampler_run", dest="sampler_run", action="store_false",
+                 help="skip timing the sampler through run() (4 steps: minutes each at 512x512 "
+                      "on a small CPU); compile, FLOPs, memory and the VAE are still measured")
   p.add_argument("--memory_slots", default="1,2",
                  help="two slot counts whose compiled step memory fits the per-slot line")
   p.add_argument("--accelerator_tflops", type=float, default=989.0,
