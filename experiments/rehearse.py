@@ -25,6 +25,7 @@ family's peak (`--only` runs a subset).
 
   python experiments/rehearse.py --quick                  # tiny geometry, every code path (~30 s)
   python experiments/rehearse.py --only=sd15              # one family at real geometry
+  python experiments/rehearse.py --only=refiner --no_sampler_run   # compile, FLOPs, memory, VAE only
   python experiments/rehearse.py                          # everything (the refiner needs ~24 GiB)
 """
 
