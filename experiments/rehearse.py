@@ -446,8 +446,7 @@ def rehearse_sd(results, family, geo, args):
             sampler.lower_step(latent, size))
         row["flops_per_item"] = row["flops"] / slots
         memory[slots] = row
-        del compiled
-        del sampler
+        del compiled, sampler
     vae_rows = rehearse_vae(results, family, models, size, args)
     if args.sampler_run:
       with stage(results, family, f"{family}_run", batch=min(memory),
