@@ -654,7 +654,8 @@ def print_report(report):
           f"{r['peak_rss_gib']:>12.2f}")
   print(f"\nprojections at {report['mfu']:.0%} of {report['accelerator_tflops']} TFLOP/s:")
   for p in report["projections"]:
-    print(f"  {p['what']:<34} {p['flops'] / 1e15:10.3f} PFLOP  {p['seconds'] / 3600:8.3f} h"
+    print(f"  {p['what']:<34} {p['flops'] / 1e15:10.3f} PFLOP {p['seconds']:11.1f} s"
+          f" ({p['seconds'] / 3600:.2f} h)"
           f"   ({p['assumption']})")
   print(f"\ndiffusion.slots per device ({report['devices']} device(s) of "
         f"{report['device_memory_gib']} GiB, headroom {report['headroom']:.0%}; XLA {report['backend']}"
