@@ -278,7 +278,8 @@ def main():
       print(f"{method}: {r}", flush=True)
 
   base = results.get("packed")
-  print(f"\n{args.geometry}: {args.images} images x {len(STRENGTHS)} strengths = {len(jobs)} jobs, "
+  print(f"\n{args.geometry}: {args.images} images x {len(STRENGTHS)} strengths x {args.seeds} seeds = "
+        f"{len(jobs)} jobs, "
         f"{args.steps} steps, devices {jax.devices()[0].platform} x {jax.device_count()}")
   header = (f"{'method':8s} {'e2e s':>8s} {'e2e img/s':>10s} {'steady s':>9s} {'img/s':>7s} "
             f"{'UNet ev/s':>10s} {'useful':>7s} {'packed/x e2e':>13s} {'packed/x steady':>16s}")

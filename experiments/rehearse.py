@@ -25,7 +25,7 @@ family's peak (`--only` runs a subset).
 
   python experiments/rehearse.py --quick                  # tiny geometry, every code path (~30 s)
   python experiments/rehearse.py --only=sd15              # one family at real geometry
-  python experiments/rehearse.py --only=refiner --no_sampler_run   # compile, FLOPs, memory, VAE only
+  python experiments/rehearse.py --only=refiner --step_repeats=0   # compile, FLOPs, memory, VAE only
   python experiments/rehearse.py                          # everything (the refiner needs ~24 GiB)
 """
 
@@ -445,16 +445,11 @@ def rehearse_sd(results, family, geo, args):
         compiled, row["compile_s"], row["flops"], row["xla_bytes"] = compile_stats(
             sampler.lower_step(latent, size))
         row["flops_per_item"] = row["flops"] / slots
+        if args.step_repeats and slots == min(args.memory_slots):
+          row["step_s"] = time_step(compiled, sampler.step_inputs(latent, size), args.step_repeats)
         memory[slots] = row
         del compiled, sampler
     vae_rows = rehearse_vae(results, family, models, size, args)
-    if args.sampler_run:
-      with stage(results, family, f"{family}_run", batch=min(memory),
-                 input=f"{size[0]}x{size[1]}") as row:
-        row["components"] = {k: count(v) for k, v in models.params.items()}
-        row["params"] = sum(row["components"].values())
-        row.update(time_sampler(make_sampler(models, min(memory), scheduler, attention), size,
-                                args))
     by_attention = attention_memory(models, scheduler, latent, size, args) if (
         len(args.attention) > 1) else None
     del models
@@ -466,30 +461,15 @@ def rehearse_sd(results, family, geo, args):
               fixed_bytes=fixed, per_slot_bytes=per_slot, attention_memory=by_attention)
 
 
-def time_sampler(sampler, size, args):
-  """Returns {pipeline_first_run_s, job_1step_s, step_s}: `run` on one job of 1 and of 2 steps.
-
-  The first run compiles text encoding, VAE encode / decode, refill and the
-  step; a 2-step job minus a 1-step job is one packed step (0 when timing
-  noise is larger, as with tiny models); a 1-step job is VAE encode + step +
-  decode + the host loop.
-  """
-  image = np.random.default_rng(0).integers(0, 256, size + (3,), dtype=np.uint8)
-  n = sampler.schedule.num_steps
-
-  def run(steps, tag):
-    job = sampler_lib.Job(f"rehearse-{tag}", image, "a photo of a dog", steps / n, 0)
-    start = time.perf_counter()
-    for _ in range(args.run_repeats):
-      list(sampler.run([job]))
-    return (time.perf_counter() - start) / args.run_repeats
-
+def time_step(compiled, inputs, repeats):
+  """Returns the mean seconds of `repeats` packed steps after one untimed step, state carried over."""
+  *fixed, state = inputs
+  state = jax.block_until_ready(compiled(*fixed, state))
   start = time.perf_counter()
-  list(sampler.run([sampler_lib.Job("rehearse-warm", image, "a photo of a dog", 1 / n, 0)]))
-  first = time.perf_counter() - start
-  one, two = run(1, "one"), run(2, "two")
-  return {"pipeline_first_run_s": round(first, 2), "job_1step_s": round(one, 3),
-          "step_s": max(two - one, 0.0)}
+  for _ in range(repeats):
+    state = compiled(*fixed, state)
+  jax.block_until_ready(state)
+  return (time.perf_counter() - start) / repeats
 
 
 def attention_memory(models, scheduler, latent, size, args):
@@ -678,10 +658,9 @@ def parse_args(argv=None):
                  help=f"comma list of families to run: {','.join(FAMILIES)}")
   p.add_argument("--steps", type=int, default=2, help="timed steps per ResNet / CLIP stage")
   p.add_argument("--vae_steps", type=int, default=1, help="timed VAE encodes / decodes")
-  p.add_argument("--run_repeats", type=int, default=1, help="sampler runs per timed job")
-  p.add_argument("--no_sampler_run", dest="sampler_run", action="store_false",
-                 help="skip timing the sampler through run() (4 steps: minutes each at 512x512 "
-                      "on a small CPU); compile, FLOPs, memory and the VAE are still measured")
+  p.add_argument("--step_repeats", type=int, default=1,
+                 help="timed packed sampler steps at the smallest slot count, after one untimed "
+                      "(0: none; a 512x512 step takes about a minute on a 2-core CPU)")
   p.add_argument("--memory_slots", default="1,2",
                  help="two slot counts whose compiled step memory fits the per-slot line")
   p.add_argument("--accelerator_tflops", type=float, default=989.0,

@@ -11,6 +11,7 @@ import pytest
 
 from discl_jax.diffusion import models
 from discl_jax.diffusion import sampler
+from discl_jax.diffusion import slot_memory
 
 STEPS, GUIDANCE, SIZE = 4, 7.5, 32
 PROMPT = "a photo of the digit seven"
@@ -120,9 +121,9 @@ def test_auto_slots(tiny, monkeypatch):
   sd = tiny[1]
   assert sampler.SpectrumSampler(sd, num_inference_steps=STEPS, slots=0).slots == (
       sampler.AUTO_SLOTS["cpu"])
-  fits_8 = sampler._step_bytes(  # pylint: disable=protected-access
+  fits_8 = slot_memory.footprint(
       sampler.SpectrumSampler(sd, num_inference_steps=STEPS, slots=8).lower_step(
-          (4, 16, 16), loop=True).compile())
+          (4, 16, 16), loop=True).compile().memory_analysis())
   monkeypatch.setattr(sampler, "AUTO_SLOTS", {})  # CPU standing in for a GPU of this memory:
   monkeypatch.setattr(sampler, "MAX_AUTO_SLOTS_PER_DEVICE", 16)
   monkeypatch.setattr(sampler, "_device_memory", lambda mesh: fits_8 / sampler.DEVICE_MEMORY_FRACTION)
