@@ -53,6 +53,7 @@ import numpy as np
 from flax import traverse_util
 
 from discl_jax import parallel
+from discl_jax.diffusion import attention as attention_lib
 from discl_jax.diffusion import models as models_lib
 from discl_jax.diffusion import sampler as sampler_lib
 from discl_jax.diffusion import schedules
@@ -449,6 +450,12 @@ def rehearse_sd(results, family, geo, args):
           row["step_s"] = time_step(compiled, sampler.step_inputs(latent, size), args.step_repeats)
         memory[slots] = row
         del compiled, sampler
+    with stage(results, family, f"{family}_step_flops", batch=1, input=f"{size[0]}x{size[1]}",
+               cfg_rows=2) as flops_row:
+      flops_row["params"] = count(models.params["unet"])
+      flops_row["components"] = {"unet": flops_row["params"]}
+      flops_row["loop_free_flops"] = loop_free_step_flops(models, scheduler, latent, size)
+      flops_row["flops_per_item"] = flops_row["loop_free_flops"]
     vae_rows = rehearse_vae(results, family, models, size, args)
     by_attention = attention_memory(models, scheduler, latent, size, args) if (
         len(args.attention) > 1) else None
@@ -456,9 +463,29 @@ def rehearse_sd(results, family, geo, args):
   a, b = sorted(memory)[:2]
   fixed, per_slot = slot_memory.linear_fit(a, memory[a]["xla_bytes"], b, memory[b]["xla_bytes"])
   return dict(family=family, size=list(size), latent=list(latent),
-              unet_flops_per_eval=memory[a]["flops"] / a,
+              unet_flops_per_eval=flops_row["loop_free_flops"],
               vae_flops_per_job=vae_rows["vae_encode"]["flops"] + vae_rows["vae_decode"]["flops"],
               fixed_bytes=fixed, per_slot_bytes=per_slot, attention_memory=by_attention)
+
+
+def loop_free_step_flops(models, scheduler, latent, size):
+  """Returns the FLOPs of a 1-slot step with one-shot `xla` attention, as an accelerator runs it.
+
+  XLA's cost analysis counts a loop's body once, so the CPU lowering (attention
+  over blocks of (batch, head) pairs or query chunks under `lax.map`) would
+  undercount; this lowers the step with no attention loop (not compiled).
+  """
+  saved = attention_lib.CACHE_SCORES
+  attention_lib.CACHE_SCORES = 2**62  # every (batch, head) pair in one block: no loop
+  jax.clear_caches()
+  try:
+    lowered = make_sampler(models, 1, scheduler, "xla").lower_step(latent, size)
+    cost = lowered.cost_analysis()
+  finally:
+    attention_lib.CACHE_SCORES = saved
+    jax.clear_caches()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"])
 
 
 def time_step(compiled, inputs, repeats):
