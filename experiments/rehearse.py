@@ -193,6 +193,20 @@ def timed(fn, repeats):
   return (time.perf_counter() - start) / repeats
 
 
+def measure_train_step(row, step, state, batch, learning_rate, repeats):
+  """Fills `row` with a jitted train step's compile stats, mean step seconds and FLOPs per image."""
+  compiled, row["compile_s"], row["flops"], row["xla_bytes"] = compile_stats(
+      step.lower(state, batch, learning_rate))
+  holder = [state]
+
+  def one_step():
+    holder[0], metrics = compiled(holder[0], batch, learning_rate)
+    return metrics
+  one_step()
+  row["step_s"] = timed(one_step, repeats)
+  row["flops_per_item"] = row["flops"] / len(batch["label"])
+
+
 class Stages(list):
   """The stage rows so far, also written to `out` as partial JSON after each one (a killed run keeps them)."""
 
@@ -244,17 +258,7 @@ def rehearse_resnet(results, geo, args):
           "image": rng.normal(size=(geo.batch, geo.resnet_image, geo.resnet_image, 3)
                               ).astype(np.float32),
           "label": rng.integers(0, 1000, geo.batch).astype(np.int32)}, mesh)
-      compiled, row["compile_s"], row["flops"], row["xla_bytes"] = compile_stats(
-          step.lower(state, batch, 1e-3))
-      holder = [state]
-
-      def one_step():
-        holder[0], metrics = compiled(holder[0], batch, 1e-3)
-        return metrics
-      one_step()
-      row["step_s"] = timed(one_step, args.steps)
-      row["flops_per_item"] = row["flops"] / geo.batch
-      del state, holder, compiled, step
+      measure_train_step(row, step, state, batch, 1e-3, args.steps)
 
 
 # --------------------------------------------------------------- CLIP
@@ -296,10 +300,8 @@ def rehearse_clip(results, geo, args):
       compiled(params, pixels).block_until_ready()
       row["step_s"] = timed(lambda: compiled(params, pixels), args.steps)
       row["flops_per_item"] = row["flops"] / geo.batch
-      del compiled, embed
     if patch == geo.clip_patches[-1]:
       rehearse_flyp(results, geo, args, name, model, params)
-    del model, params
 
 
 def rehearse_flyp(results, geo, args, name, model, params):
@@ -322,17 +324,7 @@ def rehearse_flyp(results, geo, args, name, model, params):
         "label": rng.integers(0, classes, geo.batch).astype(np.int32),
         "template": rng.integers(0, 2, geo.batch).astype(np.int32)}, mesh)
     with models_lib.quiet():
-      compiled, row["compile_s"], row["flops"], row["xla_bytes"] = compile_stats(
-          step.lower(state, batch, 1e-5))
-    holder = [state]
-
-    def one_step():
-      holder[0], metrics = compiled(holder[0], batch, 1e-5)
-      return metrics
-    one_step()
-    row["step_s"] = timed(one_step, args.steps)
-    row["flops_per_item"] = row["flops"] / geo.batch
-    del state, holder, compiled, step
+      measure_train_step(row, step, state, batch, 1e-5, args.steps)
 
 
 # --------------------------------------------------------------- Stable Diffusion
