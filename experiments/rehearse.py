@@ -34,7 +34,6 @@ import contextlib
 import dataclasses
 import functools
 import gc
-import importlib.util
 import json
 import math
 import os
@@ -52,7 +51,9 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from discl_jax import config as config_lib
 from discl_jax import parallel
+from discl_jax import shipped_configs
 from discl_jax.diffusion import attention as attention_lib
 from discl_jax.diffusion import models as models_lib
 from discl_jax.diffusion import sampler as sampler_lib
@@ -145,9 +146,18 @@ def rss_bytes():
     return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+_PEAK_RSS = [0]  # the largest resident size seen by peak_rss_bytes
+
+
 def peak_rss_bytes():
-  """Returns this process's peak resident set size so far (Linux ru_maxrss is in KiB)."""
-  return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, rss_bytes())
+  """Returns this process's peak resident set size so far, never below an earlier answer.
+
+  Linux updates ru_maxrss (KiB) lazily, so the resident size read now can
+  exceed it; the running maximum of both keeps every later peak >= any earlier one.
+  """
+  now = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, rss_bytes())
+  _PEAK_RSS[0] = max(_PEAK_RSS[0], now)
+  return _PEAK_RSS[0]
 
 
 def count(tree):
@@ -505,15 +515,6 @@ def attention_memory(models, scheduler, latent, size, args):
 # --------------------------------------------------------------- projections
 
 
-def load_config(name):
-  """Returns the ConfigDict of shipped config `name` (configs/NAME.py, its defaults)."""
-  path = ROOT / "configs" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(f"rehearse_config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def generator_family(config):
   """Returns the rehearsed family of a config's generator: refiner (SDXL refiner) or sd15."""
   return "refiner" if "xl-refiner" in config.diffusion.model else "sd15"
@@ -547,7 +548,7 @@ def spectrum_projections(diffusion, stages, args):
   rows = []
   for name, hard, size in (("imagenet_lt", args.imagenet_lt_hard, None),
                            ("iwildcam", args.iwildcam_hard, (264, 480))):
-    config = load_config(name)
+    config = config_lib.load_file(shipped_configs.path(name))
     for family in ("refiner", "sd15"):
       if family not in diffusion or (name == "iwildcam" and family != "refiner"):
         continue
@@ -604,7 +605,7 @@ def check_slots(diffusion, args):
   device = args.device_memory_gib * GIB
   rows, refusals = [], []
   for name in SLOT_CONFIGS:
-    config = load_config(name)
+    config = config_lib.load_file(shipped_configs.path(name))
     family = generator_family(config)
     if family not in diffusion:
       continue
