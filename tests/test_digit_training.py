@@ -1,9 +1,7 @@
 """Digit generator + digit CLIP training (experiments/train_digit_models.py) at tiny size, CPU."""
 
 import hashlib
-import importlib.util
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -17,22 +15,16 @@ from discl_jax.scoring import clip as clip_lib
 from discl_jax.scoring import digit_clip_training
 from discl_jax.scoring import preprocess
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "train_digit_models.py"
+import experiment_scripts
+
 # The tiny CLIP first collapses to constant embeddings (loss log(batch)) and needs
 # ~100 steps to break out of it; its steps are cheap.
 STEPS = {"clip": 150, "vae": 30, "unet": 30}
 
 
-def _script():
-  spec = importlib.util.spec_from_file_location("train_digit_models", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 @pytest.fixture(scope="module")
 def script():
-  return _script()
+  return experiment_scripts.load("train_digit_models")
 
 
 @pytest.fixture(scope="module")

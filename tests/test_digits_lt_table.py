@@ -1,21 +1,16 @@
 """experiments/digits_lt_table.py: its aggregation, its guards, and a smoke-sized real run."""
 
-import importlib.util
 import json
-import pathlib
 
 import numpy as np
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "digits_lt_table.py"
+import experiment_scripts
 
 
 @pytest.fixture(scope="module")
 def table():
-  spec = importlib.util.spec_from_file_location("digits_lt_table", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return experiment_scripts.load("digits_lt_table")
 
 
 def _protocol(table, *extra):

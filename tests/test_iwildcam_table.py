@@ -1,24 +1,18 @@
 """experiments/iwildcam_table.py: its aggregation, and a smoke run on the tiny iWildCam fixture."""
 
-import importlib.util
 import json
-import pathlib
 
 import numpy as np
 import pytest
 
+import experiment_scripts
 import iwildcam_fixture
 import test_iwildcam
-
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "iwildcam_table.py"
 
 
 @pytest.fixture(scope="module")
 def table():
-  spec = importlib.util.spec_from_file_location("iwildcam_table", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return experiment_scripts.load("iwildcam_table")
 
 
 def test_summary_is_mean_and_sample_std_over_seeds(table):

@@ -1,7 +1,6 @@
 """The real-geometry rehearsal (experiments/rehearse.py --quick) and the slot-memory model."""
 
 import collections
-import importlib.util
 import json
 import math
 import os
@@ -13,6 +12,8 @@ import pytest
 
 from discl_jax.diffusion import slot_memory
 
+import experiment_scripts
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "experiments" / "rehearse.py"
 GIB = slot_memory.GIB
@@ -22,16 +23,9 @@ Stats = collections.namedtuple("Stats", ["argument_size_in_bytes", "output_size_
                                          "generated_code_size_in_bytes"])
 
 
-def _load_script():
-  spec = importlib.util.spec_from_file_location("rehearse_script", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 @pytest.fixture(scope="module")
 def rehearse():
-  return _load_script()
+  return experiment_scripts.load("rehearse")
 
 
 @pytest.fixture(scope="module")
