@@ -236,9 +236,9 @@ def time_ids(sd, height, width, aesthetic_score=6.0, negative_aesthetic_score=2.
   return np.asarray(ids, np.float32)
 
 
-# diffusion.slots=0 (auto): per-backend slot counts. CPU: the per-slot cost of XLA:CPU's
-# step grows past ~8-16 slots (score blocks leave the cache); measured with
-# bench_generate.py, docs/benchmarks.md. Accelerators: the largest count up to
+# diffusion.slots=0 (auto): per-backend slot counts. CPU: with blocked attention the
+# tiny geometry's cost per slot is flat from 8 to 32 slots, and fewer slots drain
+# sooner (bench_generate.py, docs/benchmarks.md). Accelerators: the largest count up to
 # MAX_AUTO_SLOTS_PER_DEVICE per device whose step fits the device's memory.
 AUTO_SLOTS = {"cpu": 8}
 MAX_AUTO_SLOTS_PER_DEVICE = 64
