@@ -137,6 +137,18 @@ def test_fingerprint_written_once_then_checked(tmp_path):
   assert "10.0" in message and "7.5" in message
 
 
+def test_only_process_zero_records_the_fingerprint(tmp_path):
+  # Process 0's reconcile removes temp files of generation.json, so a second
+  # writer could lose its rename (a two-process generate crashed on this).
+  config = {"seed": 0}
+  ss.SpectrumStore(tmp_path, 1, 2).check_fingerprint(config)
+  assert not (tmp_path / "generation.json").exists()
+  ss.SpectrumStore(tmp_path, 0, 2).check_fingerprint(config)
+  assert json.loads((tmp_path / "generation.json").read_text()) == config
+  with pytest.raises(ValueError, match="seed"):
+    ss.SpectrumStore(tmp_path, 1, 2).check_fingerprint({"seed": 1})
+
+
 def test_scores_merge_into_rows(tmp_path):
   store = ss.SpectrumStore(tmp_path, 0, 1)
   a, b = _row(seed=0), _row(seed=1)

@@ -118,16 +118,19 @@ class SpectrumStore:
     self._done = None
 
   def check_fingerprint(self, generation_config):
-    """Records `generation_config` on first use; returns None.
+    """Records `generation_config` on first use (process 0 only); returns None.
 
     Raises ValueError naming the first differing key (and every other) when
-    the store was made by a different generation config.
+    the store was made by a different generation config. Only process 0
+    writes: its `reconcile` removes the temp files of this record's atomic
+    writes, so a second writer's rename could find its temp file gone.
     """
     current = provenance.canonical(generation_config)
     target = self.root / GENERATION
     stored = provenance.read_record(target)
     if stored is None:
-      wd.atomic_write_json(target, current)
+      if self.process_index == 0:
+        wd.atomic_write_json(target, current)
       return
     differing = provenance.differences(stored, current)
     if differing:
