@@ -87,10 +87,11 @@ def main():
   size = bench_generate.GEOMETRIES[args.geometry][0]
   with tempfile.TemporaryDirectory() as tmp:
     checkpoint, _ = bench_generate.build_checkpoint(args.geometry, pathlib.Path(tmp), False)
-    sampler = sampler_lib.SpectrumSampler(
-        models.load_sd(str(checkpoint)), num_inference_steps=20, slots=args.slots,
-        attention=args.attention)
-    latent_shape = (4, size // 2, size // 2)  # the tiny VAE halves the image
+    sd = models.load_sd(str(checkpoint))
+    sampler = sampler_lib.SpectrumSampler(sd, num_inference_steps=20, slots=args.slots,
+                                          attention=args.attention)
+    side = size // sd.vae_scale_factor
+    latent_shape = (sd.vae.config.latent_channels, side, side)
     compiled = sampler.lower_step(latent_shape).compile()
     args_ = sampler.step_inputs(latent_shape)
     state = args_[-1]
@@ -127,7 +128,7 @@ def main():
       geometry=args.geometry, slots=sampler.slots, attention=args.attention,
       repeats=args.repeats, step_ms=wall_ms, thread_ms_by_part=parts,
       load_average=load, backend=jax.default_backend(),
-      cpu_count=os.cpu_count()), indent=2, default=float))
+      cpu_count=os.cpu_count()), indent=2))
   print(f"wrote {target}")
 
 

@@ -265,16 +265,16 @@ def test_eight_devices_choose_the_same_levels(root, one):
   # The spectrum and its scores are one device's (generation and scoring on
   # eight devices are test_sdxl's and test_clip's); hard, prompts and the
   # adaptive training run again on eight.
-  eight = root / "eight"
-  eight.mkdir()
+  workdir = root / "eight"
+  workdir.mkdir()
   for name in ("spectrum", "models"):
-    shutil.copytree(one / name, eight / name)
-  proc = _run(root, eight, "pipeline", devices=8)
+    shutil.copytree(one / name, workdir / name)
+  proc = _run(root, workdir, "pipeline", devices=8)
   assert proc.returncode == 0, proc.stderr[-4000:]
   hard_ids = [[json.loads(l)["source_id"] for l in (w / "hard.jsonl").read_text().splitlines()]
-              for w in (one, root / "eight")]
+              for w in (one, workdir)]
   assert hard_ids[0] == hard_ids[1]
-  first, eight = _metrics(one), _metrics(root / "eight")
+  first, eight = _metrics(one), _metrics(workdir)
   assert [r["curriculum_level"] for r in eight] == [r["curriculum_level"] for r in first]
   assert [r.get("curriculum_choice") for r in eight] == [r.get("curriculum_choice") for r in first]
   assert [r["num_synthetic"] for r in eight] == [r["num_synthetic"] for r in first]
