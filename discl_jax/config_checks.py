@@ -16,6 +16,8 @@ import difflib
 import math
 import pathlib
 
+from discl_jax import hub
+
 
 def enums():
   """Returns {dotted key: tuple of allowed values}, each from the module that owns it."""
@@ -337,7 +339,10 @@ def inputs(config, stages):
 
 
 def check_inputs(config, stages):
-  """Returns None; FileNotFoundError names every input of `stages` that does not exist."""
+  """Returns None; FileNotFoundError names every input of `stages` that does not exist.
+
+  Then hub weights: hub.HubUnavailable when one can be had neither from the cache nor the hub.
+  """
   missing = []
   for key, path, kind in inputs(config, stages):
     if path is None:
@@ -346,3 +351,4 @@ def check_inputs(config, stages):
       missing.append(f"{key} {str(path)!r} (no such {kind})")
   if missing:
     raise FileNotFoundError("missing input(s): " + "; ".join(missing))
+  hub.check_models(config, stages)

@@ -1,11 +1,15 @@
 """discl: DisCL (diffusion curriculum) in JAX, from hard images to a trained classifier.
 
 USAGE: discl --config=CONFIG[:VARIANTS] --workdir=DIR [--stage=STAGE] [--config.KEY=VALUE ...]
+       discl --config=CONFIG[:VARIANTS] --stage=fetch [--config.KEY=VALUE ...]
 
 Stages run in this order (--stage=all, the default) or one at a time; each
 reads and writes only files in --workdir, skips what is done and resumes
 where it was killed:
 %(stages)s
+--stage=fetch runs no stage: it downloads the hub weights the config's stages
+load into the Hugging Face cache (no --workdir needed), so that a later run
+works offline (HF_HUB_OFFLINE=1), e.g. on compute nodes without internet.
 
 CONFIG is a config file (configs/demo.py) or the name of a shipped config
 (demo); VARIANTS are comma-separated KEY=VALUE arguments of that config,
@@ -31,6 +35,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from discl_jax import config as config_lib
+from discl_jax import hub
 from discl_jax import parallel
 from discl_jax import pipeline
 from discl_jax import shipped_configs
@@ -51,9 +56,14 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file or shipped config name, e.g. configs/demo.py:runlocal or "
     "demo:runlocal.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every stage's files.")
+FETCH = "fetch"  # --stage=fetch: download the config's hub weights, run no stage
 _STAGE = flags.DEFINE_enum(
-    "stage", "all", ("all",) + stages.ORDER, "Which stage to run; all runs them in order.")
-flags.mark_flags_as_required(["config", "workdir"])
+    "stage", "all", ("all",) + stages.ORDER + (FETCH,),
+    "Which stage to run; all runs them in order; fetch downloads the hub weights they load.")
+flags.mark_flag_as_required("config")
+flags.register_multi_flags_validator(
+    ["workdir", "stage"], lambda values: bool(values["workdir"]) or values["stage"] == FETCH,
+    message="--workdir is required (except with --stage=fetch)")
 
 _HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull")
 
@@ -93,6 +103,9 @@ def main(argv):
     except (KeyError, TypeError, ValueError) as e:
       filename = config_flags.get_config_filename(flags.FLAGS["config"])
       raise type(e)(f"bad config {filename!r}: {e.args[0] if e.args else e}") from e
+    if _STAGE.value == FETCH:
+      hub.fetch(config, stages.ORDER)
+      return
     parallel.initialize(config)
     progress.enable_compilation_cache()
     pipeline.run_stages(config, _WORKDIR.value, names)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from discl_jax import hub
 from discl_jax import seeding
 from discl_jax import workdir as wd
 from discl_jax.diffusion import convert
@@ -28,10 +29,6 @@ SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
                    "scheduler")
 FAMILIES = ("sd", "sdxl_base", "sdxl_refiner")
-# Weight files per sub-folder, in order of preference (one format is downloaded).
-_WEIGHT_STEMS = {"unet": ("diffusion_flax_model", "diffusion_pytorch_model"),
-                 "vae": ("diffusion_flax_model", "diffusion_pytorch_model"),
-                 "text_encoder": ("flax_model", "model"), "text_encoder_2": ("flax_model", "model")}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DTYPES = tuple(_DTYPES)  # diffusion.dtype
 
@@ -121,62 +118,21 @@ def cast(params, dtype):
       lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
-def _looks_like_path(model):
-  return model.startswith(("/", ".", "~")) or model.count("/") != 1 or "\\" in model
-
-
 def resolve(model):
   """Returns a local checkpoint directory for `model` (a local dir or a hub id).
 
   Raises FileNotFoundError naming the directory when a path does not exist and
-  OSError naming the id when a hub id cannot be fetched.
+  hub.HubUnavailable (one line) when a hub id can be had neither from the cache
+  nor the hub; a hub id downloads only the files `hub.select` picks.
   """
   if not model:
     raise ValueError("diffusion.model is empty: give a checkpoint directory or a hub id")
   path = pathlib.Path(model).expanduser()
   if path.is_dir():
     return path
-  if _looks_like_path(model) or path.exists():
+  if not hub.is_hub_id(model):
     raise FileNotFoundError(f"Stable Diffusion checkpoint directory {str(path)!r} does not exist")
-  import huggingface_hub  # pylint: disable=g-import-not-at-top
-  try:
-    index = json.loads(pathlib.Path(
-        huggingface_hub.hf_hub_download(model, "model_index.json")).read_text())
-    patterns = hub_patterns(index, huggingface_hub.list_repo_files(model))
-    return pathlib.Path(huggingface_hub.snapshot_download(model, allow_patterns=patterns))
-  except Exception as e:  # pylint: disable=broad-except
-    raise OSError(
-        f"{model!r} is not a local directory and could not be fetched as a hub id: {e}") from e
-
-
-def hub_patterns(model_index, repo_files):
-  """Returns the files of a hub repo the pipeline needs: its sub-folders' configs and one weight format.
-
-  Per weight sub-folder: Flax msgpack if the repo has it, else PyTorch
-  safetensors (full precision before `.fp16`; sharded with its index). The
-  single-file checkpoints at the repo root and other components are left out.
-  """
-  folders = [f for f in SDXL_SUBFOLDERS if isinstance(model_index.get(f), list)
-             and model_index[f][0] is not None]
-  patterns = ["model_index.json"]
-  for folder in folders:
-    patterns += [f"{folder}/*.json", f"{folder}/*.txt"]
-    names = {f.split("/", 1)[1] for f in repo_files if f.startswith(folder + "/")}
-    for stem in _WEIGHT_STEMS.get(folder, ()):
-      if stem.endswith("flax_model"):
-        if f"{stem}.msgpack" in names:
-          patterns.append(f"{folder}/{stem}.msgpack")
-          break
-        continue
-      picked = [n for n in (f"{stem}.safetensors", f"{stem}.fp16.safetensors") if n in names]
-      shards = sorted(n for n in names if n.startswith(f"{stem}-") and n.endswith(".safetensors"))
-      if picked:
-        patterns.append(f"{folder}/{picked[0]}")
-        break
-      if shards:
-        patterns += [f"{folder}/{n}" for n in shards]
-        break
-  return patterns
+  return hub.download(model, hub.DIFFUSION, "diffusion.model")
 
 
 def _read_index(root):

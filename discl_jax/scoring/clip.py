@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from discl_jax import hub
 from discl_jax import parallel
 from discl_jax import seeding
 from discl_jax import workdir as wd
@@ -49,14 +50,10 @@ class ClipModels:
     return int(self.model.config.projection_dim)
 
 
-def _resolve(model, filename):
-  """Returns the local path of `filename` of folder or hub id `model`, or None."""
-  from transformers.utils import cached_file  # pylint: disable=g-import-not-at-top
-  local = pathlib.Path(model)
-  if local.is_dir():
-    return local / filename if (local / filename).is_file() else None
-  found = cached_file(model, filename, _raise_exceptions_for_missing_entries=False)
-  return None if found is None else pathlib.Path(found)
+def _resolve(folder, filename):
+  """Returns the path of `filename` in local CLIP folder `folder`, or None."""
+  path = pathlib.Path(folder) / filename
+  return path if path.is_file() else None
 
 
 def load_clip(model=DEFAULT_MODEL, dtype="float32"):
@@ -71,13 +68,14 @@ def load_clip(model=DEFAULT_MODEL, dtype="float32"):
   if not model:
     raise ValueError("no CLIP model given: set score.model to a folder or hub id, "
                      "or score.tiny=True")
-  model = str(model)
-  local = pathlib.Path(model)
-  if not local.is_dir() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
-    raise FileNotFoundError(f"CLIP model folder not found: {model}")
-  if local.is_dir() and not (local / "config.json").is_file():
-    raise FileNotFoundError(f"CLIP model folder {local} has no config.json")
-  config = CLIPConfig.from_pretrained(model)
+  name = str(model)
+  local = pathlib.Path(name)
+  if not local.is_dir() and not hub.is_hub_id(name):
+    raise FileNotFoundError(f"CLIP model folder not found: {name}")
+  model = local if local.is_dir() else hub.download(name, hub.CLIP)
+  if not (model / "config.json").is_file():
+    raise FileNotFoundError(f"CLIP model folder {model} has no config.json")
+  config = CLIPConfig.from_pretrained(str(model))
   flax_model = FlaxCLIPModel(config, dtype=DTYPES[dtype], _do_init=False)
   shapes = jax.eval_shape(lambda: flax_model.init_weights(jax.random.key(0), flax_model.input_shape))
   flax_file = _resolve(model, FLAX_WEIGHTS)
@@ -96,11 +94,11 @@ def load_clip(model=DEFAULT_MODEL, dtype="float32"):
     flax_file = torch_file
   params = _checked(params, shapes, flax_file)
   params = jax.tree.map(lambda p: jnp.asarray(p, DTYPES[dtype]), params)
-  tokenizer = CLIPTokenizer.from_pretrained(model)
+  tokenizer = CLIPTokenizer.from_pretrained(str(model))
   spec = preprocess.ClipPreprocess.from_file(
       _resolve(model, preprocess.PREPROCESSOR_CONFIG), config.vision_config.image_size)
   return ClipModels(model=flax_model, params=params, tokenizer=tokenizer,
-                    preprocess=spec, name=model)
+                    preprocess=spec, name=name)
 
 
 def _checked(params, shapes, source):
