@@ -41,9 +41,11 @@ _REQUIRED_CONFIGS = {"unet": ("config.json",), "vae": ("config.json",),
                      "": ("config.json", "vocab.json", "merges.txt")}
 _SHARD = r"-(\d{5})-of-(\d{5})\.safetensors"
 PROBE_TIMEOUT_S = 10  # one hub API call decides whether the hub is reachable; no retries
-FETCH_HINT = ("run `discl --config=CONFIG --stage=fetch` (or `python -m discl_jax.fetch "
-              "--config=CONFIG`) with this run's config flags on a machine with internet and the "
-              "same HF_HOME, or give a local directory")
+FETCH_HINT = ("fetch it ahead: run `discl --config=CONFIG --stage=fetch` (or `python -m "
+              "discl_jax.fetch --config=CONFIG`) with this run's config flags on a machine with "
+              "internet and the same HF_HOME, or give a local directory")
+# What `fetch` itself says when the hub cannot be reached.
+ONLINE_HINT = "the fetch needs the hub: run it where the hub can be reached (or set HF_ENDPOINT)"
 
 
 class HubUnavailable(OSError):
@@ -170,10 +172,10 @@ def _describe(key, repo):
   return f"{key}={repo!r}" if key else f"hub id {repo!r}"
 
 
-def _unavailable(key, repo, reason, missing):
+def _unavailable(key, repo, reason, missing, hint=FETCH_HINT):
   cached = ("is not in the Hugging Face cache" if missing == ["everything"] else
             f"is only partly in the Hugging Face cache (lacks {', '.join(missing[:3])})")
-  return HubUnavailable(f"{_describe(key, repo)} {cached} ({_cache_dir()}) and {reason}: {FETCH_HINT}")
+  return HubUnavailable(f"{_describe(key, repo)} {cached} ({_cache_dir()}) and {reason}: {hint}")
 
 
 def _probe(repo, key):
@@ -188,14 +190,16 @@ def _probe(repo, key):
   endpoint = constants.ENDPOINT
   try:
     return huggingface_hub.HfApi(endpoint=endpoint).model_info(repo, timeout=PROBE_TIMEOUT_S), None
-  except (errors.RepositoryNotFoundError, errors.GatedRepoError) as e:
-    status = getattr(e.response, "status_code", "?")
+  except errors.HfHubHTTPError as e:  # also RepositoryNotFoundError, GatedRepoError
+    status = getattr(e.response, "status_code", None)
+    if not isinstance(e, (errors.RepositoryNotFoundError, errors.GatedRepoError)) and status != 404:
+      return None, f"{endpoint} cannot be reached (HTTP {status})"
     raise HubUnavailable(
         f"{_describe(key, repo)}: the hub ({endpoint}) has no such repo or it is gated or private "
         f"(HTTP {status}); check the id (e.g. openai/clip-vit-base-patch32, "
         f"stabilityai/stable-diffusion-xl-refiner-1.0), log in for a gated repo, or give a "
         f"local directory") from e
-  except (requests.exceptions.RequestException, errors.HfHubHTTPError) as e:
+  except requests.exceptions.RequestException as e:
     return None, f"{endpoint} cannot be reached ({type(e).__name__})"
 
 
@@ -204,24 +208,25 @@ def _offline():
   return bool(constants.HF_HUB_OFFLINE)
 
 
-def download(repo, kind, key=None):
+def download(repo, kind, key=None, hint=FETCH_HINT):
   """Returns the local snapshot folder of hub repo `repo` holding the files `select` picks.
 
   Online, downloads what the cache lacks; offline (HF_HUB_OFFLINE=1) or when the hub
-  cannot be reached, returns a complete cached snapshot or raises HubUnavailable.
+  cannot be reached, returns a complete cached snapshot or raises HubUnavailable
+  (its message ends with `hint`).
   """
   import huggingface_hub  # pylint: disable=g-import-not-at-top
   folder, missing = _cached(repo, kind)
   if _offline():
     if not missing:
       return folder
-    raise _unavailable(key, repo, "HF_HUB_OFFLINE is set", missing)
+    raise _unavailable(key, repo, "HF_HUB_OFFLINE is set", missing, hint)
   info, reason = _probe(repo, key)
   if info is None:
     if not missing:
       logging.warning("%s: %s; using the cached snapshot %s", _describe(key, repo), reason, folder)
       return folder
-    raise _unavailable(key, repo, reason, missing)
+    raise _unavailable(key, repo, reason, missing, hint)
   listing = [s.rfilename for s in info.siblings or ()]
   index = None
   if kind == DIFFUSION and "model_index.json" in listing:
@@ -293,7 +298,7 @@ def fetch(config, stages):
     if not is_hub_id(name):
       done.append((key, name, pathlib.Path(name).expanduser(), "local directory, nothing to fetch"))
       continue
-    folder = download(name, kind_of(key), key)
+    folder = download(name, kind_of(key), key, ONLINE_HINT)
     files, _ = select(kind_of(key), local_listing(folder), _read_index(folder))
     done.append((key, name, folder, f"{len(files)} files, {_size_gb(folder, files):.2f} GB"))
   for key, name, folder, what in done:
