@@ -3,8 +3,8 @@
 A tiny HTTP server on 127.0.0.1 serves the routes huggingface_hub 0.36 uses:
 GET /api/models/{repo}[/revision/{rev}] (model_info, repo_info: the file list and commit)
 and HEAD/GET /{repo}/resolve/{rev}/{file} (hf_hub_download: X-Repo-Commit, ETag,
-Content-Length, then the bytes). Its two repos are the shipped digit generator and
-digit CLIP with decoy files beside them (a single-file checkpoint, .bin/.h5/.onnx
+Content-Length, then the bytes). Its repos are the shipped digit generator and
+digit CLIP (twice) with decoy files beside them (a single-file checkpoint, .bin/.h5/.onnx
 weights, a safety checker) that the selection must not download. The commands run
 in subprocesses: huggingface_hub reads HF_ENDPOINT / HF_HUB_OFFLINE / HF_HOME at import.
 """
@@ -84,9 +84,9 @@ class _Hub(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def hub_url():
+  clip_repo = _repo_files(digit_models.path("clip"), DECOYS["stub/digits-clip"])
   _Hub.repos = {"stub/digits-sd": _repo_files(digit_models.path("sd"), DECOYS["stub/digits-sd"]),
-                "stub/digits-clip": _repo_files(digit_models.path("clip"),
-                                                DECOYS["stub/digits-clip"])}
+                "stub/digits-clip": clip_repo, "stub/digits-clip-b16": clip_repo}
   server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
   thread = threading.Thread(target=server.serve_forever, daemon=True)
   thread.start()
@@ -116,17 +116,24 @@ print("clip", same(clip.load_clip("stub/digits-clip").params,
 """
 
 
+# The README's fetch command for iWildCam, its three hub ids swapped for the loopback hub's.
+FETCH_IWILDCAM = ["--config=configs/iwildcam.py", "--config.diffusion.model=stub/digits-sd",
+                  "--config.score.model=stub/digits-clip",
+                  "--config.train.clip_model=stub/digits-clip-b16"]
+
+
 def test_fetch_downloads_the_selection_and_the_loaders_then_work_offline(hub_url, tmp_path):
-  fetched = _run(["-m", "discl_jax.fetch", "--config=configs/demo.py",
-                  "--config.diffusion.model=stub/digits-sd", "--config.score.model=stub/digits-clip"],
-                 tmp_path / "hf", HF_ENDPOINT=hub_url)
+  fetched = _run(["-m", "discl_jax.main", *FETCH_IWILDCAM, "--stage=fetch"], tmp_path / "hf",
+                 HF_ENDPOINT=hub_url)
   assert fetched.returncode == 0, fetched.stderr
-  assert "fetch diffusion.model=stub/digits-sd: 12 files" in fetched.stderr
-  assert "fetch score.model=stub/digits-clip: 7 files" in fetched.stderr
+  clip_files = sorted(n for n in _Hub.repos["stub/digits-clip"] if n not in DECOYS["stub/digits-clip"])
+  for line in ("fetch diffusion.model=stub/digits-sd: 12 files",
+               "fetch train.clip_model=stub/digits-clip-b16: 7 files",
+               "fetch score.model=stub/digits-clip: 7 files"):
+    assert line in fetched.stderr, fetched.stderr
   cache = tmp_path / "hf" / "hub"
-  for repo, files in (("stub/digits-sd", SD_FILES),
-                      ("stub/digits-clip", sorted(n for n in _Hub.repos["stub/digits-clip"]
-                                                  if n not in DECOYS["stub/digits-clip"]))):
+  for repo, files in (("stub/digits-sd", SD_FILES), ("stub/digits-clip", clip_files),
+                      ("stub/digits-clip-b16", clip_files)):
     folder = cache / f"models--{repo.replace('/', '--')}"
     (snapshot,) = (folder / "snapshots").iterdir()
     assert sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*")
@@ -136,6 +143,10 @@ def test_fetch_downloads_the_selection_and_the_loaders_then_work_offline(hub_url
   loaded = _run(["-c", _OFFLINE_LOAD], tmp_path / "hf", HF_HUB_OFFLINE="1", HF_ENDPOINT=hub_url)
   assert loaded.returncode == 0, loaded.stderr
   assert loaded.stdout.split() == ["sd", "True", "clip", "True"]
+  # The other entry point, offline: it finds everything cached and says so.
+  again = _run(["-m", "discl_jax.fetch", *FETCH_IWILDCAM], tmp_path / "hf", HF_HUB_OFFLINE="1",
+               HF_ENDPOINT=hub_url)
+  assert again.returncode == 0 and "fetch score.model=stub/digits-clip: 7 files" in again.stderr
   assert len(_Hub.requests) == served  # offline: the hub was not asked
 
 
