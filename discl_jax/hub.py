@@ -296,12 +296,14 @@ def fetch(config, stages):
       done.append((key, "", None, f"{flag}=True: built into the workdir, nothing to fetch"))
   for key, name in configured_models(config, stages):
     if not is_hub_id(name):
-      done.append((key, name, pathlib.Path(name).expanduser(), "local directory, nothing to fetch"))
+      path = pathlib.Path(name).expanduser()
+      done.append((key, name, None, "local directory, nothing to fetch" if path.is_dir() else
+                   "local path, nothing to fetch (it does not exist here)"))
       continue
     folder = download(name, kind_of(key), key, ONLINE_HINT)
     files, _ = select(kind_of(key), local_listing(folder), _read_index(folder))
     done.append((key, name, folder, f"{len(files)} files, {_size_gb(folder, files):.2f} GB"))
   for key, name, folder, what in done:
     logging.info("fetch %s%s: %s%s", key, f"={name}" if name else "", what,
-                 f" ({folder})" if folder and is_hub_id(name) else "")
+                 f" ({folder})" if folder else "")
   return done

@@ -176,3 +176,24 @@ def test_a_refused_connection_fails_at_once(tmp_path):
   assert f"score.model='openai/clip-vit-base-patch32' is not in the Hugging Face cache" in line
   assert f"http://127.0.0.1:{port} cannot be reached (ConnectionError)" in line
   assert "--stage=fetch" in line
+
+
+def test_fetch_has_nothing_to_do_for_local_and_tiny_models(tmp_path):
+  config = config_lib.load_file(REPO / "configs" / "demo.py")
+  with config.unlocked():
+    config.score.tiny, config.score.model = True, ""
+    config.train.model, config.train.loss = "clip", "flyp"
+    config.train.clip_model = str(tmp_path / "missing_clip")
+  assert [(key, what) for key, _, _, what in hub.fetch(config, stages_lib.ORDER)] == [
+      ("score.model", "score.tiny=True: built into the workdir, nothing to fetch"),
+      ("diffusion.model", "local directory, nothing to fetch"),
+      ("train.clip_model", "local path, nothing to fetch (it does not exist here)")]
+
+
+def test_workdir_is_required_except_for_fetch(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "discl_jax.main", "--config=demo", "--workdir="],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+  assert result.returncode != 0 and not list(tmp_path.iterdir())
+  assert result.stderr.strip().splitlines()[-1].endswith(
+      "--workdir is required (except with --stage=fetch)"), result.stderr
