@@ -61,13 +61,14 @@ def test_clip_takes_one_weight_format_and_its_tokenizer(repo):
   listing, _ = _listing(repo)
   files, missing = hub.select(hub.CLIP, listing)
   assert missing == []
-  assert files == ["config.json", "merges.txt", "model.safetensors", "preprocessor_config.json",
+  # main has no model.safetensors: the Flax weights, never pytorch_model.bin or tf_model.h5.
+  assert files == ["config.json", "flax_model.msgpack", "merges.txt", "preprocessor_config.json",
                    "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
                    "vocab.json"]
-  # Without model.safetensors (the listing entry least sure), the Flax weights, never .bin/.h5.
-  files, missing = hub.select(hub.CLIP, [f for f in listing if f != "model.safetensors"])
-  assert missing == [] and "flax_model.msgpack" in files
-  assert not [f for f in files if f.endswith((".bin", ".h5", ".safetensors"))]
+  # Once the safetensors conversion is merged, it alone.
+  files, missing = hub.select(hub.CLIP, listing + ["model.safetensors"])
+  assert missing == [] and [f for f in files if f.endswith((".safetensors", ".msgpack"))] == [
+      "model.safetensors"]
 
 
 def test_sharded_weights_come_with_their_index_and_every_shard():
