@@ -158,12 +158,12 @@ def _cache_dir():
 
 
 def _cached(repo, kind):
-  """Returns (snapshot folder or None, [what it lacks]) of `repo` in the Hugging Face cache."""
+  """Returns (snapshot folder, [what it lacks]) of `repo` in the Hugging Face cache; (None, None): none."""
   import huggingface_hub  # pylint: disable=g-import-not-at-top
   try:
     folder = pathlib.Path(huggingface_hub.snapshot_download(repo, local_files_only=True))
   except OSError:  # LocalEntryNotFoundError: nothing cached
-    return None, ["everything"]
+    return None, None
   _, missing = select(kind, local_listing(folder), _read_index(folder))
   return folder, missing
 
@@ -172,8 +172,8 @@ def _describe(key, repo):
   return f"{key}={repo!r}" if key else f"hub id {repo!r}"
 
 
-def _unavailable(key, repo, reason, missing, hint=FETCH_HINT):
-  cached = ("is not in the Hugging Face cache" if missing == ["everything"] else
+def _unavailable(key, repo, reason, missing, hint):
+  cached = ("is not in the Hugging Face cache" if missing is None else
             f"is only partly in the Hugging Face cache (lacks {', '.join(missing[:3])})")
   return HubUnavailable(f"{_describe(key, repo)} {cached} ({_cache_dir()}) and {reason}: {hint}")
 
@@ -208,25 +208,36 @@ def _offline():
   return bool(constants.HF_HUB_OFFLINE)
 
 
+def _locate(repo, kind, key, hint):
+  """Returns (complete cached snapshot or None, the hub's ModelInfo or None when offline).
+
+  Offline (HF_HUB_OFFLINE) or with the hub unreachable (one request), a cache that
+  lacks files raises HubUnavailable (its message ends with `hint`).
+  """
+  folder, missing = _cached(repo, kind)
+  complete = folder if missing == [] else None
+  if _offline():
+    if complete is None:
+      raise _unavailable(key, repo, "HF_HUB_OFFLINE is set", missing, hint)
+    return complete, None
+  info, reason = _probe(repo, key)
+  if info is None:
+    if complete is None:
+      raise _unavailable(key, repo, reason, missing, hint)
+    logging.warning("%s: %s; using the cached snapshot %s", _describe(key, repo), reason, complete)
+  return complete, info
+
+
 def download(repo, kind, key=None, hint=FETCH_HINT):
   """Returns the local snapshot folder of hub repo `repo` holding the files `select` picks.
 
   Online, downloads what the cache lacks; offline (HF_HUB_OFFLINE=1) or when the hub
-  cannot be reached, returns a complete cached snapshot or raises HubUnavailable
-  (its message ends with `hint`).
+  cannot be reached, returns a complete cached snapshot or raises HubUnavailable.
   """
   import huggingface_hub  # pylint: disable=g-import-not-at-top
-  folder, missing = _cached(repo, kind)
-  if _offline():
-    if not missing:
-      return folder
-    raise _unavailable(key, repo, "HF_HUB_OFFLINE is set", missing, hint)
-  info, reason = _probe(repo, key)
+  folder, info = _locate(repo, kind, key, hint)
   if info is None:
-    if not missing:
-      logging.warning("%s: %s; using the cached snapshot %s", _describe(key, repo), reason, folder)
-      return folder
-    raise _unavailable(key, repo, reason, missing, hint)
+    return folder
   listing = [s.rfilename for s in info.siblings or ()]
   index = None
   if kind == DIFFUSION and "model_index.json" in listing:
@@ -244,14 +255,9 @@ def check_available(repo, kind, key=None):
 
   HubUnavailable names `key`, `repo` and the fetch command; nothing is downloaded.
   """
-  _, missing = _cached(repo, kind)
-  if not missing:
+  if _cached(repo, kind)[1] == []:
     return
-  if _offline():
-    raise _unavailable(key, repo, "HF_HUB_OFFLINE is set", missing)
-  info, reason = _probe(repo, key)
-  if info is None:
-    raise _unavailable(key, repo, reason, missing)
+  _, info = _locate(repo, kind, key, FETCH_HINT)
   if kind == DIFFUSION and "model_index.json" not in {s.rfilename for s in info.siblings or ()}:
     raise HubUnavailable(f"{_describe(key, repo)} is not a diffusers pipeline repo (no "
                          f"model_index.json); give a Stable Diffusion / SDXL repo or folder")

@@ -14,6 +14,7 @@ import http.server
 import json
 import pathlib
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -95,6 +96,13 @@ def hub_url():
   server.server_close()
 
 
+def _refused_endpoint():
+  """Returns the URL of a loopback port nobody listens on."""
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
 def _run(args, hf_home, **env):
   env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HF_HOME": str(hf_home),
          "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -143,11 +151,24 @@ def test_fetch_downloads_the_selection_and_the_loaders_then_work_offline(hub_url
   loaded = _run(["-c", _OFFLINE_LOAD], tmp_path / "hf", HF_HUB_OFFLINE="1", HF_ENDPOINT=hub_url)
   assert loaded.returncode == 0, loaded.stderr
   assert loaded.stdout.split() == ["sd", "True", "clip", "True"]
-  # The other entry point, offline: it finds everything cached and says so.
-  again = _run(["-m", "discl_jax.fetch", *FETCH_IWILDCAM], tmp_path / "hf", HF_HUB_OFFLINE="1",
-               HF_ENDPOINT=hub_url)
-  assert again.returncode == 0 and "fetch score.model=stub/digits-clip: 7 files" in again.stderr
   assert len(_Hub.requests) == served  # offline: the hub was not asked
+  # The other entry point on a node that forgot HF_HUB_OFFLINE and cannot reach the hub:
+  # one refused request per model, then the complete cached snapshot.
+  again = _run(["-m", "discl_jax.fetch", *FETCH_IWILDCAM], tmp_path / "hf",
+               HF_ENDPOINT=_refused_endpoint())
+  assert again.returncode == 0, again.stderr
+  assert "fetch score.model=stub/digits-clip: 7 files" in again.stderr
+  assert "stub/digits-clip' cannot be reached" not in again.stderr
+  assert again.stderr.count("cannot be reached (ConnectionError); using the cached snapshot") == 3
+  # A cache that lost a weight file is named partial, with what it lacks.
+  snapshot = next((cache / "models--stub--digits-sd" / "snapshots").iterdir())
+  (snapshot / "unet" / "diffusion_flax_model.msgpack").unlink()
+  partial = _run(["-c", "from discl_jax import hub; "
+                  "hub.check_available('stub/digits-sd', hub.DIFFUSION, 'diffusion.model')"],
+                 tmp_path / "hf", HF_HUB_OFFLINE="1")
+  assert partial.stderr.strip().splitlines()[-1].startswith(
+      "discl_jax.hub.HubUnavailable: diffusion.model='stub/digits-sd' is only partly in the "
+      "Hugging Face cache (lacks unet weights (.safetensors or .msgpack))"), partial.stderr
 
 
 def test_an_unknown_id_on_a_reachable_hub_fails_before_any_stage(hub_url, tmp_path):
