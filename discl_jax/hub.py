@@ -48,6 +48,10 @@ FETCH_HINT = ("fetch it ahead: run `discl --config=CONFIG --stage=fetch` (or `py
 ONLINE_HINT = "the fetch needs the hub: run it where the hub can be reached (or set HF_ENDPOINT)"
 
 
+# {endpoint: why it cannot be reached}: a failed connection is detected once per process.
+_UNREACHABLE = {}
+
+
 class HubUnavailable(OSError):
   """Hub weights that can be had neither from the Hugging Face cache nor the hub (one line)."""
 
@@ -181,13 +185,16 @@ def _unavailable(key, repo, reason, missing, hint):
 def _probe(repo, key):
   """Returns (ModelInfo, None) of `repo`, or (None, why the hub cannot be reached).
 
-  One API call without retries; a repo the hub does not have raises HubUnavailable.
+  One API call without retries, none after a failed connection to the same endpoint
+  in this process; a repo the hub does not have raises HubUnavailable.
   """
   import huggingface_hub  # pylint: disable=g-import-not-at-top
   import requests  # pylint: disable=g-import-not-at-top
   from huggingface_hub import constants  # pylint: disable=g-import-not-at-top
   from huggingface_hub import errors  # pylint: disable=g-import-not-at-top
   endpoint = constants.ENDPOINT
+  if endpoint in _UNREACHABLE:
+    return None, _UNREACHABLE[endpoint]
   try:
     return huggingface_hub.HfApi(endpoint=endpoint).model_info(repo, timeout=PROBE_TIMEOUT_S), None
   except errors.HfHubHTTPError as e:  # also RepositoryNotFoundError, GatedRepoError
@@ -200,7 +207,8 @@ def _probe(repo, key):
         f"stabilityai/stable-diffusion-xl-refiner-1.0), log in for a gated repo, or give a "
         f"local directory") from e
   except requests.exceptions.RequestException as e:
-    return None, f"{endpoint} cannot be reached ({type(e).__name__})"
+    _UNREACHABLE[endpoint] = f"{endpoint} cannot be reached ({type(e).__name__})"
+    return None, _UNREACHABLE[endpoint]
 
 
 def _offline():
