@@ -31,6 +31,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from discl_jax import config as config_lib
+from discl_jax import host_devices
 from discl_jax import parallel
 from discl_jax import pipeline
 from discl_jax import shipped_configs
@@ -93,6 +94,7 @@ def main(argv):
     except (KeyError, TypeError, ValueError) as e:
       filename = config_flags.get_config_filename(flags.FLAGS["config"])
       raise type(e)(f"bad config {filename!r}: {e.args[0] if e.args else e}") from e
+    host_devices.configure(config.mesh.cpu_devices, config.train.batch_size)
     parallel.initialize(config)
     progress.enable_compilation_cache()
     pipeline.run_stages(config, _WORKDIR.value, names)
