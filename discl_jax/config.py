@@ -53,7 +53,8 @@ def base_config():
   """Returns the full schema with defaults: every key a config may set."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.mesh = dict(shape=(-1,), multi_host=False)
+  c.mesh = dict(shape=(-1,), multi_host=False,
+                cpu_devices=0)  # XLA host devices on a CPU-only host; 0: one per usable core
 
   c.data = dict(
       name="digits_lt",        # digits_lt | cifar100_lt | tfds | imagenet_lt | iwildcam

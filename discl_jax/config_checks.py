@@ -105,6 +105,7 @@ def _unit(*, low_open=False, high_open=False):
 
 
 RANGES = {
+    "mesh.cpu_devices": _count(0),
     "data.imbalance_ratio": Range(1.0),
     "data.max_per_class": _count(0),
     "data.val_per_class": _count(0),

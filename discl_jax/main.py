@@ -35,6 +35,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from discl_jax import config as config_lib
+from discl_jax import host_devices
 from discl_jax import hub
 from discl_jax import parallel
 from discl_jax import pipeline
@@ -106,6 +107,7 @@ def main(argv):
     if _STAGE.value == FETCH:
       hub.fetch(config, stages.ORDER)
       return
+    host_devices.configure(config.mesh.cpu_devices, config.train.batch_size)
     parallel.initialize(config)
     progress.enable_compilation_cache()
     pipeline.run_stages(config, _WORKDIR.value, names)

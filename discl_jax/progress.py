@@ -13,6 +13,8 @@ import jax
 from absl import logging
 from tqdm import tqdm
 
+from discl_jax import host_devices
+
 _ANNOUNCED = set()
 CACHE_ENV = "DISCL_JAX_CACHE_DIR"
 
@@ -64,11 +66,14 @@ def enable_compilation_cache():
 
 
 def startup_line():
-  """Returns the start-up text: backend, devices and processes."""
+  """Returns the start-up text: backend, devices (and on CPU why that many) and processes."""
   devices = jax.devices()
   kinds = sorted({d.device_kind for d in devices})
+  why = ""
+  if jax.default_backend() == "cpu" and host_devices.decided():
+    why = f" [{host_devices.decided()}]"
   return (f"JAX {jax.__version__} on {jax.default_backend()}: {len(devices)} device(s) "
-          f"({', '.join(kinds)}), {jax.local_device_count()} local; process "
+          f"({', '.join(kinds)}){why}, {jax.local_device_count()} local; process "
           f"{jax.process_index()} of {jax.process_count()}")
 
 

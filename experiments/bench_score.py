@@ -22,6 +22,7 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from discl_jax import host_devices
 from discl_jax import parallel
 from discl_jax.scoring import clip
 from discl_jax.scoring import preprocess
@@ -35,6 +36,8 @@ _SIZE = flags.DEFINE_enum("size", "quick", list(SIZES), "benchmark size")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "timed repeats (best is kept)")
 _OUT = flags.DEFINE_string("out", str(pathlib.Path(__file__).parent / "results" / "bench_score.json"),
                            "where the JSON results go")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0,
+                                    "XLA host devices on a CPU host (0: one per usable core)")
 
 
 def vit_b32_models(seed=0):
@@ -67,6 +70,7 @@ def bench(models, images, batch, repeats):
   from transformers import CLIPImageProcessor, CLIPModel  # pylint: disable=g-import-not-at-top
   spec = models.preprocess
   scorer = clip.ClipScorer(models, parallel.make_mesh(), batch)
+  scorer_one = clip.ClipScorer(models, parallel.make_mesh((-1,), jax.devices()[:1]), batch)
   crops = preprocess.preprocess_batch(images, spec)
   reference = CLIPModel(models.model.config).eval()
   state = {k: torch.from_numpy(v) for k, v in clip.to_pytorch_state_dict(models.params).items()}
@@ -94,6 +98,7 @@ def bench(models, images, batch, repeats):
       max_abs_diff=float(np.abs(ours - theirs).max()),
       flax_model=n / best_time(lambda: scorer.pixel_embeddings(crops), repeats),
       torch_model=n / best_time(lambda: torch_embed(pixels), repeats),
+      flax_model_one_device=n / best_time(lambda: scorer_one.pixel_embeddings(crops), repeats),
       flax_end_to_end=n / best_time(lambda: scorer.image_embeddings(images), repeats),
       torch_end_to_end=n / best_time(torch_end_to_end, repeats))
   result["ratio_model"] = result["flax_model"] / result["torch_model"]
@@ -103,10 +108,11 @@ def bench(models, images, batch, repeats):
 
 def main(argv):
   del argv
+  why = host_devices.configure(_CPU_DEVICES.value)
   import torch  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   results = dict(size=_SIZE.value, repeats=_REPEATS.value, backend=jax.default_backend(),
-                 devices=jax.device_count(), torch_threads=torch.get_num_threads(),
+                 devices=jax.device_count(), devices_why=why, torch_threads=torch.get_num_threads(),
                  machine=platform.processor() or platform.machine(), models={})
   with tempfile.TemporaryDirectory() as tmp:
     for name, (count, batch) in SIZES[_SIZE.value].items():
@@ -114,11 +120,14 @@ def main(argv):
       images = [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(count)]
       results["models"][name] = bench(models, images, batch, _REPEATS.value)
 
-  header = (f"{'model':8} {'images':>6} {'batch':>5} {'flax img/s':>10} {'torch img/s':>11} "
+  header = (f"{'model':8} {'images':>6} {'batch':>5} {'flax img/s':>10} {'1 dev':>7} "
+            f"{'torch img/s':>11} "
             f"{'ratio':>6} {'flax e2e':>9} {'torch e2e':>9} {'ratio':>6} {'max|diff|':>9}")
+  print(f"{jax.device_count()} device(s): {why}")
   print(header)
   for name, r in results["models"].items():
     print(f"{name:8} {r['images']:6d} {r['batch']:5d} {r['flax_model']:10.1f} "
+          f"{r['flax_model_one_device']:7.1f} "
           f"{r['torch_model']:11.1f} {r['ratio_model']:6.2f} {r['flax_end_to_end']:9.1f} "
           f"{r['torch_end_to_end']:9.1f} {r['ratio_end_to_end']:6.2f} {r['max_abs_diff']:9.1e}")
   out = pathlib.Path(_OUT.value)

@@ -39,6 +39,7 @@ import numpy as np
 from absl import logging
 
 from discl_jax import config as config_lib
+from discl_jax import host_devices
 from discl_jax import pipeline
 from discl_jax import workdir as wd
 
@@ -262,4 +263,5 @@ def main(argv=None, *, compile_cache=True):
 
 
 if __name__ == "__main__":
+  print(f"devices: {host_devices.configure()}")  # one XLA host device per core on CPU
   main()

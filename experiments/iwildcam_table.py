@@ -35,6 +35,7 @@ import numpy as np
 from absl import logging
 
 from discl_jax import config as config_lib
+from discl_jax import host_devices
 from discl_jax import pipeline
 from discl_jax import workdir as wd
 from discl_jax.evaluation import report as report_lib
@@ -247,4 +248,5 @@ def main(argv=None, *, compile_cache=True):
 
 
 if __name__ == "__main__":
+  print(f"devices: {host_devices.configure()}")  # one XLA host device per core on CPU
   main()

@@ -52,6 +52,7 @@ import numpy as np
 from flax import traverse_util
 
 from discl_jax import config as config_lib
+from discl_jax import host_devices
 from discl_jax import parallel
 from discl_jax import shipped_configs
 from discl_jax.diffusion import attention as attention_lib
@@ -762,4 +763,5 @@ def refuse(refusals):
 
 
 if __name__ == "__main__":
+  print(f"devices: {host_devices.configure()}")  # one XLA host device per core on CPU
   main()

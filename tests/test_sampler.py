@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -117,14 +118,14 @@ def test_vae_batch_is_independent_of_slots(tiny, packed):
 
 
 def test_auto_slots(tiny, monkeypatch):
-  """slots=0: the measured CPU count; on an accelerator the most slots whose step fits memory."""
+  """slots=0: the measured CPU count per device; on an accelerator the most slots that fit."""
   sd = tiny[1]
   assert sampler.SpectrumSampler(sd, num_inference_steps=STEPS, slots=0).slots == (
-      sampler.AUTO_SLOTS["cpu"])
+      sampler.AUTO_SLOTS_PER_DEVICE["cpu"] * jax.device_count())
   fits_8 = slot_memory.footprint(
       sampler.SpectrumSampler(sd, num_inference_steps=STEPS, slots=8).lower_step(
           (4, 16, 16), loop=True).compile().memory_analysis())
-  monkeypatch.setattr(sampler, "AUTO_SLOTS", {})  # CPU standing in for a GPU of this memory:
+  monkeypatch.setattr(sampler, "AUTO_SLOTS_PER_DEVICE", {})  # CPU standing in for a GPU of this memory:
   monkeypatch.setattr(sampler, "MAX_AUTO_SLOTS_PER_DEVICE", 16)
   monkeypatch.setattr(sampler, "_device_memory", lambda mesh: fits_8 / sampler.DEVICE_MEMORY_FRACTION)
   s = sampler.SpectrumSampler(sd, num_inference_steps=STEPS, guidance_scale=GUIDANCE, slots=0)

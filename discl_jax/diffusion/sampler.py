@@ -236,11 +236,11 @@ def time_ids(sd, height, width, aesthetic_score=6.0, negative_aesthetic_score=2.
   return np.asarray(ids, np.float32)
 
 
-# diffusion.slots=0 (auto): per-backend slot counts. CPU: with blocked attention the
-# tiny geometry's cost per slot is flat from 8 to 32 slots, and fewer slots drain
-# sooner (bench_generate.py, docs/benchmarks.md). Accelerators: the largest count up to
+# diffusion.slots=0 (auto): slots per device. CPU: with blocked attention the tiny
+# geometry's cost per slot is flat from 8 to 32 slots, and fewer slots drain sooner
+# (bench_generate.py, docs/benchmarks.md). Accelerators: the largest count up to
 # MAX_AUTO_SLOTS_PER_DEVICE per device whose step fits the device's memory.
-AUTO_SLOTS = {"cpu": 8}
+AUTO_SLOTS_PER_DEVICE = {"cpu": 8}
 MAX_AUTO_SLOTS_PER_DEVICE = 64
 DEVICE_MEMORY_FRACTION = 0.8  # of bytes_limit, leaving room for the VAE and text encoder
 
@@ -275,8 +275,8 @@ class SpectrumSampler:
     self.schedule = schedules.make_schedule(models.scheduler_config, num_inference_steps, scheduler)
     self.mesh = _local_mesh(mesh)
     self.auto_slots = slots == 0
-    per_device = MAX_AUTO_SLOTS_PER_DEVICE * parallel.data_size(self.mesh)
-    self.slots = self._round_slots(slots or AUTO_SLOTS.get(jax.default_backend(), per_device))
+    per_device = AUTO_SLOTS_PER_DEVICE.get(jax.default_backend(), MAX_AUTO_SLOTS_PER_DEVICE)
+    self.slots = self._round_slots(slots or per_device * parallel.data_size(self.mesh))
     self.vae_batch = self._round_slots(vae_batch or self.slots)
     self.guidance_scale = float(guidance_scale)
     self._fns = _compiled(_signature(models, self.schedule, self.mesh))
@@ -362,7 +362,7 @@ class SpectrumSampler:
     Auto on GPU/TPU: the largest power of two up to MAX_AUTO_SLOTS_PER_DEVICE per device
     whose compiled step loop fits DEVICE_MEMORY_FRACTION of the device's memory
     (XLA memory analysis; the persistent compilation cache then serves the
-    loop's real compile at the chosen count); on CPU the measured AUTO_SLOTS.
+    loop's real compile at the chosen count); on CPU the measured AUTO_SLOTS_PER_DEVICE.
     """
     limit = _device_memory(self.mesh)
     if self.auto_slots and limit:
