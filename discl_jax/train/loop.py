@@ -342,7 +342,8 @@ def train_and_evaluate(config, workdir):
             seed=config.seed, epoch=epoch * _SEGMENT_SEEDS + segment_start if stream else epoch,
             shuffle=not stream, augment=config.data.augment, shard=shard,
             num_workers=config.data.num_workers, on_bad_image=config.data.on_bad_image,
-            mean=trainer.mean, std=trainer.std, recipe=transforms.recipe_for(tc.model)))
+            mean=trainer.mean, std=trainer.std, recipe=transforms.recipe_for(tc.model),
+            crop_scale=config.data.crop_scale, color_jitter=config.data.color_jitter))
       if mid_epoch:
         iterator = ckpt.restore_iterator(latest, iterator)
       batch_index = meta["batches_done"]
