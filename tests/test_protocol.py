@@ -1,11 +1,15 @@
 """The paper's protocol in the shipped configs (issue #22): epoch plan, augmentation, recipes."""
 
+import json
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from discl_jax import config as config_lib
+from discl_jax import workdir as wd
 from discl_jax.curriculum import CurriculumSpec, plan_epoch
 from discl_jax.data import transforms
 from discl_jax.data.records import LabeledImages
@@ -93,3 +97,31 @@ def test_imagenet_lt_regenerates_and_cifar_base_takes_ldmlr_recipe():
   assert (base.optimizer, base.learning_rate, base.weight_decay) == ("sgd", 0.1, 5e-4)
   assert tuple(base.lr_milestones) == (100, 150) and base.lr_decay == 0.1
   assert (base.epochs, base.mixup_alpha, base.batch_size) == (200, 0.5, 64)
+
+
+def _discl(*args):
+  return subprocess.run([sys.executable, "-m", "discl_jax.main", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_epochs_zero_reports_the_shipped_base_classifier_as_it_is(tmp_path):
+  # The README's command runs every stage; the spectrum stages do not touch an evaluation
+  # of the base, so this runs its train and eval stages only.
+  flags = ["--config=configs/demo.py", "--config.curriculum.schedule=none",
+           "--config.train.epochs=0", f"--workdir={tmp_path}"]
+  for stage in ("train", "eval"):
+    result = _discl(*flags, f"--stage={stage}")
+    assert result.returncode == 0, result.stderr[-3000:]
+  result = json.loads((tmp_path / wd.TRAIN_RESULT).read_text())
+  assert result["evaluated_as_is"] and result["epochs"] == 0 and result["best_epoch"] == 0
+  # The README's base row: Many 100.0 / Medium 98.5 / Few 58.0 / All 86.8 (test top-1, %).
+  got = [100 * result[f"test/{g}"] for g in ("many", "medium", "few", "all")]
+  assert got == pytest.approx([100.0, 98.5, 58.0, 86.8], abs=0.5)
+  assert not (tmp_path / wd.CKPT).exists() or not any((tmp_path / wd.CKPT).iterdir())
+  report = (tmp_path / wd.REPORT).read_text()
+  assert "## Result of train.init_checkpoint as it is (train.epochs=0)" in report
+  # Without the base there is nothing to evaluate: refused before any stage.
+  refused = _discl(*flags[:3], "--config.train.init_checkpoint=", f"--workdir={tmp_path}/x",
+                   "--stage=train")
+  assert refused.returncode != 0
+  assert "train.epochs=0 evaluates train.init_checkpoint as it is" in refused.stderr
