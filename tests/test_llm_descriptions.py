@@ -159,3 +159,15 @@ def test_discl_prompts_from_an_llm_resume_after_a_failure(tmp_path, stub):
         f"a 8k real photo: a {name} in scene {k}" for k in range(1, 11)]
   assert all(p.startswith("a 8k real photo: ") for per_seed in document["sources"].values()
              for p in per_seed)
+
+
+def test_llm_keys_are_checked_before_any_stage():
+  config = config_lib.base_config()
+  config.prompts.update(source="llm", llm_base_url="127.0.0.1:8000/v1", llm_model="",
+                        llm_descriptions=0)
+  with pytest.raises(ValueError) as e:
+    config_lib.validate(config)
+  for part in ("prompts.llm_base_url='127.0.0.1:8000/v1' must be an http:// or https:// URL",
+               "prompts.source='llm' needs prompts.llm_model",
+               "prompts.llm_descriptions=0 must be an integer >= 1"):
+    assert part in str(e.value)
