@@ -121,7 +121,8 @@ def test_epochs_zero_reports_the_shipped_base_classifier_as_it_is(tmp_path):
   report = (tmp_path / wd.REPORT).read_text()
   assert "## Result of train.init_checkpoint as it is (train.epochs=0)" in report
   # Without the base there is nothing to evaluate: refused before any stage.
-  refused = _discl(*flags[:3], "--config.train.init_checkpoint=", f"--workdir={tmp_path}/x",
-                   "--stage=train")
-  assert refused.returncode != 0
-  assert "train.epochs=0 evaluates train.init_checkpoint as it is" in refused.stderr
+  config = _config("demo")
+  config.train.update(epochs=0, init_checkpoint="")
+  with pytest.raises(ValueError, match="train.epochs=0 evaluates train.init_checkpoint as it is; "
+                                       "set train.init_checkpoint.*set curriculum.schedule='none'"):
+    config_lib.validate(config)
