@@ -12,6 +12,7 @@ import pytest
 
 from discl_jax import config as config_lib
 from discl_jax import pipeline
+from discl_jax import provenance
 from discl_jax import workdir as wd
 from discl_jax.diffusion import llm_descriptions as llm
 from discl_jax.stages import prompts_stage
@@ -171,3 +172,14 @@ def test_llm_keys_are_checked_before_any_stage():
                "prompts.source='llm' needs prompts.llm_model",
                "prompts.llm_descriptions=0 must be an integer >= 1"):
     assert part in str(e.value)
+
+
+def test_a_moved_endpoint_keeps_the_prompts_but_another_model_does_not(tmp_path):
+  config = config_lib.base_config()
+  config.prompts.source = "llm"
+  before = provenance.fingerprint(config, "prompts", tmp_path)
+  config.prompts.llm_base_url = "http://127.0.0.1:8001/v1"
+  assert provenance.fingerprint(config, "prompts", tmp_path) == before
+  config.prompts.llm_model = "llama-3-8b-instruct"
+  assert provenance.fingerprint(config, "prompts", tmp_path)["prompts.llm_model"] == (
+      "llama-3-8b-instruct")
