@@ -250,7 +250,8 @@ def _prompt_errors(config):
 
 
 def _protocol_errors(config):
-  """Yields the messages of the crop range, the epoch plan and the evaluate-only run (epochs=0)."""
+  """Yields the messages of the crop range, the epoch plan and the evaluate-only run (epochs=0:
+  the ResNet of train.init_checkpoint, or the CLIP as loaded for train.model='clip')."""
   from discl_jax.curriculum import state as curriculum_state  # pylint: disable=g-import-not-at-top
   crop = get(config, "data.crop_scale")
   if isinstance(crop, (list, tuple)) and (len(crop) != 2 or crop[0] > crop[1]):
@@ -263,7 +264,7 @@ def _protocol_errors(config):
     except ValueError as e:
       yield str(e)
   if get(config, "train.epochs") == 0:
-    if not get(config, "train.init_checkpoint"):
+    if not get(config, "train.init_checkpoint") and get(config, "train.model") != CLIP_MODEL:
       yield "train.epochs=0 evaluates train.init_checkpoint as it is; set train.init_checkpoint"
     if get(config, "curriculum.schedule") != "none":
       yield ("train.epochs=0 evaluates train.init_checkpoint without training; set "
