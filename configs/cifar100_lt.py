@@ -38,8 +38,15 @@ def get_config(arg=None):
   c.diffusion.source_upsample = 128
   c.curriculum.levels = (0.5, 0.6, 0.7, 0.8, 0.9)
   c.train.require_init_checkpoint = True  # docs/design.md §6: DisCL fine-tunes a long-tail base
+  config_lib.reference_augmentation(c)
   if arg.base:
     config_lib.reference_base_recipe(c)
+    # LDMLR's CIFAR-100-LT recipe, as its released checkpoint's metadata records it (read by
+    # the issue #22 audit): SGD 0.1, wd 5e-4, x0.1 at epochs 100 and 150, 200 epochs,
+    # mixup 0.5, batch 64; momentum, Nesterov and the 5 warm-up epochs stay the ImageNet-LT
+    # base recipe's.
+    c.train.update(weight_decay=5e-4, lr_milestones=(100, 150), epochs=200, mixup_alpha=0.5,
+                   batch_size=64)
   c.curriculum.tail_fill = "pooled"  # the reference's one tail pool (docs/design.md §6)
 
   if arg.runlocal:

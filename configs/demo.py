@@ -41,6 +41,8 @@ def get_config(arg=None):
   c.score.threshold = 0.60  # keeps about 87 % of the demo spectrum (median score 0.65)
 
   c.data.augment = False  # random crops cut 8x8-pixel digits apart
+  c.data.crop_scale = (0.35, 1.0)  # (unused while augment is off) the values before issue #22
+  c.data.color_jitter = 0.2
   c.train.model = "resnet8"
   c.train.init_checkpoint = digit_models.path("classifier")
   c.train.learning_rate = 3e-3

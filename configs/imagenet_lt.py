@@ -8,9 +8,12 @@
 # without one: --config.train.init_checkpoint=PATH (LDMLR's PyTorch checkpoint, or this
 # project's), or train it first with :base (the reference's base recipe, real data only):
 #   discl --config=configs/imagenet_lt.py:base --workdir=runs/inlt_base --stage=train ...
+# Descriptions: the reference asked gpt-3.5-turbo-0125 for 10 per class and never published
+# them; --config.prompts.source=llm asks any OpenAI-compatible endpoint the same
+# (prompts.llm_base_url, $OPENAI_API_KEY) and caches them in the workdir.
 # The generator is the paper's SDXL refiner 1.0 at each image's own size (rounded down to a
 # multiple of 8); :sd=stable-diffusion-v1-5/stable-diffusion-v1-5 (or any SD / SDXL checkpoint) swaps it.
-"""ImageNet-LT (file lists) with ResNet-10, Adam 1e-3, 65 epochs, 60 curriculum epochs."""
+"""ImageNet-LT (file lists) with ResNet-10, Adam 1e-3, 65 epochs (syn_to_real: 14/15/15/17 + 4)."""
 
 from discl_jax import config as config_lib
 
@@ -36,6 +39,14 @@ def get_config(arg=None):
   if arg.base:
     config_lib.reference_base_recipe(c)
   c.curriculum.tail_fill = "pooled"  # the reference's one tail pool (docs/design.md §6)
+  config_lib.reference_augmentation(c)
+  c.score.regenerate = True  # the reference's CLIP-guided retry, up to 5 attempts
+  c.score.max_regenerations = 5
+  if c.curriculum.schedule == "syn_to_real":
+    # The reference's syn_to_real plan: 14 / 15 / 15 epochs at 0.1 / 0.3 / 0.5, a real stage
+    # of 17, then the last 4 of 65 epochs real.
+    c.curriculum.curriculum_epochs = 61
+    c.curriculum.stage_epochs = (14, 15, 15, 17)
 
   if arg.runlocal:
     config_lib.smoke_sized(c)

@@ -15,6 +15,7 @@ def get_config(arg=None):
   c.data.val_per_class = 1
   c.data.image_size = 224
   c.data.num_workers = 8
+  config_lib.reference_augmentation(c)
 
   c.prompts.templates = ("a photo of a {c}", "a {c} in the wild")
   c.diffusion.model = "stable-diffusion-v1-5/stable-diffusion-v1-5"

@@ -83,6 +83,10 @@ def base_config():
       max_skip_fraction=0.01,  # on_bad_image=skip: more of a split unreadable than this is an error
       verify_images="exists",  # file lists at load: exists | header | decode
       augment=True,
+      crop_scale=(0.35, 1.0),  # ResNet train crop: area fraction range of RandomResizedCrop
+                               # (the paper configs: the reference's (0.08, 1.0))
+      color_jitter=0.2,        # ResNet train: brightness / contrast / saturation in 1 +- this
+                               # (the paper configs: the reference's 0.4)
       num_workers=0,           # grain worker processes (0: in-process)
       spectrum_dir="",         # train on another workdir's spectrum (WORKDIR/spectrum; its
                                # hard.jsonl beside it); "": this workdir's own
@@ -96,9 +100,14 @@ def base_config():
       exclude_classes=(),      # class names never hard (iwildcam: ("empty",))
   )
   c.prompts = dict(
-      source="templates",      # templates | file
+      source="templates",      # templates | file | llm
       templates=("a photo of a {c}",),
       descriptions_file="",    # JSON {class: [descriptions]}
+      # source=llm: descriptions per class from an OpenAI-compatible chat endpoint (the
+      # reference's request; key from $OPENAI_API_KEY), cached in workdir/llm_descriptions.json
+      llm_base_url="https://api.openai.com/v1",  # or a local vLLM / Ollama / llama.cpp server
+      llm_model="gpt-3.5-turbo-0125",  # the reference's
+      llm_descriptions=10,     # descriptions asked for (and kept) per class
       description_format="a 8k real photo: {d}",
       choice="per_seed",       # per_seed: per (class, image, generation seed), the reference | per_image
   )
@@ -169,6 +178,9 @@ def base_config():
       schedule="syn_to_real",  # none | resample | syn_to_real | real_to_syn | fixed | all_levels | text_only | random | adaptive
       levels=(0.1, 0.3, 0.5),  # image guidance lambda = 1 - strength
       curriculum_epochs=60,
+      stage_epochs=(),         # stage schedules: epochs of each stage (syn_to_real: each level, then
+                               # real), summing to curriculum_epochs; (): equal stages. Unused
+                               # by none, resample and adaptive
       nontail_fraction=0.3,
       tail_share=0.0,          # tail share of each epoch; 0: tail classes / all classes (13.6 % on ImageNet-LT)
       tail_fill="per_class",   # per_class: fill split evenly per tail class | pooled: one pool (the reference)
@@ -258,6 +270,14 @@ def paper_longtail_recipe(config, *, model, loss, schedule):
   return config
 
 
+def reference_augmentation(config):
+  """Returns `config` with the reference's ResNet training augmentation (docs/design.md §6):
+  RandomResizedCrop scale (0.08, 1.0), colour jitter 0.4."""
+  config.data.crop_scale = (0.08, 1.0)
+  config.data.color_jitter = 0.4
+  return config
+
+
 def reference_base_recipe(config):
   """Returns `config` set to train the long-tail base classifier as the reference did (docs/design.md §6).
 
@@ -283,6 +303,7 @@ def smoke_sized(config):
   config.train.epochs = 2
   config.train.batch_size = 32
   config.curriculum.curriculum_epochs = 1
+  config.curriculum.stage_epochs = ()
   config.curriculum.levels = (0.3,)
   config.eval.batch_size = 64
   return config

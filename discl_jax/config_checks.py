@@ -115,7 +115,10 @@ RANGES = {
     "data.few_threshold": _count(0),
     "data.num_workers": _count(0),
     "data.max_skip_fraction": _unit(),
+    "data.crop_scale": Range(0.0, 1.0, low_open=True, each=True),
+    "data.color_jitter": _unit(high_open=True),
     "hard.prob_quantile": _unit(high_open=True),
+    "prompts.llm_descriptions": _count(1),
     "diffusion.strengths": Range(0.0, 1.0, low_open=True, each=True),
     "diffusion.seeds_per_level": _count(1),
     "diffusion.seed": _count(-1),
@@ -138,7 +141,7 @@ RANGES = {
     "train.lr_milestones": Range(0, integer=True, each=True),
     "train.mixup_alpha": Range(0.0),
     "train.batch_size": _count(1),
-    "train.epochs": _count(1),
+    "train.epochs": _count(0),  # 0: evaluate train.init_checkpoint as it is
     "train.log_every_steps": _count(1),
     "train.keep_checkpoints": _count(1),
     "train.checkpoint_every_steps": _count(0),
@@ -215,6 +218,7 @@ def _rule_errors(config):
   if isinstance(template, str) and "{c}" not in template:
     yield f"score.text_template={template!r} must contain '{{c}}' (the class name)"
   yield from _prompt_errors(config)
+  yield from _protocol_errors(config)
   schedule, levels = get(config, "curriculum.schedule"), get(config, "curriculum.levels")
   if schedule == "fixed" and levels is not _MISSING and len(levels) != 1:
     yield f"curriculum.schedule='fixed' trains on one level; curriculum.levels={tuple(levels)}"
@@ -236,9 +240,38 @@ def _prompt_errors(config):
   elif source == "file":
     if not get(config, "prompts.descriptions_file"):
       yield "prompts.source='file' needs prompts.descriptions_file"
+  if source in ("file", "llm"):
     fmt = get(config, "prompts.description_format")
     if isinstance(fmt, str) and "{d}" not in fmt:
       yield f"prompts.description_format={fmt!r} must contain '{{d}}' (the description)"
+  if source == "llm":
+    url = get(config, "prompts.llm_base_url")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+      yield f"prompts.llm_base_url={url!r} must be an http:// or https:// URL"
+    if not get(config, "prompts.llm_model"):
+      yield "prompts.source='llm' needs prompts.llm_model (e.g. gpt-3.5-turbo-0125)"
+
+
+def _protocol_errors(config):
+  """Yields the messages of the crop range, the epoch plan and the evaluate-only run (epochs=0:
+  the ResNet of train.init_checkpoint, or the CLIP as loaded for train.model='clip')."""
+  from discl_jax.curriculum import state as curriculum_state  # pylint: disable=g-import-not-at-top
+  crop = get(config, "data.crop_scale")
+  if isinstance(crop, (list, tuple)) and (len(crop) != 2 or crop[0] > crop[1]):
+    yield f"data.crop_scale={tuple(crop)} must be (low, high) with low <= high"
+  if get(config, "curriculum.stage_epochs") not in (_MISSING, (), []):
+    try:
+      curriculum_state.check_stage_epochs(
+          get(config, "curriculum.schedule"), get(config, "curriculum.levels"),
+          get(config, "curriculum.curriculum_epochs"), get(config, "curriculum.stage_epochs"))
+    except ValueError as e:
+      yield str(e)
+  if get(config, "train.epochs") == 0:
+    if not get(config, "train.init_checkpoint") and get(config, "train.model") != CLIP_MODEL:
+      yield "train.epochs=0 evaluates train.init_checkpoint as it is; set train.init_checkpoint"
+    if get(config, "curriculum.schedule") != "none":
+      yield ("train.epochs=0 evaluates train.init_checkpoint without training; set "
+             f"curriculum.schedule='none' (it is {get(config, 'curriculum.schedule')!r})")
 
 
 def value_errors(config):

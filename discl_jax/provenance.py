@@ -169,7 +169,8 @@ _DATA_MOVABLE = ("data.num_workers", "data.augment", "data.verify_images", "data
                  "data.data_dir", "data.manual_dir", "data.root", "data.spectrum_dir")
 STAGE_KEYS = {
     "hard": (("hard", "data"), _DATA_MOVABLE),
-    "prompts": (("prompts",), ("prompts.descriptions_file",)),
+    # The endpoint may move (a local server's port); the model and the answers count.
+    "prompts": (("prompts",), ("prompts.descriptions_file", "prompts.llm_base_url")),
     "score": (("score.model", "score.tiny", "score.dtype", "score.text_template", "data.name",
                "data.tfds_name"), ()),
     # train.init_checkpoint counts by content (the loop adds its hash), not by path.

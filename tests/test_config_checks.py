@@ -42,8 +42,12 @@ def test_every_enum_family_is_checked_with_a_suggestion(key, typo, suggested):
 
 
 @pytest.mark.parametrize("key,value,words", [
-    ("train.epochs", 0, "an integer >= 1"),
-    ("train.epochs", -1, "an integer >= 1"),
+    ("train.epochs", 0, "evaluates train.init_checkpoint as it is; set train.init_checkpoint"),
+    ("train.epochs", -1, "an integer >= 0"),
+    ("data.crop_scale", (0.0, 1.0), r"0.0 is not a number in \(0, 1\]"),
+    ("data.crop_scale", (0.9, 0.5), r"must be \(low, high\) with low <= high"),
+    ("data.color_jitter", 1.0, r"in \[0, 1\)"),
+    ("prompts.llm_descriptions", 0, "an integer >= 1"),
     ("train.batch_size", 0, "an integer >= 1"),
     ("eval.batch_size", -8, "an integer >= 1"),
     ("diffusion.seeds_per_level", 0, "an integer >= 1"),
@@ -92,7 +96,7 @@ def test_enums_come_from_the_owning_modules():
 def test_values_are_checked_before_the_first_stage(tmp_path):
   config = config_lib.base_config()
   config.train.epochs = -1          # used by the 5th stage only
-  with pytest.raises(ValueError, match="train.epochs=-1 must be an integer >= 1"):
+  with pytest.raises(ValueError, match="train.epochs=-1 must be an integer >= 0"):
     pipeline.run_stages(config, tmp_path / "work")
   assert not (tmp_path / "work").exists()
 
@@ -143,8 +147,8 @@ def test_cli_errors_are_one_line(tmp_path):
   cases = [
       ("--config=configs/nope.py", ("config file 'configs/nope.py' not found",)),
       ("--config=demo:nope", ("unknown config argument 'nope'",)),
-      ("--config=configs/demo.py --config.train.epochs=0 --config.curriculum.schedule=syn_to_rael",
-       ("train.epochs=0 must be an integer >= 1", "did you mean 'syn_to_real'")),
+      ("--config=configs/demo.py --config.train.epochs=-1 --config.curriculum.schedule=syn_to_rael",
+       ("train.epochs=-1 must be an integer >= 0", "did you mean 'syn_to_real'")),
   ]
   for args, parts in cases:
     result = _discl(*args.split(), f"--workdir={tmp_path / 'w'}", "--stage=hard")
@@ -152,9 +156,9 @@ def test_cli_errors_are_one_line(tmp_path):
     assert result.returncode != 0, args
     assert len(lines) == 1 and lines[0].startswith("discl: "), (args, result.stderr)
     assert all(part in lines[0] for part in parts), (args, lines[0])
-  verbose = _discl("--config=configs/demo.py", "--config.train.epochs=0", "--verbosity=1",
+  verbose = _discl("--config=configs/demo.py", "--config.train.epochs=-1", "--verbosity=1",
                    f"--workdir={tmp_path / 'w'}", "--stage=hard")
-  assert "Traceback" in verbose.stderr and "train.epochs=0" in verbose.stderr
+  assert "Traceback" in verbose.stderr and "train.epochs=-1" in verbose.stderr
 
 
 def test_cli_turns_any_exception_into_one_line(monkeypatch, tmp_path, capsys):

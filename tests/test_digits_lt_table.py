@@ -83,6 +83,11 @@ def test_smoke_table_runs_every_stage_and_resumes(table, tmp_path):
       "CE", "CE + resampling", "CE + DisCL text_only"]
   for row in report["table"]:
     assert 0.0 <= row["all_mean"] <= 100.0
+  # The paper's way beside it: each run at its best test epoch, never below the val-chosen one.
+  for run in report["runs"]:
+    assert run["best_test/all"] >= run["test/all"] and run["best_test_epoch"] in (0, 1)
+  assert [r["method"] for r in report["table_best_test_epoch"]] == [
+      r["method"] for r in report["table"]]
   written = json.loads((tmp_path / "out" / "digits_lt_table.json").read_text())
   assert written["table"] == report["table"]
   assert (tmp_path / "out" / "digits_lt_table.md").read_text() == table.to_markdown(report["table"])

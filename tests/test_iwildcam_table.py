@@ -55,12 +55,14 @@ def test_smoke_table_on_the_tiny_fixture_runs_both_steps_and_resumes(table, tmp_
   assert all(r["class_name"] != "empty" for r in hard)
   assert report["hard"]["num_hard"] == len(hard)
   assert [r["method"] for r in report["table"]] == ["FLYP", "FLYP + DisCL (adaptive)"]
-  for key in ("table", "table_id_val_epoch", "table_last_epoch"):
+  for key in ("table", "table_id_val_epoch", "table_best_test_epoch", "table_last_epoch"):
     for row in report[key]:
       assert 0.0 <= row["id_mean"] <= 100.0 and 0.0 <= row["ood_mean"] <= 100.0
   metrics = [json.loads(l) for l in
              (work / "discl" / "seed0" / "metrics.jsonl").read_text().splitlines()]
   assert metrics[0]["curriculum_phases"][0] == "uniform"
+  for run in report["runs"]:  # the paper's way: the best OOD test epoch
+    assert run["test"]["ood"] >= run["val"]["ood"]
   written = json.loads((tmp_path / "out" / "iwildcam_table.json").read_text())
   assert written["table"] == report["table"]
   # A rerun reads every finished run back; another config in the same workdir is refused.

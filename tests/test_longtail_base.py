@@ -44,15 +44,20 @@ def test_every_discl_variant_refuses_and_base_does_not(tmp_path, path, arg):
   pipeline.preflight(config_lib.load_file(ROOT / path, arg + ",base"), ("train",))
 
 
-@pytest.mark.parametrize("path", ["configs/imagenet_lt.py", "configs/cifar100_lt.py"])
-def test_base_variant_is_the_reference_recipe(path):
+# cifar100_lt:base takes LDMLR's CIFAR-100-LT recipe (wd, milestones, epochs, batch, mixup).
+@pytest.mark.parametrize("path, recipe", [
+    ("configs/imagenet_lt.py", (2e-4, (60, 80), 100, 128, 0.2)),
+    ("configs/cifar100_lt.py", (5e-4, (100, 150), 200, 64, 0.5))])
+def test_base_variant_is_the_reference_recipe(path, recipe):
   c = config_lib.load_file(ROOT / path, "base")
   t = c.train
+  weight_decay, milestones, epochs, batch_size, mixup = recipe
   assert (t.optimizer, t.learning_rate, t.momentum, t.nesterov, t.weight_decay) == (
-      "sgd", 0.1, 0.9, True, 2e-4)
+      "sgd", 0.1, 0.9, True, weight_decay)
   assert (t.lr_schedule, tuple(t.lr_milestones), t.lr_decay, t.warmup_epochs) == (
-      "step", (60, 80), 0.1, 5)
-  assert (t.epochs, t.batch_size, t.mixup_alpha, t.init_checkpoint) == (100, 128, 0.2, "")
+      "step", milestones, 0.1, 5)
+  assert (t.epochs, t.batch_size, t.mixup_alpha, t.init_checkpoint) == (
+      epochs, batch_size, mixup, "")
   assert c.curriculum.schedule == "none"
 
 

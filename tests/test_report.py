@@ -139,3 +139,17 @@ def test_iwildcam_report_adds_the_epoch_chosen_on_id_val():
   section = text.split("## Result at the epoch chosen on id_val (1)")[1].split("##")[0]
   assert "| id_test | - | - | - | - | 55.00 |" in section
   assert "epoch chosen on id_val" not in report.render_markdown(_rows())  # no id_val split
+
+
+def test_best_test_epoch_section_is_labelled_the_papers_way_beside_the_val_headline():
+  rows = _rows()
+  rows[5]["test/all"] = 0.9  # test peaks at epoch 5, val at epoch 4
+  text = report.render_markdown(rows, final={"best_epoch": 4, "selected_on": "val/all"})
+  headline = text.index("## Result at the best validation epoch (4)")
+  paper = text.index("## Best test epoch (5): the paper's way of reporting")
+  assert headline < paper
+  section = text[paper:text.index("## Last epoch")]
+  assert "| test | " in section and "| 90.00 |" in section
+  assert "picked the best epoch on the test split" in section
+  # One epoch (an evaluate-only run): no such section.
+  assert "Best test epoch" not in report.render_markdown(rows[:1], final={"best_epoch": 0})

@@ -1,7 +1,8 @@
 """Schedules: which level(s) each epoch draws, and `plan_epoch` that turns it into picks.
 
 Stage schedules split the curriculum epochs into equal stages (the remainder
-goes to the earliest stages, as in the reference); every epoch from
+goes to the earliest stages), or into the lengths `curriculum.stage_epochs`
+gives (the reference's ImageNet-LT plan: 14 / 15 / 15 / 17); every epoch from
 `curriculum_epochs` on is real only:
   none         real images only, every image once per epoch (CE / BS baselines).
   resample     real images only, every epoch sampled as the other schedules'
@@ -23,7 +24,7 @@ import numpy as np
 
 from discl_jax import seeding
 from discl_jax.curriculum import sampling
-from discl_jax.curriculum.state import EpochPlan
+from discl_jax.curriculum.state import SINGLE_STAGE, STAGELESS, EpochPlan
 
 def stage_lengths(total, num_stages):
   """Returns int [num_stages] epochs per stage, summing to `total`, earliest stages longest."""
@@ -38,9 +39,9 @@ def stages(spec):
   A level set is a tuple of levels; () is real only. Not defined for the
   `none`, `resample` and `adaptive` schedules (they have no fixed stages).
   """
-  if spec.schedule in ("none", "resample", "adaptive"):
+  if spec.schedule in STAGELESS:
     raise ValueError(f"schedule {spec.schedule!r} has no fixed stages")
-  if spec.schedule in ("fixed", "text_only", "all_levels"):
+  if spec.schedule in SINGLE_STAGE:
     sets = [spec.levels]
   elif spec.schedule == "syn_to_real":
     sets = [(v,) for v in spec.levels] + [()]
@@ -52,8 +53,9 @@ def stages(spec):
             for k in range(len(candidates))]
   else:
     raise ValueError(f"unknown schedule {spec.schedule!r}")
+  lengths = spec.stage_epochs or stage_lengths(spec.curriculum_epochs, len(sets))
   out, start = [], 0
-  for level_set, length in zip(sets, stage_lengths(spec.curriculum_epochs, len(sets))):
+  for level_set, length in zip(sets, lengths):
     if length:
       out.append((start, start + int(length), tuple(level_set)))
     start += int(length)

@@ -23,6 +23,8 @@ SCHEDULES = ("none", "resample", "syn_to_real", "real_to_syn", "fixed", "all_lev
 REAL_ONLY_SCHEDULES = ("none", "resample")  # never read the spectrum
 TAIL_FILLS = ("pooled", "per_class")
 SIGNALS = ("prob_gain", "loss_decrease")
+STAGELESS = ("none", "resample", "adaptive")  # schedules without fixed stages
+SINGLE_STAGE = ("fixed", "text_only", "all_levels")
 REAL = 0
 SYNTHETIC = 1
 TEXT_ONLY_LEVEL = 0.0
@@ -40,6 +42,8 @@ class CurriculumSpec:
       `text_only` uses (0.0,), `none` uses ().
     curriculum_epochs: epochs 0 .. curriculum_epochs - 1 follow the schedule;
       every later epoch trains on real data only.
+    stage_epochs: explicit epochs per stage of a stage schedule (summing to
+      curriculum_epochs); () splits the curriculum epochs into equal stages.
     nontail_fraction: share of the non-tail real images drawn each epoch.
     tail_share: the tail's share of every epoch's sample list.
     tail_fill: how the tail share is filled, one of TAIL_FILLS (see `sampling`).
@@ -67,6 +71,7 @@ class CurriculumSpec:
   schedule: str
   levels: tuple
   curriculum_epochs: int
+  stage_epochs: tuple
   nontail_fraction: float
   tail_share: float
   tail_fill: str
@@ -117,6 +122,8 @@ class CurriculumSpec:
     curriculum_epochs = int(config["curriculum_epochs"])
     if curriculum_epochs < 0:
       raise ValueError(f"curriculum.curriculum_epochs must be >= 0, got {curriculum_epochs}")
+    stage_epochs = check_stage_epochs(schedule, config["levels"], curriculum_epochs,
+                                      config.get("stage_epochs", ()))
     nontail_fraction = float(config["nontail_fraction"])
     if not 0.0 < nontail_fraction <= 1.0:
       raise ValueError(f"curriculum.nontail_fraction must be in (0, 1], got {nontail_fraction}")
@@ -159,6 +166,7 @@ class CurriculumSpec:
 
     spec = cls(
         schedule=schedule, levels=levels, curriculum_epochs=curriculum_epochs,
+        stage_epochs=stage_epochs,
         nontail_fraction=nontail_fraction, tail_share=tail_share, tail_fill=tail_fill,
         signal=signal,
         uniform_rows=uniform_rows, merge_real=bool(config.get("merge_real", True)),
@@ -306,6 +314,38 @@ class EpochPlan:
         "num_real": self.num_real,
         "num_synthetic": self.num_synthetic,
     }
+
+
+def num_stages(schedule, levels):
+  """Returns how many stages `schedule` splits its curriculum epochs into (0: no stages)."""
+  if schedule in STAGELESS:
+    return 0
+  if schedule in SINGLE_STAGE:
+    return 1
+  return len(levels) + 1  # syn_to_real, real_to_syn, random: each level and a real stage
+
+
+def check_stage_epochs(schedule, levels, curriculum_epochs, stage_epochs):
+  """Returns `stage_epochs` (curriculum.stage_epochs) as a tuple of ints.
+
+  A schedule without stages (none, resample, adaptive) does not use it: (). Raises
+  ValueError naming the key unless it is empty, or has one whole number >= 0 per
+  stage of `schedule` (`num_stages`) summing to `curriculum_epochs`.
+  """
+  stage_epochs = tuple(stage_epochs or ())
+  count = num_stages(schedule, levels)
+  if not stage_epochs or not count:
+    return ()
+  if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in stage_epochs):
+    raise ValueError(f"curriculum.stage_epochs={stage_epochs} must hold whole numbers >= 0")
+  if len(stage_epochs) != count:
+    raise ValueError(f"curriculum.stage_epochs={stage_epochs} has {len(stage_epochs)} entries; "
+                     f"curriculum.schedule={schedule!r} with curriculum.levels={tuple(levels)} "
+                     f"has {count} stages")
+  if sum(stage_epochs) != curriculum_epochs:
+    raise ValueError(f"curriculum.stage_epochs={stage_epochs} sums to {sum(stage_epochs)}, "
+                     f"not curriculum.curriculum_epochs={curriculum_epochs}")
+  return tuple(int(e) for e in stage_epochs)
 
 
 def _schedule_levels(schedule, levels):

@@ -85,13 +85,14 @@ class PicksSource(grain.RandomAccessDataSource):
 
 class _TrainView(grain.RandomMapTransform):
 
-  def __init__(self, size, augment, mean, std, recipe):
+  def __init__(self, size, augment, mean, std, recipe, crop_scale, jitter):
     self._size, self._augment, self._mean, self._std = size, augment, mean, std
-    self._recipe = recipe
+    self._recipe, self._crop_scale, self._jitter = recipe, tuple(crop_scale), float(jitter)
 
   def random_map(self, element, rng):
     if self._augment:
-      image = transforms.train_view(self._recipe, element["image"], self._size, rng)
+      image = transforms.train_view(self._recipe, element["image"], self._size, rng,
+                                    self._crop_scale, self._jitter)
     else:
       image = transforms.eval_view(self._recipe, element["image"], self._size)
     element["image"] = normalize(image, self._mean, self._std)
@@ -188,10 +189,12 @@ def epoch_order(num_picks, seed, epoch):
 
 def train_loader(sources, picks, *, image_size, batch_size, seed, epoch,
                  shuffle=True, augment=True, shard=None, num_workers=0, on_bad_image="error",
-                 mean=transforms.IMAGENET_MEAN, std=transforms.IMAGENET_STD, recipe="resnet"):
+                 mean=transforms.IMAGENET_MEAN, std=transforms.IMAGENET_STD, recipe="resnet",
+                 crop_scale=transforms.CROP_SCALE, color_jitter=transforms.JITTER):
   """Returns a grain DataLoader over one epoch of `picks`, shuffled from (seed, epoch).
 
-  `recipe` names the transforms (`transforms.RECIPES`: "resnet" or "clip");
+  `recipe` names the transforms (`transforms.RECIPES`: "resnet" or "clip";
+  `crop_scale` and `color_jitter` shape the resnet one's augmentation);
   `shuffle=False` keeps the order of `picks` (already drawn by the caller).
 
   Batches: {"image": float32 [b, S, S, 3] normalised, "label", "source", "row":
@@ -214,7 +217,8 @@ def train_loader(sources, picks, *, image_size, batch_size, seed, epoch,
       shuffle=False, num_epochs=1,
       seed=seeding.stable_hash("train_loader/augment", seed, epoch) & 0x7FFFFFFF)
   operations = [_DropBad()] if on_bad_image == "skip" else []
-  operations += [_TrainView(image_size, augment, mean, std, _recipe(recipe)),
+  operations += [_TrainView(image_size, augment, mean, std, _recipe(recipe), crop_scale,
+                            color_jitter),
                  grain.Batch(local, drop_remainder=True)]
   return _with_skipped(grain.DataLoader(
       data_source=source, sampler=sampler, operations=operations,

@@ -1,8 +1,10 @@
 """Host-side image transforms (numpy + PIL), pure functions of (image, rng).
 
 Two recipes, picked by the classifier (`recipe_for(train.model)`):
-  resnet  train: random-resized-crop (area 0.35-1), horizontal flip, mild color
-          jitter; eval: resize the shorter side and center-crop 0.875.
+  resnet  train: random-resized-crop (area `data.crop_scale`, default 0.35-1),
+          horizontal flip, color jitter 1 +- `data.color_jitter` (default 0.2; the
+          paper configs use the reference's 0.08-1 and 0.4); eval: resize the
+          shorter side and center-crop 0.875.
   clip    CLIP's own (FLYP / DisCL, docs/design.md §6): train RandomResizedCrop(size,
           scale=(0.9, 1.0)) with bicubic resampling and nothing else; eval
           resize the shorter side to `size` (bicubic) and center-crop `size`,
@@ -22,9 +24,11 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
-CROP_SCALE = (0.35, 1.0)       # fraction of the image area a train crop covers
+CROP_SCALE = (0.35, 1.0)       # default fraction of the image area a train crop covers
+REFERENCE_CROP_SCALE = (0.08, 1.0)  # the reference's (torchvision's default RandomResizedCrop)
 CROP_RATIO = (3 / 4, 4 / 3)    # aspect ratio range of a train crop
-JITTER = 0.2                   # brightness / contrast / saturation factors in 1 +- JITTER
+JITTER = 0.2                   # default brightness / contrast / saturation factors in 1 +- JITTER
+REFERENCE_JITTER = 0.4         # the reference's ColorJitter(0.4, 0.4, 0.4)
 EVAL_CROP_FRACTION = 0.875     # eval: center crop this fraction of a larger image
 CLIP_CROP_SCALE = (0.9, 1.0)   # clip recipe: FLYP's RandomResizedCrop area range
 RECIPES = ("resnet", "clip")
@@ -85,12 +89,13 @@ def color_jitter(image, rng, strength=JITTER):
   return np.asarray(im)
 
 
-def train_transform(image, size, rng):
-  """Returns the augmented size x size uint8 training view of `image`."""
-  image = random_resized_crop(image, size, rng)
+def train_transform(image, size, rng, crop_scale=CROP_SCALE, jitter=JITTER):
+  """Returns the augmented size x size uint8 training view of `image`: a crop of area
+  fraction in `crop_scale`, a random flip, colour jitter of strength `jitter`."""
+  image = random_resized_crop(image, size, rng, scale=tuple(crop_scale))
   if rng.uniform() < 0.5:
     image = image[:, ::-1]
-  return color_jitter(image, rng)
+  return color_jitter(image, rng, strength=jitter)
 
 
 def center_crop_resize(image, size, crop_fraction=EVAL_CROP_FRACTION):
@@ -159,11 +164,15 @@ def clip_eval_transform(image, size):
   return image[top:top + size, left:left + size]
 
 
-def train_view(recipe, image, size, rng):
-  """Returns the size x size uint8 training view of `image` under `recipe` (RECIPES)."""
+def train_view(recipe, image, size, rng, crop_scale=CROP_SCALE, jitter=JITTER):
+  """Returns the size x size uint8 training view of `image` under `recipe` (RECIPES).
+
+  `crop_scale` and `jitter` (data.crop_scale, data.color_jitter) shape the resnet
+  recipe; the clip recipe is FLYP's own.
+  """
   if recipe == "clip":
     return clip_train_transform(image, size, rng)
-  return train_transform(image, size, rng)
+  return train_transform(image, size, rng, crop_scale, jitter)
 
 
 def eval_view(recipe, image, size):

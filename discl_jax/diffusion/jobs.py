@@ -45,6 +45,9 @@ def generation_fingerprint(config):
     fingerprint["diffusion"]["source_upsample"] = config.diffusion.source_upsample
   if config.prompts.choice != "per_image":  # stores made before the key chose per image
     fingerprint["prompts"]["choice"] = config.prompts.choice
+  if config.prompts.source == "llm":  # recorded only then, so older stores stay valid
+    fingerprint["prompts"].update(llm_model=config.prompts.llm_model,
+                                  llm_descriptions=config.prompts.llm_descriptions)
   descriptions = ""
   if config.prompts.source == "file":
     path = pathlib.Path(config.prompts.descriptions_file)

@@ -1,11 +1,13 @@
 """Per-class text prompts for the spectrum, and a deterministic choice per image.
 
-Two sources (`prompts.source`):
+Three sources (`prompts.source`):
   templates: format strings with "{c}" (the class name), or the name of a
       built-in set below, e.g. templates=("photo", "a drawing of a {c}").
   file: a JSON file {class: [descriptions]} (e.g. LLM-written scene
       descriptions), each used as `description_format` ("a 8k real photo: {d}";
       "{c}" may appear too).
+  llm: the same, with the descriptions asked of an OpenAI-compatible chat
+      endpoint by the prompts stage (`llm_descriptions`) and passed in.
 The choice (`prompts.choice`) is deterministic, from a stable hash (never
 Python's `hash`), the same on every run, host and process:
   per_seed   as the reference (docs/design.md §6 "Prompts"), per (class, image,
@@ -24,7 +26,7 @@ import pathlib
 from discl_jax import seeding
 from discl_jax.data import class_names as class_names_lib
 
-SOURCES = ("templates", "file")  # prompts.source
+SOURCES = ("templates", "file", "llm")  # prompts.source
 CHOICES = ("per_seed", "per_image")
 BUILTIN_TEMPLATES = {
     "photo": ("a photo of a {c}", "a close-up photo of a {c}", "a bright photo of a {c}",
@@ -97,17 +99,25 @@ def load_descriptions(path, class_names):
   return out
 
 
-def class_prompts(prompts_config, class_names):
-  """Returns {class: [candidate prompts]} for each of `class_names`."""
+def class_prompts(prompts_config, class_names, descriptions=None):
+  """Returns {class: [candidate prompts]} for each of `class_names`.
+
+  `descriptions` ({class: [descriptions]}) is what source "llm" formats; source
+  "file" reads them from `prompts.descriptions_file`.
+  """
   class_names = list(dict.fromkeys(class_names))
   if prompts_config.source == "templates":
     templates = expand_templates(prompts_config.templates)
     return {c: [t.format(c=display_name(c)) for t in templates] for c in class_names}
-  if prompts_config.source == "file":
+  if prompts_config.source in ("file", "llm"):
     fmt = prompts_config.description_format
     if "{d}" not in fmt:
       raise ValueError(f"prompts.description_format {fmt!r} must contain '{{d}}'")
-    descriptions = load_descriptions(prompts_config.descriptions_file, class_names)
+    if prompts_config.source == "file":
+      descriptions = load_descriptions(prompts_config.descriptions_file, class_names)
+    elif descriptions is None or any(not descriptions.get(c) for c in class_names):
+      raise ValueError("prompts.source='llm': no descriptions for class(es) "
+                       f"{[c for c in class_names if not (descriptions or {}).get(c)]}")
     return {c: [fmt.format(d=d, c=display_name(c)) for d in descriptions[c]]
             for c in class_names}
   raise ValueError(f"unknown prompts.source {prompts_config.source!r}; valid: {', '.join(SOURCES)}")
@@ -133,15 +143,16 @@ def choose_prompt(candidates, class_name, source_id, seed, seed_index=0, attempt
   return candidates[(first + step + int(attempt)) % len(candidates)]
 
 
-def build_prompts(prompts_config, hard_rows, seed, seeds_per_level):
-  """Returns the prompts document of `hard_rows` (see `prompts_stage`).
+def build_prompts(prompts_config, hard_rows, seed, seeds_per_level, descriptions=None):
+  """Returns the prompts document of `hard_rows` (see `prompts_stage`); `descriptions`
+  are source "llm"'s {class: [descriptions]}.
 
   {"choice": prompts.choice, "classes": {class: [candidates]},
    "source_classes": {id: class}, "sources": {id: [prompt of seed index 0, 1, ...]}}.
   """
   hard_rows = list(hard_rows)
   choice = check_choice(prompts_config.choice)
-  classes = class_prompts(prompts_config, [row["class_name"] for row in hard_rows])
+  classes = class_prompts(prompts_config, [row["class_name"] for row in hard_rows], descriptions)
   sources = {row["source_id"]: [
       choose_prompt(classes[row["class_name"]], row["class_name"], row["source_id"], seed, k,
                     choice=choice) for k in range(int(seeds_per_level))]

@@ -62,6 +62,20 @@ def id_val_row(rows, selected_on):
   return best_row(rows, None, "id_val", metric)
 
 
+def best_test_section(rows, selected_on):
+  """Returns markdown lines: the run at its best epoch on `test/{metric}` (the metric of
+  `selected_on`), the paper's way of reporting; [] with fewer than two epochs or no test."""
+  metric = selected_on.partition("/")[2] or "all"
+  row = best_row(rows, None, "test", metric) if len(rows) > 1 else None
+  if row is None:
+    return []
+  return [f"## Best test epoch ({row.get('epoch')}): the paper's way of reporting", "",
+          f"The same run at the epoch with the highest `test/{metric}`, as the reference "
+          "reported each run (it picked the best epoch on the test split). Test figures "
+          "selected on test are optimistic; the headline above is selected on validation.",
+          "", results_table(row, splits_in(rows)), ""]
+
+
 def results_table(values, splits):
   """Returns markdown: one line per split, Many/Medium/Few/All/macro-F1 in percent."""
   lines = ["| split | " + " | ".join(_HEADERS[c] for c in COLUMNS) + " |",
@@ -196,13 +210,18 @@ def render_markdown(rows, *, final=None, config=None, per_class=None, hard=None,
   if config is not None:
     out += [_config_summary(config), ""]
   best = best_row(rows, (final or {}).get("best_epoch"))
-  if best is not None:
+  if best is not None and (final or {}).get("evaluated_as_is"):
+    out += ["## Result of train.init_checkpoint as it is (train.epochs=0)", "",
+            "Top-1 accuracy (%) per class group and macro-F1 (%) of the initial checkpoint, "
+            "no training step taken.", "", results_table(best, splits), ""]
+  elif best is not None:
     values = dict(best)
     values.update({k: v for k, v in (final or {}).items() if "/" in k})
     selected_on = (final or {}).get("selected_on", "val/all")
     out += [f"## Result at the best validation epoch ({best.get('epoch')})", "",
             "Top-1 accuracy (%) per class group and macro-F1 (%); the epoch is chosen on "
             f"`{selected_on}`, never on test.", "", results_table(values, splits), ""]
+  out += best_test_section(rows, (final or {}).get("selected_on", "val/all"))
   alternative = id_val_row(rows, (final or {}).get("selected_on", "val/all"))
   if alternative is not None:
     out += [f"## Result at the epoch chosen on id_val ({alternative.get('epoch')})", "",

@@ -267,7 +267,8 @@ def train_and_evaluate(config, workdir):
   Writes workdir/ckpt (orbax), workdir/metrics.jsonl, workdir/tb (TensorBoard),
   workdir/predictions.npz (best-val epoch) and workdir/train_result.json.
   Returns {"preempted": True, ...} early when asked to stop (SIGTERM or a
-  multi-host preemption notice) after saving a mid-epoch checkpoint.
+  multi-host preemption notice) after saving a mid-epoch checkpoint. With
+  `train.epochs=0` it evaluates `train.init_checkpoint` as it is (`evaluate_as_is`).
   """
   config = config_lib.validate(config)
   workdir = pathlib.Path(workdir)
@@ -282,6 +283,8 @@ def train_and_evaluate(config, workdir):
   trainer = make_trainer(config, data, mesh, workdir)
   trainer.train_step = progress.first_call_notice(trainer.train_step, "the train step")
   select_key = f"{config.eval.select_split}/{config.eval.select_metric}"
+  if tc.epochs == 0:
+    return evaluate_as_is(trainer, data, workdir, select_key)
   ckpt = checkpoint_lib.Checkpointer(wd.path(workdir, wd.CKPT), tc.keep_checkpoints).watch_sigterm()
   main = wd.is_main_process()
 
@@ -342,7 +345,8 @@ def train_and_evaluate(config, workdir):
             seed=config.seed, epoch=epoch * _SEGMENT_SEEDS + segment_start if stream else epoch,
             shuffle=not stream, augment=config.data.augment, shard=shard,
             num_workers=config.data.num_workers, on_bad_image=config.data.on_bad_image,
-            mean=trainer.mean, std=trainer.std, recipe=transforms.recipe_for(tc.model)))
+            mean=trainer.mean, std=trainer.std, recipe=transforms.recipe_for(tc.model),
+            crop_scale=config.data.crop_scale, color_jitter=config.data.color_jitter))
       if mid_epoch:
         iterator = ckpt.restore_iterator(latest, iterator)
       batch_index = meta["batches_done"]
@@ -424,6 +428,30 @@ def train_and_evaluate(config, workdir):
     ckpt.close()
     if writer is not None:
       writer.close()
+
+
+def evaluate_as_is(trainer, data, workdir, select_key):
+  """Returns the result of `train.epochs=0`: `train.init_checkpoint` evaluated as it is.
+
+  Writes what a trained run writes (one metrics row as epoch 0, no step taken,
+  the predictions, train_result.json with "evaluated_as_is"), so the report follows.
+  """
+  state = trainer.initial_state()
+  row, outs = {"epoch": 0, "step": int(state.step), "evaluated_as_is": True}, {}
+  for name, split in data.eval_splits.items():
+    split_row, outs[name] = evaluate(trainer, state, split, data.groups, name)
+    row.update(split_row)
+  row["best_epoch"] = 0
+  result = {"epochs": 0, "best_epoch": 0, "selected_on": select_key, "evaluated_as_is": True,
+            **{k: v for k, v in row.items() if "/" in k}}
+  if wd.is_main_process():
+    _save_predictions(wd.path(workdir, wd.PREDICTIONS), 0, outs)
+    wd.atomic_write_text(wd.path(workdir, wd.METRICS), _json_line(row))
+    wd.atomic_write_json(wd.path(workdir, wd.TRAIN_RESULT), result)
+  logging.info("train.epochs=0: %s evaluated as it is | %s", trainer.config.train.init_checkpoint,
+               " ".join(f"{k} {100 * v:.1f}" for k, v in result.items()
+                        if k.endswith("/all")))
+  return result
 
 
 def epoch_line(row, epochs, split_names, images, seconds):
