@@ -16,6 +16,8 @@ import difflib
 import math
 import pathlib
 
+from discl_jax.data import class_names
+
 
 def enums():
   """Returns {dotted key: tuple of allowed values}, each from the module that owns it."""
@@ -278,7 +280,8 @@ def level_errors(config):
   if schedule == "text_only":
     levels, key = (curriculum_state.TEXT_ONLY_LEVEL,), "curriculum.schedule='text_only'"
   else:
-    levels, key = tuple(config.curriculum.levels), f"curriculum.levels={tuple(config.curriculum.levels)}"
+    levels = tuple(config.curriculum.levels)
+    key = f"curriculum.levels={levels}"
   empty = [level for level in levels
            if not any(abs(level - m) < sampling.LEVEL_ATOL for m in made)]
   if not empty:
@@ -311,16 +314,9 @@ def _model_input(key, name):
   return None
 
 
-def _checkpoint_input(key, name):
-  """Returns (key, path, "file or directory") for a checkpoint to load, else None (unset).
-
-  `train.init_checkpoint` is never a hub id: a checkpoint directory of this
-  project, a workdir holding one, or a PyTorch file (.pth, .pt, .checkpoint,
-  .safetensors), as `train.checkpoint.load_variables` accepts.
-  """
-  return (key, pathlib.Path(name).expanduser(), CHECKPOINT) if name else None
-
-
+# `train.init_checkpoint` is never a hub id: a checkpoint directory of this project, a
+# workdir holding one, or a PyTorch file (.pth, .pt, .checkpoint, .safetensors), as
+# `train.checkpoint.load_variables` accepts.
 CHECKPOINT = "file or directory"
 # Stages that build text from class names (prompts, CLIP texts, FLYP captions).
 TEXT_STAGES = ("prompts", "score")
@@ -338,11 +334,12 @@ def _name_inputs(data, stages):
   if stages & set(TEXT_STAGES) and _needs_readable_names(data) and not data.class_names_file:
     yield ("data.class_names_file (readable class names for prompts and CLIP texts, one per "
            "line in label order: see the README's 'Class names for text')", None, "file")
+  # iWildCam's common names: in hard.jsonl (for the prompts), CLIP texts, FLYP captions and heads.
   if (data.name == "iwildcam" and data.metadata_csv and not data.allow_scientific_names
-      and stages & (set(DATA_STAGES) | set(TEXT_STAGES))):
-    yield ("labels.csv beside data.metadata_csv (FLYP's common names for captions and "
-           "prompts; or set data.allow_scientific_names=True)",
-           pathlib.Path(data.metadata_csv).parent / "labels.csv", "file")
+      and stages & {"hard", "score", "train", "eval"}):
+    yield (f"{class_names.LABELS_CSV} beside data.metadata_csv (FLYP's common names for "
+           "captions and prompts; or set data.allow_scientific_names=True)",
+           pathlib.Path(data.metadata_csv).parent / class_names.LABELS_CSV, "file")
 
 
 def _data_inputs(data):
@@ -393,8 +390,9 @@ def inputs(config, stages):
   if ("score" in stages or (uses_clip and not config.train.clip_model)) and not config.score.tiny:
     models.append(("score.model", config.score.model))
   if "train" in stages:
-    found.extend(filter(None, [_checkpoint_input("train.init_checkpoint",
-                                                 config.train.init_checkpoint)]))
+    if config.train.init_checkpoint:
+      found.append(("train.init_checkpoint", pathlib.Path(config.train.init_checkpoint).expanduser(),
+                    CHECKPOINT))
     if config.data.spectrum_dir:
       found.append(("data.spectrum_dir", pathlib.Path(config.data.spectrum_dir), "directory"))
   found.extend(filter(None, (_model_input(key, name) for key, name in models)))

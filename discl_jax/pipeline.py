@@ -37,7 +37,7 @@ def run_stages(config, workdir, names=stages.ORDER):
   every stage those a real-data schedule never reads.
   """
   workdir = wd.check_workdir(workdir)
-  runners = dict(zip(names, [stages.get(name) for name in names]))
+  runners = {name: stages.get(name) for name in names}
   preflight(config, names)
   skips = skip_reasons(config, names)
   to_run = [name for name in names if name not in skips]
@@ -121,30 +121,32 @@ def check_recorded(config, workdir, names):
   hashes of what earlier stages write when it runs); writes nothing.
   """
   spectrum = wd.path(workdir, wd.SPECTRUM)
+  records = {"generate": spectrum / spectrum_store.GENERATION,
+             "score": spectrum / spectrum_store.SCORE_PROVENANCE}
   for name in names:
-    target = wd.path(workdir, wd.PROVENANCE % name)
+    target = records.get(name, wd.path(workdir, wd.PROVENANCE % name))
+    if not target.exists():
+      continue  # a fresh output
+    if name == "generate":
+      provenance.check_unchanged(target, jobs.generation_fingerprint(config),
+                                 what=f"generate: {spectrum}", outputs=[spectrum], recorded=None)
+      continue
     if name == "hard":
-      provenance.check_stage_unchanged(
-          workdir, name, provenance.fingerprint(config, "hard"), target=target,
-          outputs=[wd.path(workdir, wd.HARD), wd.path(workdir, wd.HARD_SUMMARY)])
+      current = provenance.fingerprint(config, "hard")
+      outputs = [wd.path(workdir, wd.HARD), wd.path(workdir, wd.HARD_SUMMARY)]
     elif name == "prompts":
       current = provenance.fingerprint(config, "prompts", workdir)
       current.pop("hard.jsonl_sha256")  # `hard`, checked above, rewrites it unchanged
-      provenance.check_stage_unchanged(workdir, name, current, target=target,
-                                       outputs=[wd.path(workdir, wd.PROMPTS)])
-    elif name == "generate":
-      provenance.check_unchanged(
-          spectrum / spectrum_store.GENERATION, jobs.generation_fingerprint(config),
-          what=f"generate: {spectrum}", outputs=[spectrum], recorded=None)
+      outputs = [wd.path(workdir, wd.PROMPTS)]
     elif name == "score":
-      provenance.check_stage_unchanged(
-          workdir, name, provenance.fingerprint(config, "score"),
-          target=spectrum / spectrum_store.SCORE_PROVENANCE,
-          outputs=[spectrum / spectrum_store.SCORES_GLOB])
+      current = provenance.fingerprint(config, "score")
+      outputs = [spectrum / spectrum_store.SCORES_GLOB]
     elif name == "train":
-      provenance.check_stage_unchanged(
-          workdir, name, loop.config_fingerprint(config), target=target,
-          outputs=[wd.path(workdir, output) for output in loop.TRAIN_OUTPUTS])
+      current = loop.config_fingerprint(config)
+      outputs = [wd.path(workdir, output) for output in loop.TRAIN_OUTPUTS]
+    else:
+      continue
+    provenance.check_stage_unchanged(workdir, name, current, target=target, outputs=outputs)
 
 
 def record_time(workdir, stage, seconds):
