@@ -29,6 +29,7 @@ from discl_jax import workdir as wd
 from discl_jax.data import class_names as class_names_lib
 from discl_jax.data import spectrum_store
 from discl_jax.stages import generate_stage
+from discl_jax.stages import score_stage
 from discl_jax.train import loop
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -132,11 +133,14 @@ def _scored_store(workdir, strengths=(0.3, 0.7), seeds=(0, 1)):
   return rows
 
 
-def test_train_reads_only_the_config_job_grid(tmp_path):
+def test_train_and_score_read_only_the_config_job_grid(tmp_path):
   _scored_store(tmp_path)  # 2 strengths x 2 seeds: a larger grid's run added images
   config = _demo()
   config.diffusion.update(strengths=(0.7,), seeds_per_level=1)
   assert [r["job_id"] for r in loop.accepted_rows(config, tmp_path)] == ["a|s0.700|seed0"]
+  score_stage.run(config, tmp_path)  # every row is scored: only the report is written
+  report = json.loads(wd.path(tmp_path, score_stage.ACCEPTANCE_JSON).read_text())
+  assert report["overall"]["scored"] == 1
   config.diffusion.update(strengths=(0.3, 0.7), seeds_per_level=2)
   assert len(loop.accepted_rows(config, tmp_path)) == 4
 
