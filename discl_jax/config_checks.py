@@ -391,8 +391,8 @@ def inputs(config, stages):
     models.append(("score.model", config.score.model))
   if "train" in stages:
     if config.train.init_checkpoint:
-      found.append(("train.init_checkpoint", pathlib.Path(config.train.init_checkpoint).expanduser(),
-                    CHECKPOINT))
+      checkpoint = pathlib.Path(config.train.init_checkpoint).expanduser()
+      found.append(("train.init_checkpoint", checkpoint, CHECKPOINT))
     if config.data.spectrum_dir:
       found.append(("data.spectrum_dir", pathlib.Path(config.data.spectrum_dir), "directory"))
   found.extend(filter(None, (_model_input(key, name) for key, name in models)))
