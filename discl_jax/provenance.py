@@ -220,7 +220,8 @@ def fingerprint(config, stage, workdir=None):
   "prompts" also counts workdir/hard.jsonl and the descriptions file by content
   and the spectrum seed; "score" counts the class-names file by content (and
   the spectrum seed for a tiny CLIP); "train" of a schedule that reads the
-  spectrum counts the job grid (`diffusion.strengths`, `seeds_per_level`). The
+  spectrum counts the job grid (`diffusion.strengths`, `seeds_per_level`) and
+  the regeneration attempts (`score.regenerate`, `max_regenerations`). The
   train loop adds its own hashes (init checkpoint, accepted synthetic set, the
   spectrum's fingerprints).
   """
@@ -230,9 +231,13 @@ def fingerprint(config, stage, workdir=None):
     out.update(select(config, _MISCLASSIFIED_KEYS))
   seed = seeding.generation_seed(config)
   if stage == "train" and config.curriculum.schedule not in curriculum_state.REAL_ONLY_SCHEDULES:
-    # The job grid picks the synthetic rows train reads (`jobs.grid_rows`).
+    # The job grid and the regeneration attempts pick the synthetic rows train reads
+    # (`jobs.grid_rows`, `acceptance.accepted_rows`).
     out["diffusion.strengths"] = sorted(float(s) for s in config.diffusion.strengths)
     out["diffusion.seeds_per_level"] = int(config.diffusion.seeds_per_level)
+    out["score.regenerate"] = bool(config.score.regenerate)
+    if config.score.regenerate:
+      out["score.max_regenerations"] = int(config.score.max_regenerations)
   if stage == "prompts":
     out["spectrum_seed"] = seed
     out["prompts.descriptions_sha256"] = (sha256_file(config.prompts.descriptions_file)

@@ -155,7 +155,8 @@ def _trained(workdir, config):
 
 @pytest.mark.parametrize("key,value", [("diffusion.seeds_per_level", 2),
                                        ("diffusion.strengths", (0.7, 1.0)),
-                                       ("score.threshold", 0.7)])
+                                       ("score.threshold", 0.7),
+                                       ("score.regenerate", True)])
 def test_a_change_train_would_refuse_is_refused_before_any_stage(tmp_path, key, value):
   work = tmp_path / "work"
   _scored_store(work, strengths=(0.3, 0.7, 1.0), seeds=(0,))
