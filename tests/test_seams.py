@@ -68,11 +68,7 @@ def test_init_checkpoint_files_and_workdirs_pass_the_input_check(tmp_path, monke
 
 def test_main_fine_tunes_from_an_ldmlr_pth(tmp_path):
   torch = pytest.importorskip("torch")
-  sys.path.insert(0, str(ROOT / "tests"))
-  try:
-    from test_import_torch import TorchResNet  # pylint: disable=g-import-not-at-top
-  finally:
-    sys.path.remove(str(ROOT / "tests"))
+  from test_import_torch import TorchResNet  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   model = TorchResNet(True, 1, (64, 128, 256, 512), 10).eval()  # LDMLR's ResNet-10, 10 digits
   base = tmp_path / "resnet10_ldmlr.pth"
