@@ -70,6 +70,8 @@ def base_config():
       val_list="",
       test_list="",
       metadata_csv="",         # WILDS iWildCam metadata.csv
+      allow_scientific_names=False,  # iwildcam without labels.csv beside metadata.csv: caption
+                               # with the scientific names instead of refusing
       class_names_file="",     # readable class names, one per line in label order (file lists,
                                # name=tfds); text refuses label numbers and WordNet ids
       imbalance_ratio=100.0,   # n_max / n_min of the exponential profile

@@ -17,6 +17,7 @@ import math
 import pathlib
 
 from discl_jax import hub
+from discl_jax.data import class_names
 
 
 def enums():
@@ -297,6 +298,35 @@ def check_values(config):
   return config
 
 
+def level_errors(config):
+  """Returns messages for curriculum levels that no job of `diffusion.strengths` makes.
+
+  A level is image guidance lambda = 1 - strength; `text_only` trains on
+  lambda 0 (strength 1.0); `none` and `resample` read no spectrum.
+  """
+  # pylint: disable=g-import-not-at-top  (heavy modules, imported when checking)
+  from discl_jax.curriculum import sampling
+  from discl_jax.curriculum import state as curriculum_state
+  schedule = config.curriculum.schedule
+  if schedule in curriculum_state.REAL_ONLY_SCHEDULES:
+    return []
+  strengths = tuple(config.diffusion.strengths)
+  made = [1.0 - float(s) for s in strengths]
+  if schedule == "text_only":
+    levels, key = (curriculum_state.TEXT_ONLY_LEVEL,), "curriculum.schedule='text_only'"
+  else:
+    levels = tuple(config.curriculum.levels)
+    key = f"curriculum.levels={levels}"
+  empty = [level for level in levels
+           if not any(abs(level - m) < sampling.LEVEL_ATOL for m in made)]
+  if not empty:
+    return []
+  needed = ", ".join(f"{1.0 - level:g}" for level in empty)
+  return [f"{key} trains on lambda {', '.join(f'{v:g}' for v in empty)}, which no job of "
+          f"diffusion.strengths={strengths} makes (lambda = 1 - strength): add strength(s) "
+          f"{needed} or drop the level(s), else its synthetic epochs get no synthetic images"]
+
+
 # Stages that read the dataset (the `prompts` stage reads only hard.jsonl).
 DATA_STAGES = ("hard", "generate", "score", "train", "eval")
 
@@ -317,6 +347,34 @@ def _model_input(key, name):
   if path.exists() or _looks_like_path(name):
     return key, path, "directory"
   return None
+
+
+# `train.init_checkpoint` is never a hub id: a checkpoint directory of this project, a
+# workdir holding one, or a PyTorch file (.pth, .pt, .checkpoint, .safetensors), as
+# `train.checkpoint.load_variables` accepts.
+CHECKPOINT = "file or directory"
+# Stages that build text from class names (prompts, CLIP texts, FLYP captions).
+TEXT_STAGES = ("prompts", "score")
+
+
+def _needs_readable_names(data):
+  """Returns True when `data` gives label numbers or WordNet ids as class names unless
+  `data.class_names_file` is set (ImageNet-LT's split files, TFDS ImageNet)."""
+  return data.name == "imagenet_lt" or (
+      data.name == "tfds" and str(data.tfds_name).startswith("imagenet"))
+
+
+def _name_inputs(data, stages):
+  """Yields the inputs the class names text is built from, for the `stages` that build it."""
+  if stages & set(TEXT_STAGES) and _needs_readable_names(data) and not data.class_names_file:
+    yield ("data.class_names_file (readable class names for prompts and CLIP texts, one per "
+           "line in label order: see the README's 'Class names for text')", None, "file")
+  # iWildCam's common names: in hard.jsonl (for the prompts), CLIP texts, FLYP captions and heads.
+  if (data.name == "iwildcam" and data.metadata_csv and not data.allow_scientific_names
+      and stages & {"hard", "score", "train", "eval"}):
+    yield (f"{class_names.LABELS_CSV} beside data.metadata_csv (FLYP's common names for "
+           "captions and prompts; or set data.allow_scientific_names=True)",
+           pathlib.Path(data.metadata_csv).parent / class_names.LABELS_CSV, "file")
 
 
 def _data_inputs(data):
@@ -348,11 +406,13 @@ def _data_inputs(data):
 
 
 def inputs(config, stages):
-  """Returns [(key, path, "file" | "directory")] of every input `stages` read (path None: unset)."""
+  """Returns [(key, path, "file" | "directory" | "file or directory")] of every input `stages`
+  read (path None: unset)."""
   stages = set(stages)
   found = []
   if stages & set(DATA_STAGES):
     found.extend(_data_inputs(config.data))
+  found.extend(_name_inputs(config.data, stages))
   if "prompts" in stages and config.prompts.source == "file" and config.prompts.descriptions_file:
     found.append(("prompts.descriptions_file", pathlib.Path(config.prompts.descriptions_file), "file"))
   models = []
@@ -365,11 +425,17 @@ def inputs(config, stages):
   if ("score" in stages or (uses_clip and not config.train.clip_model)) and not config.score.tiny:
     models.append(("score.model", config.score.model))
   if "train" in stages:
-    models.append(("train.init_checkpoint", config.train.init_checkpoint))
+    if config.train.init_checkpoint:
+      checkpoint = pathlib.Path(config.train.init_checkpoint).expanduser()
+      found.append(("train.init_checkpoint", checkpoint, CHECKPOINT))
     if config.data.spectrum_dir:
       found.append(("data.spectrum_dir", pathlib.Path(config.data.spectrum_dir), "directory"))
   found.extend(filter(None, (_model_input(key, name) for key, name in models)))
   return found
+
+
+_KIND_EXISTS = {"file": pathlib.Path.is_file, "directory": pathlib.Path.is_dir,
+                CHECKPOINT: pathlib.Path.exists}
 
 
 def check_inputs(config, stages):
@@ -381,7 +447,7 @@ def check_inputs(config, stages):
   for key, path, kind in inputs(config, stages):
     if path is None:
       missing.append(f"{key} is not set (data.name={config.data.name!r} reads it)")
-    elif not (path.is_dir() if kind == "directory" else path.is_file()):
+    elif not _KIND_EXISTS[kind](path):
       missing.append(f"{key} {str(path)!r} (no such {kind})")
   if missing:
     raise FileNotFoundError("missing input(s): " + "; ".join(missing))

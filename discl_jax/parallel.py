@@ -1,6 +1,7 @@
 """Device mesh, shardings and multi-host start-up (jit + NamedSharding, no pmap)."""
 
 import math
+import os
 
 import jax
 import numpy as np
@@ -10,10 +11,39 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
+# What a multi-host start needs: a cluster jax.distributed.initialize() detects, or the
+# coordinator given by hand.
+MULTI_HOST_ENV = (
+    "SLURM (srun sets SLURM_JOB_ID, SLURM_NTASKS, SLURM_PROCID), Open MPI (mpirun sets "
+    "OMPI_MCA_orte_hnp_uri), Kubernetes (KUBERNETES_SERVICE_HOST, with the `kubernetes` "
+    "package) or a Cloud TPU VM are detected; elsewhere set JAX_COORDINATOR_ADDRESS=host:port, "
+    "JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process")
+
+
 def initialize(config):
-  """Starts jax.distributed when `config.mesh.multi_host` is set; returns None."""
-  if config.mesh.multi_host:
-    jax.distributed.initialize()
+  """Starts jax.distributed when `config.mesh.multi_host` is set; returns None.
+
+  The coordinator, process count and index come from a cluster
+  jax.distributed.initialize() detects, or from JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID. Without either it raises ValueError
+  in one line naming `mesh.multi_host` and those variables.
+  """
+  if not config.mesh.multi_host:
+    return
+  given = {}
+  for name, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+    if os.environ.get(name, "").strip():
+      try:
+        given[arg] = int(os.environ[name])
+      except ValueError:
+        raise ValueError(f"{name}={os.environ[name]!r} is not an integer") from None
+  try:
+    jax.distributed.initialize(**given)
+  except ValueError as e:  # a missing coordinator, process count or index
+    cause = " ".join(str(e).split())
+    raise ValueError(
+        f"mesh.multi_host=True, but jax.distributed.initialize() found no coordinator "
+        f"({cause}): {MULTI_HOST_ENV}; on one host leave mesh.multi_host=False") from e
 
 
 def make_mesh(shape=(-1,), devices=None):

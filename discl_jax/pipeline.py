@@ -10,9 +10,13 @@ from absl import logging
 from discl_jax import config_checks
 from discl_jax import digit_models
 from discl_jax import progress
+from discl_jax import provenance
 from discl_jax import stages
 from discl_jax import workdir as wd
+from discl_jax.data import spectrum_store
+from discl_jax.diffusion import jobs
 from discl_jax.stages import hard_stage
+from discl_jax.train import loop
 
 
 SPECTRUM_STAGES = ("hard", "prompts", "generate", "score")
@@ -24,27 +28,34 @@ def run_stages(config, workdir, names=stages.ORDER):
   Before any stage, `preflight` checks every config value and that the config
   can run `names`, and `config_checks.check_inputs` that their inputs exist;
   then the workdir's lock is taken (one run per workdir; in multi-host mode the
-  processes share the workdir and coordinate through their own shards instead).
-  Each stage records its own fingerprint and config (`provenance`). With
-  `data.spectrum_dir` set the spectrum stages are skipped: the spectrum is
-  another workdir's.
+  processes share the workdir and coordinate through their own shards instead)
+  and `check_recorded` compares every stage's recorded fingerprint with the
+  config, so a refusal comes before any stage rewrites anything. Each stage
+  records its own fingerprint and config (`provenance`). Stages nothing uses
+  are skipped with one log line (`skip_reasons`): the spectrum stages with
+  `data.spectrum_dir` set (the spectrum is another workdir's), and in a run of
+  every stage those a real-data schedule never reads.
   """
-  runners = [stages.get(name) for name in names]
+  workdir = wd.check_workdir(workdir)
+  runners = {name: stages.get(name) for name in names}
   preflight(config, names)
-  config_checks.check_inputs(config, [n for n in names if not skipped(config, n)])
-  wd.path(workdir).mkdir(parents=True, exist_ok=True)
+  skips = skip_reasons(config, names)
+  to_run = [name for name in names if name not in skips]
+  config_checks.check_inputs(config, to_run)
+  wd.make_workdir(workdir)
   several = config.mesh.multi_host or jax.process_count() > 1
   lock = contextlib.nullcontext() if several else wd.exclusive(workdir)
   with lock:
     logging.info("%s; workdir %s", progress.startup_line(), workdir)
-    for name, stage in zip(names, runners):
-      if skipped(config, name):
-        logging.info("stage %s: skipped, the spectrum comes from data.spectrum_dir=%s", name,
-                     config.data.spectrum_dir)
-        continue
+    check_recorded(config, workdir, to_run)
+    for reason in dict.fromkeys(skips.values()):
+      skipped_here = [name for name in names if skips.get(name) == reason]
+      logging.info("stage%s %s: skipped, %s", "s" if len(skipped_here) > 1 else "",
+                   ", ".join(skipped_here), reason)
+    for name in to_run:
       logging.info("stage %s: start", name)
       started = time.perf_counter()
-      stage(config, workdir)
+      runners[name](config, workdir)
       seconds = time.perf_counter() - started
       logging.info("stage %s: done in %.1f s", name, seconds)
       if wd.is_main_process():
@@ -56,7 +67,8 @@ def preflight(config, names=stages.ORDER):
 
   Checks every value (`config_checks`), the digit models' held-out split, the
   hard rule's model checkpoint and, for `train`, a required long-tail base
-  checkpoint. `run_stages` then checks that the inputs of `names` exist.
+  checkpoint and a job of `diffusion.strengths` at every curriculum level.
+  `run_stages` then checks that the inputs of `names` exist.
   """
   config_checks.check_values(config)
   digit_models.check_heldout(config)
@@ -69,11 +81,72 @@ def preflight(config, names=stages.ORDER):
         "--config.train.init_checkpoint=PATH (a PyTorch ResNet .pth/.pt/.safetensors, e.g. "
         "LDMLR's ImageNet-LT ResNet-10, or a ckpt directory of this project); or train one "
         "first with this config's `:base` variant and pass its WORKDIR/ckpt")
+  if "train" in names:
+    errors = config_checks.level_errors(config)
+    if errors:
+      raise ValueError("; ".join(errors))
 
 
-def skipped(config, name):
-  """Returns True when stage `name` does not run: a spectrum stage with `data.spectrum_dir` set."""
-  return bool(config.data.spectrum_dir) and name in SPECTRUM_STAGES
+# The stages a real-data schedule's training never reads, in a run of every stage:
+# `none` trains on every real image as it is; `resample` holds the tail share with the
+# real images of the hard set (hard.jsonl), so it keeps `hard`.
+UNUSED_BY_SCHEDULE = {"none": SPECTRUM_STAGES, "resample": ("prompts", "generate", "score")}
+
+
+def skip_reasons(config, names):
+  """Returns {stage in `names`: why it does not run} for the stages that are skipped.
+
+  With `data.spectrum_dir` set the spectrum stages do not run (the spectrum is
+  another workdir's). When `names` is every stage (`--stage=all`) and the
+  schedule trains on real data only (`UNUSED_BY_SCHEDULE`), the stages it never
+  reads do not run either; `--stage=NAME` still runs any of them.
+  """
+  reasons = {}
+  schedule = config.curriculum.schedule
+  unused = UNUSED_BY_SCHEDULE.get(schedule, ()) if tuple(names) == stages.ORDER else ()
+  for name in names:
+    if config.data.spectrum_dir and name in SPECTRUM_STAGES:
+      reasons[name] = f"the spectrum comes from data.spectrum_dir={config.data.spectrum_dir}"
+    elif name in unused:
+      reasons[name] = (f"curriculum.schedule={schedule!r} trains on real data only and never "
+                       "reads them (run one with --stage=NAME)")
+  return reasons
+
+
+def check_recorded(config, workdir, names):
+  """Returns None; raises ValueError naming the first differing key when a stage in `names`
+  would refuse the fingerprint its output records, before any of them runs.
+
+  Compares the part of each fingerprint the config decides (a stage adds the
+  hashes of what earlier stages write when it runs); writes nothing.
+  """
+  spectrum = wd.path(workdir, wd.SPECTRUM)
+  records = {"generate": spectrum / spectrum_store.GENERATION,
+             "score": spectrum / spectrum_store.SCORE_PROVENANCE}
+  for name in names:
+    target = records.get(name, wd.path(workdir, wd.PROVENANCE % name))
+    if not target.exists():
+      continue  # a fresh output
+    if name == "generate":
+      provenance.check_unchanged(target, jobs.generation_fingerprint(config),
+                                 what=f"generate: {spectrum}", outputs=[spectrum], recorded=None)
+      continue
+    if name == "hard":
+      current = provenance.fingerprint(config, "hard")
+      outputs = [wd.path(workdir, wd.HARD), wd.path(workdir, wd.HARD_SUMMARY)]
+    elif name == "prompts":
+      current = provenance.fingerprint(config, "prompts", workdir)
+      current.pop("hard.jsonl_sha256")  # `hard`, checked above, rewrites it unchanged
+      outputs = [wd.path(workdir, wd.PROMPTS)]
+    elif name == "score":
+      current = provenance.fingerprint(config, "score")
+      outputs = [spectrum / spectrum_store.SCORES_GLOB]
+    elif name == "train":
+      current = loop.config_fingerprint(config)
+      outputs = [wd.path(workdir, output) for output in loop.TRAIN_OUTPUTS]
+    else:
+      continue
+    provenance.check_stage_unchanged(workdir, name, current, target=target, outputs=outputs)
 
 
 def record_time(workdir, stage, seconds):

@@ -21,6 +21,7 @@ import ml_collections
 
 from discl_jax import seeding
 from discl_jax import workdir as wd
+from discl_jax.curriculum import state as curriculum_state
 
 UNSET = "<unset>"
 
@@ -126,14 +127,46 @@ def check(target, fingerprint, *, what, outputs, config=None, write=None):
   return True
 
 
+def check_unchanged(target, fingerprint, *, what, outputs, recorded="fingerprint"):
+  """Returns None; raises ValueError (as `check` would) when `target` records other values
+  for the keys of `fingerprint`.
+
+  For checking a stage before any stage runs: `fingerprint` may be the part
+  of the stage's fingerprint the config alone decides, so only its keys are
+  compared. `recorded` is the record's field holding the fingerprint (None:
+  the whole record, as spectrum/generation.json).
+  """
+  stored = read_record(target)
+  if stored is None:
+    return
+  if recorded is not None:
+    stored = stored.get(recorded, {})
+  keys = set(flatten(canonical(fingerprint)))
+  differing = [d for d in differences(stored, fingerprint) if d[0] in keys]
+  if differing:
+    raise ValueError(mismatch_message(what, target, differing, outputs))
+
+
+def _stage_what(workdir, stage, outputs):
+  """Returns how a refusal names `stage`'s output: "{stage}: the output in {where}"."""
+  where = outputs[0] if len(outputs) == 1 else os.path.commonpath(
+      [str(o) for o in outputs] or [str(workdir)])
+  return f"{stage}: the output in {where}"
+
+
+def check_stage_unchanged(workdir, stage, fingerprint, *, target, outputs):
+  """Returns None; raises `check_stage`'s refusal when `target` records other values for
+  the keys of `fingerprint` (`check_unchanged`); writes nothing."""
+  check_unchanged(target, fingerprint, what=_stage_what(workdir, stage, outputs),
+                  outputs=list(outputs) + [target])
+
+
 def check_stage(workdir, stage, config, fingerprint, *, target, outputs):
   """Checks `stage`'s fingerprint at `target` (see `check`); returns True for a fresh output.
 
   A fresh output also records `config` as `stage`'s entry of workdir/config.json.
   """
-  where = outputs[0] if len(outputs) == 1 else os.path.commonpath(
-      [str(o) for o in outputs] or [str(workdir)])
-  what = f"{stage}: the output in {where}"
+  what = _stage_what(workdir, stage, outputs)
   fresh = check(target, fingerprint, what=what, outputs=list(outputs) + [target], config=config)
   if fresh and wd.is_main_process():
     record_config(workdir, stage, config)
@@ -187,14 +220,25 @@ def fingerprint(config, stage, workdir=None):
 
   "prompts" also counts workdir/hard.jsonl and the descriptions file by content
   and the spectrum seed; "score" counts the class-names file by content (and
-  the spectrum seed for a tiny CLIP). The train loop adds its own hashes
-  (init checkpoint, accepted synthetic set, the spectrum's fingerprints).
+  the spectrum seed for a tiny CLIP); "train" of a schedule that reads the
+  spectrum counts the job grid (`diffusion.strengths`, `seeds_per_level`) and
+  the regeneration attempts (`score.regenerate`, `max_regenerations`). The
+  train loop adds its own hashes (init checkpoint, accepted synthetic set, the
+  spectrum's fingerprints).
   """
   keys, exclude = STAGE_KEYS[stage]
   out = select(config, keys, exclude)
   if stage == "hard" and config.hard.rule == "misclassified" and not config.hard.classes:
     out.update(select(config, _MISCLASSIFIED_KEYS))
   seed = seeding.generation_seed(config)
+  if stage == "train" and config.curriculum.schedule not in curriculum_state.REAL_ONLY_SCHEDULES:
+    # The job grid and the regeneration attempts pick the synthetic rows train reads
+    # (`jobs.grid_rows`, `acceptance.accepted_rows`).
+    out["diffusion.strengths"] = sorted(float(s) for s in config.diffusion.strengths)
+    out["diffusion.seeds_per_level"] = int(config.diffusion.seeds_per_level)
+    out["score.regenerate"] = bool(config.score.regenerate)
+    if config.score.regenerate:
+      out["score.max_regenerations"] = int(config.score.max_regenerations)
   if stage == "prompts":
     out["spectrum_seed"] = seed
     out["prompts.descriptions_sha256"] = (sha256_file(config.prompts.descriptions_file)

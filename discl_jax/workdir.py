@@ -38,6 +38,35 @@ def path(workdir, *parts):
   return pathlib.Path(workdir, *parts)
 
 
+def check_workdir(workdir):
+  """Returns `workdir` as a Path; ValueError when it is empty, NotADirectoryError naming it
+  when it (or a folder above it) is a file."""
+  if workdir is None or not str(workdir).strip():
+    raise ValueError("--workdir is empty: give the directory for the run's files "
+                     "(e.g. --workdir=runs/demo); it is created when missing")
+  workdir = pathlib.Path(workdir)
+  for folder in (workdir, *workdir.parents):
+    if folder.exists():
+      if not folder.is_dir():
+        raise NotADirectoryError(
+            f"--workdir {str(workdir)!r}: {str(folder)!r} is a file, not a directory")
+      break
+  return workdir
+
+
+def make_workdir(workdir):
+  """Creates `workdir` (and its parents) when missing; returns its Path.
+
+  An OSError (permissions, a read-only or full disk) names the folder.
+  """
+  target = check_workdir(workdir)
+  try:
+    target.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise _named(e, target) from e
+  return target
+
+
 def process_umask():
   """Returns the process umask (read from /proc where possible, so no thread sees it change)."""
   try:

@@ -45,17 +45,29 @@ def read_common_names(path, class_names):
   return tuple(names[y] for y in range(len(class_names)))
 
 
+def missing_labels_message(labels):
+  """Returns the error for iWildCam's common-name file `labels` missing."""
+  return (f"{labels} not found: iWildCam's captions and prompts use the common names of "
+          f"FLYP's {LABELS_CSV} (columns y, english; put it beside data.metadata_csv), or set "
+          "data.allow_scientific_names=True to build them from the scientific names")
+
+
 def caption_names(data_config, class_names):
   """Returns the names captions and prompts use per class: common names when known.
 
-  iWildCam: labels.csv beside `data.metadata_csv` when present (every class
-  must have a common name); otherwise the class names themselves.
+  iWildCam: labels.csv beside `data.metadata_csv` (every class must have a
+  common name); without it FileNotFoundError, unless
+  `data.allow_scientific_names` says to use the class (scientific) names.
+  Other datasets: the class names themselves.
   """
   if data_config.name == "iwildcam" and data_config.metadata_csv:
     labels = pathlib.Path(data_config.metadata_csv).parent / LABELS_CSV
     if labels.is_file():
       return read_common_names(labels, class_names)
-    logging.warning("%s not found: captions use the class names", labels)
+    if not data_config.get("allow_scientific_names", False):
+      raise FileNotFoundError(missing_labels_message(labels))
+    logging.warning("%s not found: captions use the scientific names "
+                    "(data.allow_scientific_names=True)", labels)
   return tuple(class_names)
 
 

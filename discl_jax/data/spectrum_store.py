@@ -117,19 +117,22 @@ class SpectrumStore:
     self.scores_path = self.root / f"scores-{self.process_index:05d}.jsonl"
     self._done = None
 
-  def check_fingerprint(self, generation_config):
-    """Records `generation_config` on first use (process 0 only); returns None.
+  def check_fingerprint(self, generation_config, record=True):
+    """Records `generation_config` on first use (process 0 only, when `record`); returns None.
 
     Raises ValueError naming the first differing key (and every other) when
-    the store was made by a different generation config. Only process 0
-    writes: its `reconcile` removes the temp files of this record's atomic
-    writes, so a second writer's rename could find its temp file gone.
+    the store was made by a different generation config. `generate` checks
+    with `record=False` before its model loads and records once it loaded, so
+    a model that fails to load (a typo) leaves no record that would refuse the
+    corrected config. Only process 0 writes: its `reconcile` removes the temp
+    files of this record's atomic writes, so a second writer's rename could
+    find its temp file gone.
     """
     current = provenance.canonical(generation_config)
     target = self.root / GENERATION
     stored = provenance.read_record(target)
     if stored is None:
-      if self.process_index == 0:
+      if record and self.process_index == 0:
         wd.atomic_write_json(target, current)
       return
     differing = provenance.differences(stored, current)

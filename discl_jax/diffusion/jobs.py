@@ -21,9 +21,10 @@ from discl_jax.data import records
 from discl_jax.data import spectrum_store as ss
 
 # The generation config keys that change a job's image: a store made under other
-# values is refused. Strengths and seeds_per_level (they add or leave out jobs),
-# slots and the mesh (outputs do not depend on batching) and data paths (source
-# ids name the images) may change freely.
+# values is refused. Strengths and seeds_per_level (they add or leave out jobs:
+# readers take only their config's jobs, `grid_rows`), slots and the mesh
+# (outputs do not depend on batching) and data paths (source ids name the
+# images) may change freely.
 FINGERPRINT_KEYS = {
     "diffusion": ("model", "tiny", "tiny_family", "dtype", "scheduler", "num_inference_steps",
                   "guidance_scale", "negative_prompt", "aesthetic_score",
@@ -84,6 +85,20 @@ def validate_strengths(strengths):
     seen.update(dict.fromkeys(names, s))
     out.append(value)
   return tuple(out)
+
+
+def grid_rows(rows, diffusion_config):
+  """Returns the manifest `rows` that are jobs of this config's grid, in order.
+
+  The grid is `diffusion.strengths` x seed indices below `diffusion.seeds_per_level`
+  (regeneration attempts of those jobs included). A store may hold more: a
+  run with a larger grid adds images to it, and every stage that reads the
+  store takes only its own config's jobs, so both configs keep working.
+  """
+  wanted = {f"{float(s):.3f}" for s in diffusion_config.strengths}
+  seeds = int(diffusion_config.seeds_per_level)
+  return [row for row in rows
+          if f"{float(row['strength']):.3f}" in wanted and int(row["seed"]) < seeds]
 
 
 def build_rows(hard_rows, prompt_by_source, strengths, seeds_per_level):

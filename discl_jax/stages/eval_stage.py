@@ -21,6 +21,7 @@ from discl_jax import workdir as wd
 from discl_jax.data import datasets
 from discl_jax.data import longtail
 from discl_jax.data import spectrum_store
+from discl_jax.diffusion import jobs
 from discl_jax.evaluation import report
 from discl_jax.scoring import acceptance
 
@@ -59,7 +60,8 @@ def run_summary(config, workdir, rows):
   "environment": dict}, from the stored spectrum, timings and train record."""
   spectrum = (pathlib.Path(config.data.spectrum_dir) if config.data.spectrum_dir
               else wd.path(workdir, wd.SPECTRUM))
-  store_rows = spectrum_store.SpectrumStore(spectrum).rows() if spectrum.is_dir() else []
+  store_rows = (jobs.grid_rows(spectrum_store.SpectrumStore(spectrum).rows(), config.diffusion)
+                if spectrum.is_dir() else [])
   synthetic = None
   if store_rows and config.curriculum.schedule != "none":
     synthetic = _synthetic(config, workdir, spectrum, store_rows, rows)

@@ -66,10 +66,17 @@ def _check_sources(train, index, todo, on_bad_image):
 
 
 def _generate(config, checkpoint, store, train, index, owned, todo, sizes):
-  """Runs the sampler over `todo`, storing each image; returns the number made."""
+  """Runs the sampler over `todo`, storing each image; returns the number made.
+
+  The store records the generation fingerprint once the model has loaded,
+  before the first image.
+  """
+  fingerprint = jobs.generation_fingerprint(config)
   if not todo:
+    store.check_fingerprint(fingerprint)
     return 0
   sampler = spectrum_run.make_sampler(config, checkpoint)
+  store.check_fingerprint(fingerprint)
   start = time.perf_counter()
   with tqdm(total=len(owned), initial=len(owned) - len(todo), unit="img",
             desc="generate", dynamic_ncols=True) as bar:
@@ -119,7 +126,7 @@ def run(config, workdir):
   expected = jobs.build_rows(hard_rows, prompt_doc.get("sources", {}), strengths,
                              config.diffusion.seeds_per_level)
   store = spectrum_store.SpectrumStore(wd.path(workdir, wd.SPECTRUM))
-  store.check_fingerprint(jobs.generation_fingerprint(config))
+  store.check_fingerprint(jobs.generation_fingerprint(config), record=False)
   counts = store.reconcile(expected)
   logging.info("generate: store reconciled: %s", counts)
   done = store.done_job_ids()

@@ -207,7 +207,7 @@ def run(config, workdir):
                          outputs=[root / spectrum_store.SCORES_GLOB])
   store = spectrum_store.SpectrumStore(root)
   store.repair_scores()
-  rows = store.rows()
+  rows = jobs.grid_rows(store.rows(), config.diffusion)  # a larger grid's extra jobs stay unread
   # Unscored rows and rows whose image could not be read last time (retried).
   todo = [r for r in _owned(rows) if r.get("clip_text") is None]
   logging.info("score: %d rows, %d already scored, %d to score here (%d retried)",
@@ -222,7 +222,8 @@ def run(config, workdir):
     regenerate(config, workdir, store, scoring, threshold, last_attempt)
   if not wd.is_main_process():
     return None
-  return write_report(config, workdir, store.rows(), threshold, last_attempt)
+  return write_report(config, workdir, jobs.grid_rows(store.rows(), config.diffusion), threshold,
+                      last_attempt)
 
 
 def regenerate(config, workdir, store, scoring, threshold, last_attempt):
@@ -240,7 +241,8 @@ def regenerate(config, workdir, store, scoring, threshold, last_attempt):
     return upsample.upsample(scoring.source_image(source_id), config.diffusion.source_upsample)
 
   for attempt in range(1, last_attempt + 1):
-    first = regeneration.needing_attempt(store.rows(), threshold, attempt)
+    first = regeneration.needing_attempt(jobs.grid_rows(store.rows(), config.diffusion),
+                                         threshold, attempt)
     if not first:
       break
     rows = regeneration.attempt_rows(first, attempt, prompt_document,

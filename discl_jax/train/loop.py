@@ -39,6 +39,7 @@ from discl_jax.data import longtail
 from discl_jax.data import pipeline
 from discl_jax.data import spectrum_store
 from discl_jax.data import transforms
+from discl_jax.diffusion import jobs
 from discl_jax.evaluation import metrics as metrics_lib
 from discl_jax.evaluation import sharded_predict
 from discl_jax.evaluation import report
@@ -92,13 +93,15 @@ def hard_path(config, workdir):
 
 
 def accepted_rows(config, workdir):
-  """Returns the spectrum rows whose CLIP text score is >= `score.threshold`, by job id.
+  """Returns the spectrum rows of this config's job grid (`jobs.grid_rows`) whose CLIP
+  text score is >= `score.threshold`, by job id.
 
   Raises FileNotFoundError / ValueError naming the stage to run when the
   curriculum has no spectrum, no scores or no accepted image to train on.
   """
   root = spectrum_root(config, workdir)
   rows = spectrum_store.SpectrumStore(root).rows() if root.is_dir() else []
+  rows = jobs.grid_rows(rows, config.diffusion)
   accepted = acceptance.accepted_rows(rows, config.score.threshold,
                                       acceptance.max_attempt(config.score))
   if not accepted:
@@ -107,17 +110,27 @@ def accepted_rows(config, workdir):
   return accepted
 
 
-def train_fingerprint(config, workdir, accepted_ids):
-  """Returns the provenance fingerprint of a training run (`provenance.STAGE_KEYS["train"]`).
+def config_fingerprint(config):
+  """Returns the part of a training run's fingerprint the config alone decides.
 
-  Adds the content hash of `train.init_checkpoint`, the accepted synthetic set
-  (count and a hash of its job ids) and the fingerprints of the spectrum it
-  comes from (generation and score).
+  `provenance.fingerprint(config, "train")` and the content hash of
+  `train.init_checkpoint`; the pipeline checks it before any stage runs.
   """
   out = provenance.fingerprint(config, "train")
   if config.train.init_checkpoint:
     out["train.init_checkpoint_sha256"] = checkpoint_lib.init_checkpoint_sha256(
         config.train.init_checkpoint)
+  return out
+
+
+def train_fingerprint(config, workdir, accepted_ids):
+  """Returns the provenance fingerprint of a training run (`provenance.STAGE_KEYS["train"]`).
+
+  `config_fingerprint`, plus the accepted synthetic set (count and a hash of
+  its job ids) and the fingerprints of the spectrum it comes from
+  (generation and score).
+  """
+  out = config_fingerprint(config)
   ids = sorted(accepted_ids)
   out["synthetic.accepted"] = len(ids)
   out["synthetic.accepted_sha256"] = provenance.sha256_bytes("\n".join(ids))
