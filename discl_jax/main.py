@@ -105,7 +105,8 @@ def main(argv):
       filename = config_flags.get_config_filename(flags.FLAGS["config"])
       raise type(e)(f"bad config {filename!r}: {e.args[0] if e.args else e}") from e
     if _STAGE.value == FETCH:
-      hub.fetch(config, stages.ORDER)
+      skips = pipeline.skip_reasons(config, stages.ORDER)
+      hub.fetch(config, [name for name in stages.ORDER if name not in skips])
       return
     host_devices.configure(config.mesh.cpu_devices, config.train.batch_size)
     parallel.initialize(config)

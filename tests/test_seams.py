@@ -225,6 +225,7 @@ def test_iwildcam_without_labels_csv_is_refused_unless_scientific_names_are_aske
   (tmp_path / "metadata.csv").write_text("")
   config = config_lib.load_file(ROOT / "configs" / "iwildcam.py", "schedule=none,runlocal")
   config.data.metadata_csv = str(tmp_path / "metadata.csv")
+  config.train.clip_model, config.score.tiny = "", True  # no hub weights to check offline
   with pytest.raises(FileNotFoundError, match=r"labels.csv beside data.metadata_csv .*"
                      r"data.allow_scientific_names=True\) '.*labels.csv' \(no such file\)"):
     config_checks.check_inputs(config, ("train", "eval"))
