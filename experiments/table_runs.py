@@ -60,12 +60,16 @@ def apply_overrides(config, overrides):
   return config
 
 
-def check_protocol(workdir, protocol, addable=("seeds",)):
+def check_protocol(workdir, protocol, addable=("seeds",), recorded_defaults=None):
   """Returns None after recording `protocol` in workdir/protocol.json, or ValueError naming
-  a key that differs from the recorded one (keys in `addable` may change: runs are added)."""
+  a key that differs from the recorded one (keys in `addable` may change: runs are added).
+
+  `recorded_defaults` gives {key: value} for keys a record made before the key existed
+  lacks: the value its runs were made with.
+  """
   path = pathlib.Path(workdir) / PROTOCOL
   if path.exists():
-    recorded = json.loads(path.read_text())
+    recorded = {**(recorded_defaults or {}), **json.loads(path.read_text())}
     for key, value in protocol.items():
       if key not in addable and recorded.get(key) != value:
         raise ValueError(f"{path}: its runs used {key}={recorded.get(key)!r}, not {value!r}; "
@@ -102,6 +106,16 @@ def mean_std(values):
   """Returns (mean, sample std; 0 for one value) of `values`."""
   values = np.asarray(values, np.float64)
   return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def paired_difference(differences):
+  """Returns {"mean", "std", "se", "beyond_2se"} of per-seed paired `differences`: sample std,
+  standard error std / sqrt(n) (None for one value), and whether the mean exceeds twice it."""
+  mean, std = mean_std(differences)
+  if len(differences) < 2:
+    return {"mean": mean, "std": std, "se": None, "beyond_2se": False}
+  se = std / float(np.sqrt(len(differences)))
+  return {"mean": mean, "std": std, "se": se, "beyond_2se": bool(mean > 2.0 * se)}
 
 
 def machine():
