@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import experiment_scripts
+from discl_jax.data import digits
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +35,53 @@ def test_summary_is_mean_and_sample_std_over_seeds(table):
   assert markdown.count("\n") == 4
 
 
+def test_fixed_row_is_its_best_level_on_val_and_differences_pair_seeds(table):
+  protocol = _protocol(table, "--losses=ce", "--schedules=resample,fixed",
+                       "--imbalance_ratios=20,100", "--fixed_levels=0.1,0.5")
+  assert protocol["imbalance_ratios"] == [20.0, 100.0] and protocol["fixed_levels"] == [0.1, 0.5]
+
+  def run(schedule, level, seed, val, few):
+    return {"imbalance_ratio": 100.0, "loss": "ce", "schedule": schedule, "level": level,
+            "seed": seed, "val/all": val, **{f"{p}{g}": 0.5 for p in ("test/", "last/")
+                                              for g in table.GROUPS},
+            "test/few": few, "last/few": few}
+  runs = [run("resample", None, s, 0.9, f) for s, f in [(0, 0.40), (1, 0.50), (2, 0.60)]]
+  runs += [run("fixed", 0.1, s, 0.8, 0.99) for s in range(3)]  # best on test, worse on val
+  runs += [run("fixed", 0.5, s, 0.85, f) for s, f in [(0, 0.50), (1, 0.58), (2, 0.72)]]
+  assert table.choose_fixed_level(runs, "ce") == 0.5
+  rows = table.summarize(runs, protocol)
+  assert [(r["method"], r["level"]) for r in rows] == [
+      ("CE + resampling", None), ("CE + DisCL fixed 0.5", 0.5)]
+  pairs = table.paired_differences(runs, protocol)
+  assert [(p["imbalance_ratio"], p["epoch"]) for p in pairs] == [
+      (100.0, "val-chosen"), (100.0, "last")]  # ratio 20 has no runs: no pair
+  few = pairs[0]["few"]
+  assert few["differences"] == pytest.approx([10.0, 8.0, 12.0])
+  assert few["mean"] == pytest.approx(10.0) and few["std"] == pytest.approx(2.0)
+  assert few["se"] == pytest.approx(2.0 / np.sqrt(3)) and few["beyond_2se"]
+  assert pairs[0]["all"]["mean"] == 0.0 and not pairs[0]["all"]["beyond_2se"]
+  markdown = table.paired_markdown(pairs)
+  assert "| 100 | CE + DisCL fixed 0.5 | val-chosen | 3 | +10.0 ± 2.0 (se 1.2) **\\*** |" in markdown
+
+
+def test_the_ratio_moves_the_train_split_only():
+  low, high = (digits.load(0, imbalance_ratio=r, max_per_class=120, val_per_class=5)
+               for r in (20.0, 100.0))
+  for split in ("val", "test"):  # the shipped digit models' held-out test split stays put
+    assert list(low[split].ids) == list(high[split].ids)
+  assert set(high["train"].ids) < set(low["train"].ids)
+  assert list(high["train"].class_counts()) == [120, 71, 43, 25, 15, 9, 5, 3, 2, 1]
+
+
 def test_bad_arguments_are_named(table):
   with pytest.raises(ValueError, match="--schedules='none,warp'"):
     _protocol(table, "--schedules=none,warp")
   with pytest.raises(ValueError, match="--curriculum_epochs=9"):
     _protocol(table, "--epochs=5", "--curriculum_epochs=9")
+  with pytest.raises(ValueError, match="--imbalance_ratios='20,0.5'"):
+    _protocol(table, "--imbalance_ratios=20,0.5")
+  with pytest.raises(ValueError, match="--fixed_levels='0.3,x'"):
+    _protocol(table, "--fixed_levels=0.3,x")
 
 
 def test_a_workdir_keeps_its_protocol(table, tmp_path):
@@ -47,6 +90,16 @@ def test_a_workdir_keeps_its_protocol(table, tmp_path):
                                            "--seeds=0,1,2,3"))  # more seeds: fine
   with pytest.raises(ValueError, match=r"protocol\.json: its runs used epochs=4, not 6"):
     table.check_protocol(tmp_path, _protocol(table, "--epochs=6", "--curriculum_epochs=2"))
+  # Ratios are added; a record made before the demo's ratio was recorded was made at 20.
+  recorded = json.loads((tmp_path / "protocol.json").read_text())
+  del recorded["demo_imbalance_ratio"]
+  (tmp_path / "protocol.json").write_text(json.dumps(recorded))
+  table.check_protocol(tmp_path, _protocol(table, "--epochs=4", "--curriculum_epochs=2",
+                                           "--imbalance_ratios=20,100"))
+  recorded["demo_imbalance_ratio"] = 100.0  # its root runs were made at another ratio
+  (tmp_path / "protocol.json").write_text(json.dumps(recorded))
+  with pytest.raises(ValueError, match="its runs used demo_imbalance_ratio=100.0, not 20.0"):
+    table.check_protocol(tmp_path, _protocol(table, "--epochs=4", "--curriculum_epochs=2"))
 
 
 def test_smoke_table_runs_every_stage_and_resumes(table, tmp_path):
@@ -106,3 +159,39 @@ def test_smoke_table_runs_every_stage_and_resumes(table, tmp_path):
                                    "--curriculum_epochs=1"], compile_cache=False)
   assert [r["trained_now"] for r in subset["runs"]] == [False]
   assert subset["table"] == report["table"][1:2]
+  # The study: a second ratio beside the demo's, whose finished runs above are read back.
+  study_args = args[:-4] + ["--schedules=resample,text_only", "--imbalance_ratios=20,10",
+                            "--base_epochs=1", "--epochs=2", "--curriculum_epochs=1"]
+  study = table.main(study_args, compile_cache=False)
+  assert [(r["imbalance_ratio"], r["schedule"], r["trained_now"]) for r in study["runs"]] == [
+      (10.0, "resample", True), (10.0, "text_only", True),
+      (20.0, "resample", False), (20.0, "text_only", False)]
+  ratio10 = work / "ratio10"
+  config = json.loads((ratio10 / "runs" / "ce" / "text_only" / "seed0" / "config.json").read_text())
+  assert config["train"]["data"]["imbalance_ratio"] == 10.0
+  assert config["train"]["data"]["spectrum_dir"] == str((ratio10 / "spectrum" / "spectrum").resolve())
+  assert config["train"]["train"]["init_checkpoint"] == str(ratio10 / "base" / "ce" / "seed0" / "ckpt")
+  assert [t["imbalance_ratio"] for t in study["ratios"]] == [10.0, 20.0]
+  assert study["ratios"][1]["table"] == report["table"][1:]
+  assert [r["method"] for r in study["ratios"][0]["table"]] == [
+      "CE + resampling", "CE + DisCL text_only"]
+  pairs = study["paired_differences"]
+  assert [(p["imbalance_ratio"], p["epoch"]) for p in pairs] == [
+      (10.0, "val-chosen"), (10.0, "last"), (20.0, "val-chosen"), (20.0, "last")]
+  by_key = {(r["imbalance_ratio"], r["schedule"]): r for r in study["runs"]}
+  for pair in pairs:
+    discl, resampled = (by_key[(pair["imbalance_ratio"], s)] for s in ("text_only", "resample"))
+    prefix = "test/" if pair["epoch"] == "val-chosen" else "last/"
+    assert pair["few"]["differences"] == pytest.approx(
+        [100.0 * (discl[f"{prefix}few"] - resampled[f"{prefix}few"])])
+    assert pair["few"]["se"] is None and not pair["few"]["beyond_2se"]  # one seed
+  out = tmp_path / "out"
+  markdown = (out / "digits_lt_ratios.md").read_text()
+  for ratio_table in study["ratios"]:
+    assert table.to_markdown(ratio_table["table"]) in markdown
+  assert table.paired_markdown(pairs) in markdown
+  assert (out / "digits_lt_ratios.png").read_bytes()[:4] == b"\x89PNG"
+  assert json.loads((out / "digits_lt_ratios.json").read_text())["ratios"] == study["ratios"]
+  again = table.main(study_args, compile_cache=False)
+  assert not any(r["trained_now"] for r in again["runs"])
+  assert again["ratios"] == study["ratios"]
