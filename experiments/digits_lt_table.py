@@ -31,6 +31,9 @@ continues from its checkpoint; `--schedules` / `--losses` / `--seeds` pick a
 subset, and runs of a larger earlier call in the same workdir are reused. Writes OUT/digits_lt_table.{json,md} and prints
 the markdown.
 
+`--set KEY=VALUE` changes a demo config key for every run (recorded: a workdir
+keeps its overrides), e.g. `--set=curriculum.tail_share=0.3`.
+
 `fixed` runs one method per level of `--fixed_levels`; its row is the level
 with the highest mean validation top-1 (each run at its val-chosen epoch), so
 the "best other fixed schedule" is chosen without looking at test.
@@ -72,7 +75,7 @@ PAIRED_GROUPS = ("few", "all")
 SPECTRUM_STAGES = ("hard", "prompts", "generate", "score")
 EPOCHS_REPORTED = {"test/": "val-chosen", "last/": "last"}
 # Workdirs made before the ratio was recorded hold runs at the demo's ratio of then.
-RECORDED_DEFAULTS = {"demo_imbalance_ratio": 20.0}
+RECORDED_DEFAULTS = {"demo_imbalance_ratio": 20.0, "overrides": {}}
 
 
 def parse_args(argv):
@@ -93,6 +96,8 @@ def parse_args(argv):
   p.add_argument("--schedules", default=",".join(SCHEDULES[:-1]))
   p.add_argument("--fixed_levels", default="0.1,0.3,0.5",
                  help="levels of the `fixed` schedule, one run each; the best on val is its row")
+  p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                 help="a demo config key for every run, e.g. curriculum.tail_share=0.3 (repeatable)")
   p.add_argument("--base_epochs", type=int, default=20)
   p.add_argument("--epochs", type=int, default=20, help="epochs of every method run")
   p.add_argument("--curriculum_epochs", type=int, default=15,
@@ -130,11 +135,12 @@ def protocol_of(args):
     raise ValueError(f"--curriculum_epochs={args.curriculum_epochs} must be in "
                      f"1..--epochs={args.epochs}")
   config = f"configs/demo.py:{args.config_arg}".rstrip(":")
-  demo_ratio = float(config_lib.load_file(DEMO_CONFIG, args.config_arg or None)
-                     .data.imbalance_ratio)
+  overrides = table_runs.parse_overrides(args.overrides)
+  demo_ratio = float(table_runs.apply_overrides(
+      config_lib.load_file(DEMO_CONFIG, args.config_arg or None), overrides).data.imbalance_ratio)
   ratios = (_floats(args.imbalance_ratios, "imbalance_ratios", 1.0, float("inf"))
             if args.imbalance_ratios.strip() else [demo_ratio])
-  return {"config": config, "seeds": list(seeds),
+  return {"config": config, "overrides": overrides, "seeds": list(seeds),
           "losses": list(_csv(args.losses, LOSSES, "losses")),
           "schedules": list(_csv(args.schedules, SCHEDULES, "schedules")),
           "fixed_levels": _floats(args.fixed_levels, "fixed_levels", 0.0, 1.0),
@@ -157,9 +163,10 @@ def check_protocol(workdir, protocol):
 
 def demo_config(protocol, variant="", ratio=None):
   """Returns the demo config (with `variant` added to its argument) of this table's runs,
-  at imbalance ratio `ratio` (None: the demo's)."""
+  the protocol's `--set` overrides applied, at imbalance ratio `ratio` (None: the demo's)."""
   arg = ",".join(filter(None, (protocol["config"].partition(":")[2], variant)))
-  c = config_lib.load_file(DEMO_CONFIG, arg or None)
+  c = table_runs.apply_overrides(config_lib.load_file(DEMO_CONFIG, arg or None),
+                                 protocol.get("overrides", {}))
   if ratio is not None:
     c.data.imbalance_ratio = float(ratio)
   return c
@@ -355,6 +362,10 @@ def plot_ratios(ratio_tables, protocol, path):
         label = method_name(loss, schedule) + (" (best level on val)" if schedule == "fixed"
                                                else "")
         ax.plot(x, mean, marker="o", color=f"C{k}", label=label)
+        for (r, row), m in zip(points, mean):
+          if row["level"] is not None:  # the fixed level chosen at this ratio
+            ax.annotate(f"{row['level']:g}", (r, m), fontsize=7, color=f"C{k}",
+                        textcoords="offset points", xytext=(4, 4))
         ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                         color=f"C{k}", alpha=0.15)
       ax.set_xscale("log")

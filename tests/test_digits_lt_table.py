@@ -1,6 +1,7 @@
 """experiments/digits_lt_table.py: its aggregation, its guards, and a smoke-sized real run."""
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -82,6 +83,22 @@ def test_bad_arguments_are_named(table):
     _protocol(table, "--imbalance_ratios=20,0.5")
   with pytest.raises(ValueError, match="--fixed_levels='0.3,x'"):
     _protocol(table, "--fixed_levels=0.3,x")
+  with pytest.raises(KeyError, match="--set curriculum.tail_shar: unknown config key"):
+    _protocol(table, "--set=curriculum.tail_shar=0.3")
+
+
+def test_every_run_is_at_its_ratio_with_the_overrides(table):
+  protocol = _protocol(table, "--set=curriculum.tail_share=0.3", "--imbalance_ratios=20,100")
+  assert protocol["overrides"] == {"curriculum.tail_share": "0.3"}
+  base = table.base_config("ce", 1, protocol, 100.0)
+  fixed = table.method_config("balanced_softmax", "fixed", 2, protocol, "/b/ckpt", 100.0, 0.3)
+  for c in (base, fixed):
+    assert c.data.imbalance_ratio == 100.0 and c.curriculum.tail_share == 0.3
+  assert base.curriculum.schedule == "none" and base.seed == 1
+  assert fixed.curriculum.levels == (0.3,) and fixed.train.init_checkpoint == "/b/ckpt"
+  assert table.demo_config(protocol).data.imbalance_ratio == 20.0
+  assert table.ratio_dir("/w", 20.0, protocol) == pathlib.Path("/w")
+  assert table.ratio_dir("/w", 100.0, protocol) == pathlib.Path("/w/ratio100")
 
 
 def test_a_workdir_keeps_its_protocol(table, tmp_path):
