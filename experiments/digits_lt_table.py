@@ -85,7 +85,7 @@ def parse_args(argv):
   p.add_argument("--workdir", default="/tmp/digits_lt_table",
                  help="holds the spectrum and every run; rerun to resume")
   p.add_argument("--out", default=str(ROOT / "experiments" / "results"),
-                 help="directory for digits_lt_table.json and .md")
+                 help="directory for digits_lt_table.{json,md} (the study: digits_lt_ratios.{json,md,png})")
   p.add_argument("--config_arg", default="",
                  help='argument of configs/demo.py, e.g. "runlocal" for a smoke-sized spectrum')
   p.add_argument("--imbalance_ratios", default="",
@@ -398,11 +398,14 @@ def run_record(result, run_dir, **keys):
 
 
 def run_ratio(workdir, ratio, protocol):
-  """Returns the run records of imbalance ratio `ratio`, training what is missing."""
+  """Returns (the run records of imbalance ratio `ratio`, its spectrum's seconds), training
+  what is missing."""
   home = ratio_dir(workdir, ratio, protocol)
   spectrum_dir = home / "spectrum"
   print(f"ratio {ratio:g}: spectrum {', '.join(SPECTRUM_STAGES)} -> {spectrum_dir}", flush=True)
+  tick = time.perf_counter()
   pipeline.run_stages(demo_config(protocol, ratio=ratio), spectrum_dir, SPECTRUM_STAGES)
+  spectrum_seconds = time.perf_counter() - tick
   runs = []
   for loss in protocol["losses"]:
     for seed in protocol["seeds"]:
@@ -423,7 +426,7 @@ def run_ratio(workdir, ratio, protocol):
         print(f"  {method_name(loss, schedule, level)} seed {seed}: "
               + " ".join(f"{g} {100 * result[f'test/{g}']:.1f}" for g in GROUPS)
               + f" ({seconds:.0f} s)", flush=True)
-  return runs
+  return runs, spectrum_seconds
 
 
 def ratio_tables_of(runs, protocol):
@@ -452,12 +455,17 @@ def main(argv=None, *, compile_cache=True):
   if compile_cache:
     table_runs.use_compile_cache(workdir)
   start = time.perf_counter()
-  runs = [r for ratio in protocol["imbalance_ratios"] for r in run_ratio(workdir, ratio, protocol)]
+  runs, spectrum_seconds = [], 0.0
+  for ratio in protocol["imbalance_ratios"]:
+    ratio_runs, seconds = run_ratio(workdir, ratio, protocol)
+    runs += ratio_runs
+    spectrum_seconds += seconds
   tables = ratio_tables_of(runs, protocol)
   pairs = paired_differences(runs, protocol)
   total = time.perf_counter() - start
   report = {"protocol": protocol, "runs": runs, "paired_differences": pairs,
-            "total_seconds": total, "machine": table_runs.machine()}
+            "spectrum_seconds": spectrum_seconds, "total_seconds": total,
+            "machine": table_runs.machine()}
   if args.imbalance_ratios.strip():
     return _write_study(args.out, report, tables, protocol)
   report.update({k: v for k, v in tables[0].items() if k != "imbalance_ratio"})
