@@ -144,6 +144,8 @@ def read_verified(path, row):
   and the remedy when they differ from the row's checksum (damaged or replaced)."""
   try:
     data = path.read_bytes()
+  except FileNotFoundError as e:
+    raise records.BadImageError(f"image file not found: {path}") from e
   except OSError as e:
     raise records.BadImageError(f"cannot read {path}: {e}") from e
   if "sha256" in row and image_digest(data) != (row["sha256"], row["bytes"]):
