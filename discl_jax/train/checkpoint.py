@@ -63,11 +63,11 @@ class Checkpointer:
     if max_to_keep < 1:
       raise ValueError(f"train.keep_checkpoints={max_to_keep}: keep at least 1 checkpoint")
     self.directory = pathlib.Path(directory).absolute()
+    if jax.process_index() == 0:
+      move_incomplete_aside(self.directory)
     self.manager = ocp.CheckpointManager(self.directory,
                                          options=_options(max_to_keep, enable_async))
-    logging.get_absl_logger().addFilter(_ORBAX_WRITE_ERRORS)
-    self._quiet = contextlib.ExitStack()
-    self._quiet.enter_context(_closed_loop_errors_dropped())
+    drop_shutdown_race_errors()
     self._stop_signal = None
     self._previous_handlers = {}
 
@@ -228,8 +228,6 @@ class Checkpointer:
       for signum, previous in self._previous_handlers.items():
         signal.signal(signum, previous)
       self._previous_handlers = {}
-    logging.get_absl_logger().removeFilter(_ORBAX_WRITE_ERRORS)
-    self._quiet.close()
 
   def _close_manager(self):
     try:
@@ -267,41 +265,78 @@ class _OrbaxWriteErrors(std_logging.Filter):
 
   def filter(self, record):
     error = record.exc_info[1] if record.exc_info else None
-    return not ("orbax" in record.pathname and error is not None and is_write_error(error))
+    return not ("orbax" in record.pathname and error is not None and (
+        is_write_error(error) or _is_shutdown_race(error)))
 
 
 _ORBAX_WRITE_ERRORS = _OrbaxWriteErrors()
 
 
-def _is_closed_loop_error(error):
-  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+_SHUTDOWN_RACES = ("Event loop is closed", "cannot schedule new futures after")
+_hooks_installed = []
 
 
-@contextlib.contextmanager
-def _closed_loop_errors_dropped():
-  """Drops the "Event loop is closed" errors that the reads of a damaged checkpoint raise in
-  tensorstore's callback threads after orbax has given up on it (one traceback per array
-  otherwise); every other error is shown as before."""
+def _is_shutdown_race(error):
+  return isinstance(error, RuntimeError) and str(error).startswith(_SHUTDOWN_RACES)
+
+
+def drop_shutdown_race_errors():
+  """Installs (once per process) exception hooks that drop the "Event loop is closed" errors
+  tensorstore's callback threads raise after orbax has given up on a damaged or unwritable
+  checkpoint (one traceback per array otherwise, also at exit), and a log filter that
+  drops orbax's tracebacks of a failed write, which `Checkpointer` raises as one line;
+  every other error is shown as before. Returns None."""
+  if _hooks_installed:
+    return
   hooks = sys.excepthook, threading.excepthook, sys.unraisablehook
+  _hooks_installed.append(hooks)
+  logging.get_absl_logger().addFilter(_ORBAX_WRITE_ERRORS)
 
   def excepthook(kind, error, trace):
-    if not _is_closed_loop_error(error):
+    if not _is_shutdown_race(error):
       hooks[0](kind, error, trace)
 
   def thread_hook(args):
-    if not _is_closed_loop_error(args.exc_value):
+    if not _is_shutdown_race(args.exc_value):
       hooks[1](args)
 
   def unraisable_hook(args):
-    if not _is_closed_loop_error(args.exc_value):
+    if not _is_shutdown_race(args.exc_value):
       hooks[2](args)
 
   sys.excepthook, threading.excepthook, sys.unraisablehook = (
       excepthook, thread_hook, unraisable_hook)
-  try:
-    yield
-  finally:
-    sys.excepthook, threading.excepthook, sys.unraisablehook = hooks
+
+
+def incomplete(step_dir):
+  """Returns what checkpoint directory `step_dir` lacks (a file of every item's layout, or
+  an emptied data folder), "" when it looks whole: a deletion cut short by a kill leaves
+  a step directory that orbax still lists."""
+  step_dir = pathlib.Path(step_dir)
+  needed = ["_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt"] + [
+      f"{item}/metadata" for item in ("curriculum", "plan", "meta")]
+  missing = [name for name in needed if not (step_dir / name).is_file()]
+  emptied = [d.relative_to(step_dir).as_posix() for d in step_dir.glob("state/**/d")
+             if d.is_dir() and not any(d.iterdir())]
+  return ", ".join(missing + [f"{name}/ (empty)" for name in emptied])
+
+
+def move_incomplete_aside(directory):
+  """Renames the step directories under `directory` that `incomplete` finds (half-deleted
+  by a kill during rotation) to `<step>.incomplete-<time>`, so orbax no longer lists
+  them; returns the new paths."""
+  moved = []
+  for step_dir in sorted(pathlib.Path(directory).glob("*")):
+    if not (step_dir.is_dir() and step_dir.name.isdigit()):
+      continue
+    lacking = incomplete(step_dir)
+    if lacking:
+      target = step_dir.with_name(f"{step_dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
+      step_dir.rename(target)
+      moved.append(target)
+      logging.warning("checkpoint %s is incomplete (no %s: a deletion or write cut short); "
+                      "moved it to %s (delete it when you like)", step_dir, lacking, target)
+  return moved
 
 
 def tree_to_json(tree):
