@@ -493,7 +493,12 @@ def rebuild_predictions(target, ckpt, trainer, data, meta, targets, write=True):
     logging.warning("%s is missing or damaged and no kept checkpoint is the best epoch's "
                     "(%d): the report will have no per-class table", target, best)
     return False
-  state, _ = ckpt.restore_states(step, *targets)
+  try:
+    state, _ = ckpt.restore_states(step, *targets)
+  except Exception as e:  # pylint: disable=broad-except  (a damaged checkpoint: orbax raises many kinds)
+    logging.warning("%s is missing or damaged and checkpoint %d does not restore (%s): the "
+                    "report will have no per-class table", target, step, type(e).__name__)
+    return False
   outs = {name: evaluate(trainer, state, split, data.groups, name)[1]
           for name, split in data.eval_splits.items()}
   if write:
