@@ -119,22 +119,27 @@ def _generation_record_garbled(w):
   return _cut(wd.path(w, wd.SPECTRUM, spectrum_store.GENERATION))
 
 
-# One rerun per file kind (a deleted metrics.jsonl: tests/test_faults.py).
-DAMAGES = [_pngs_truncated_overwritten_and_replaced, _manifest_torn, _manifest_garbled_line,
-           _score_shard_torn, _foreign_score_shard, _acceptance_garbled,
-           _metrics_last_line_lost, _predictions_garbled, _latest_checkpoint_damaged,
-           _train_provenance_garbled, _generation_record_garbled]
+# One rerun per file kind (a deleted metrics.jsonl: tests/test_faults.py), and whether the
+# rerun repairs it (True) or stops with one line naming the file (False).
+DAMAGES = [(_pngs_truncated_overwritten_and_replaced, True), (_manifest_torn, True),
+           (_manifest_garbled_line, False), (_score_shard_torn, True),
+           (_foreign_score_shard, True), (_acceptance_garbled, True),
+           (_metrics_last_line_lost, True), (_predictions_garbled, True),
+           (_latest_checkpoint_damaged, True), (_train_provenance_garbled, False),
+           (_generation_record_garbled, False)]
 
 
-@pytest.mark.parametrize("damage", DAMAGES, ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize("damage,repaired", DAMAGES,
+                         ids=[f.__name__.strip("_") for f, _ in DAMAGES])
 def test_a_damaged_file_gives_the_same_results_or_one_line_naming_it(finished, tmp_path,
-                                                                     damage):
+                                                                     damage, repaired):
   workdir = tmp_path / "demo"
   shutil.copytree(finished, workdir)
   damaged = damage(workdir)
   proc = _discl(workdir)
   assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
-  if proc.returncode == 0:
+  assert (proc.returncode == 0) == repaired, proc.stderr[-3000:]
+  if repaired:
     assert _results(workdir) == _results(finished), proc.stderr[-3000:]
     if damage is _pngs_truncated_overwritten_and_replaced:       # made again, not skipped
       assert "3 image(s) no longer match their manifest row" in proc.stderr

@@ -67,7 +67,8 @@ class Data:
   accepted_ids: tuple = ()
 
 
-TRAIN_OUTPUTS = (wd.CKPT, wd.METRICS, wd.TRAIN_RESULT, wd.PREDICTIONS, wd.TENSORBOARD)
+TRAIN_OUTPUTS = (wd.CKPT, wd.METRICS, wd.TRAIN_RESULT, wd.PREDICTIONS, wd.TENSORBOARD,
+                 wd.TIMINGS)
 
 
 def spectrum_root(config, workdir):
