@@ -4,8 +4,8 @@ Layout under `root` (= workdir/spectrum):
 
   {class}/{source}/lambda{L:.2f}_seed{S}.png   one image (L = 1 - strength)
   {class}/{source}/lambda{L:.2f}_seed{S}_retry{A}.png   regeneration attempt A
-  manifest-{process:05d}.jsonl                  one row per image (with its sha256 and bytes), per process
-  scores-{process:05d}.jsonl                    CLIP scores (with the sha256 scored), per process
+  manifest-{process:05d}.jsonl                  one row per image (its sha256, bytes), per process
+  scores-{process:05d}.jsonl                    CLIP scores (of which sha256), per process
   generation.json                               the generation config fingerprint
   score.provenance.json                         the scoring config fingerprint (`provenance`)
 

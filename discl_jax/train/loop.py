@@ -496,7 +496,7 @@ def rebuild_predictions(target, ckpt, trainer, data, meta, targets, write=True):
     return False
   try:
     state, _ = ckpt.restore_states(step, *targets)
-  except Exception as e:  # pylint: disable=broad-except  (a damaged checkpoint: orbax raises many kinds)
+  except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
     logging.warning("%s is missing or damaged and checkpoint %d does not restore (%s): the "
                     "report will have no per-class table", target, step, type(e).__name__)
     return False
