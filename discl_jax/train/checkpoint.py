@@ -313,7 +313,7 @@ def incomplete(step_dir):
   an emptied data folder), "" when it looks whole: a deletion cut short by a kill leaves
   a step directory that orbax still lists."""
   step_dir = pathlib.Path(step_dir)
-  needed = ["_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt"] + [
+  needed = ["_CHECKPOINT_METADATA", "state/_METADATA"] + [
       f"{item}/metadata" for item in ("curriculum", "plan", "meta")]
   missing = [name for name in needed if not (step_dir / name).is_file()]
   emptied = [d.relative_to(step_dir).as_posix() for d in step_dir.glob("state/**/d")
