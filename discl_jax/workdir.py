@@ -28,6 +28,8 @@ TRAIN_RESULT = "train_result.json"
 REPORT = "report.md"
 ACCEPTANCE_PNG = "acceptance.png"  # the score stage's acceptance figure
 STAGE_TIMES = "stage_times.json"  # per stage: wall seconds summed over its runs
+TIMINGS = "timings.jsonl"  # per trained epoch (killed runs included): images and training seconds
+TIMINGS_REPORT = "timings.md"  # the eval stage's table of stage times and images/s
 CONFIG = "config.json"         # {stage: the config its current output was made with}
 LOCK = ".discl.lock"  # held (flock) by the one run using the workdir
 PROVENANCE = "%s.provenance.json"  # a stage's fingerprint and config, beside its output
@@ -65,6 +67,16 @@ def make_workdir(workdir):
   except OSError as e:
     raise _named(e, target) from e
   return target
+
+
+def spectrum_folder(path):
+  """Returns the spectrum folder `data.spectrum_dir=path` names: `path` itself, or its
+  spectrum/ when `path` is the workdir that holds one (it has no manifest of its own)."""
+  path = pathlib.Path(path)
+  inner = path / SPECTRUM
+  if inner.is_dir() and not any(path.glob("manifest-*.jsonl")):
+    return inner
+  return path
 
 
 def process_umask():

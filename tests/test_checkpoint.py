@@ -1,8 +1,11 @@
 """Checkpoint retention (the best epoch survives rotation), init from a run, damaged fallback."""
 
+import errno
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from etils import epath
 
 from discl_jax.train import checkpoint as checkpoint_lib
 
@@ -67,14 +70,16 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path, damage, capl
     for item in state_dir.rglob("*"):
       if item.is_file():
         item.write_bytes(item.read_bytes()[:7])
-  ckpt = checkpoint_lib.Checkpointer(tmp_path, 2, enable_async=False)
   with caplog.at_level("WARNING"):
+    ckpt = checkpoint_lib.Checkpointer(tmp_path, 2, enable_async=False)
     step, meta, _, state, _ = ckpt.restore_latest(_state(0.0), _curriculum())
   assert step == 10 and meta["value"] == 10.0
   np.testing.assert_array_equal(np.asarray(state["w"]), np.full(3, 10.0, np.float32))
-  assert "checkpoint" in caplog.text and "is damaged" in caplog.text
+  # A deleted item is seen on start (incomplete), truncated files when restoring (damaged).
+  kind = "incomplete" if damage == "delete_item" else "damaged"
+  assert "checkpoint" in caplog.text and f"is {kind}" in caplog.text
   assert ckpt.all_steps() == [10]
-  assert [p.name.startswith("20.damaged-") for p in tmp_path.iterdir() if p.name != "10"] == [True]
+  assert [p.name.startswith(f"20.{kind}-") for p in tmp_path.iterdir() if p.name != "10"] == [True]
   # Training goes on past the damaged step.
   _save(ckpt, 20, 20.0, 0.6)
   ckpt.close()
@@ -88,3 +93,48 @@ def test_no_intact_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match="no checkpoint in .* restores .*delete that directory"):
     ckpt.restore_latest(_state(0.0), _curriculum())
   ckpt.close()
+
+
+def test_a_checkpoint_half_deleted_by_a_kill_during_rotation_is_moved_aside_on_start(
+    tmp_path, caplog):
+  ckpt = _filled(tmp_path, [(10, 0.9), (20, 0.5), (30, 0.6)])
+  ckpt.close()
+  assert ckpt.all_steps() == [10, 20, 30]
+  # orbax deletes a rotated checkpoint's files in parallel, then the folders: a kill leaves
+  # some of them.
+  files = sorted(p for p in (tmp_path / "20").rglob("*") if p.is_file())
+  for item in files[::2]:
+    item.unlink()
+  with caplog.at_level("WARNING"):
+    again = checkpoint_lib.Checkpointer(tmp_path, 2, enable_async=False)
+  assert again.all_steps() == [10, 30] and again.best_step() == 10
+  (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("20.")]
+  assert aside.name.startswith("20.incomplete-") and f"moved it to {aside}" in caplog.text
+  assert checkpoint_lib.incomplete(tmp_path / "30") == ""
+  again.close()
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_naming_the_folder(tmp_path, monkeypatch,
+                                                                       caplog):
+  ckpt = checkpoint_lib.Checkpointer(tmp_path / "ckpt", 2)
+  _save(ckpt, 10, 1.0, 0.5)
+  ckpt.wait()
+  real_write = epath.Path.write_text
+
+  def full_disk(self, *args, **kwargs):
+    if "ckpt" in str(self):
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return real_write(self, *args, **kwargs)
+
+  monkeypatch.setattr(epath.Path, "write_text", full_disk)
+  with caplog.at_level("INFO"), pytest.raises(OSError) as raised:
+    _save(ckpt, 20, 2.0, 0.6)
+    ckpt.close()
+  message = str(raised.value)
+  assert message.startswith("[Errno 28] cannot write a checkpoint in ") and "\n" not in message
+  assert str(tmp_path / "ckpt") in message and "rerun" in message
+  assert not [r for r in caplog.records if r.exc_info]     # no traceback per orbax thread
+  monkeypatch.undo()
+  again = checkpoint_lib.Checkpointer(tmp_path / "ckpt", 2, enable_async=False)
+  assert again.latest_step() == 10                          # nothing lost
+  again.close()

@@ -187,3 +187,50 @@ def test_a_truncated_model_file_is_named(tmp_path):
   torn.write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{\"a\":")
   with pytest.raises(ValueError, match=rf"cannot read model weights '{torn}'"):
     convert.read_safetensors([torn])
+
+
+def _metric_rows(epochs):
+  return [{"epoch": e, "step": 5 * (e + 1), "loss": 1.0 / (e + 1), "val/all": 0.5 + 0.01 * e}
+          for e in range(epochs)]
+
+
+@pytest.mark.parametrize("damage", ["last_line_lost", "torn", "deleted", "garbled_middle"])
+def test_metrics_are_rebuilt_from_the_checkpoints_copy(tmp_path, damage, caplog):
+  from discl_jax.train import loop  # pylint: disable=import-outside-toplevel
+  target = tmp_path / wd.METRICS
+  rows = _metric_rows(20)
+  text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+  damaged = {"last_line_lost": "".join(text.splitlines(keepends=True)[:-1]),
+             "torn": text[:-30], "deleted": None,
+             "garbled_middle": text.replace('"epoch": 7,', '"epoch": 7', 1)}[damage]
+  if damaged is not None:
+    target.write_text(damaged)
+  meta = {"epoch": 20, "history": rows}
+  assert loop.restore_metrics(target, meta, tmp_path / "ckpt") == rows
+  assert target.read_text() == text
+  assert "rebuilt its 20 epoch rows from the checkpoint's copy" in caplog.text
+
+
+def test_metrics_missing_rows_without_a_copy_are_refused_with_the_remedy(tmp_path):
+  from discl_jax.train import loop  # pylint: disable=import-outside-toplevel
+  target = tmp_path / wd.METRICS
+  rows = _metric_rows(3)
+  wd.append_jsonl(target, rows)
+  meta = {"epoch": 3}                       # a checkpoint of an older version: no copy
+  assert loop.restore_metrics(target, meta, tmp_path / "ckpt") == rows
+  wd.atomic_write_text(target, "".join(json.dumps(r) + "\n" for r in rows[:2]))
+  with pytest.raises(ValueError, match=rf"{target} holds 2 of the 3 epoch rows .* delete "
+                     rf"{tmp_path / 'ckpt'} to train again"):
+    loop.restore_metrics(target, meta, tmp_path / "ckpt")
+
+
+def test_spectrum_dir_may_name_the_workdir_that_holds_the_spectrum(tmp_path):
+  from discl_jax.train import loop  # pylint: disable=import-outside-toplevel
+  other = tmp_path / "other"
+  (other / wd.SPECTRUM).mkdir(parents=True)
+  (other / wd.HARD).write_text("")
+  c = _digits_config()
+  for given in (other, other / wd.SPECTRUM):
+    c.data.spectrum_dir = str(given)
+    assert loop.spectrum_root(c, tmp_path / "w") == other / wd.SPECTRUM
+    assert loop.hard_path(c, tmp_path / "w") == other / wd.HARD

@@ -281,8 +281,9 @@ def test_killed_generate_resumes_to_exactly_the_expected_images(killed_then_resu
   rows = [json.loads(line) for line in lines]
   assert len(rows) == len(k["expected"]) == NUM_HARD * 2 * 2
   assert {r["job_id"] for r in rows} == set(k["expected"])
-  for row in rows:
-    assert row == k["expected"][row["job_id"]]
+  for row in rows:   # each with the checksum of its image
+    sha256, size = ss.image_digest((root / row["path"]).read_bytes())
+    assert row == dict(k["expected"][row["job_id"]], sha256=sha256, bytes=size)
   pngs = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
   assert pngs == sorted(r["path"] for r in rows)
   assert not [p for p in root.rglob("*") if p.name.endswith(".tmp")]

@@ -11,10 +11,10 @@ from discl_jax.train import loop
 
 def test_epoch_line_gives_groups_in_percent_and_seconds():
   row = {"epoch": 2, "loss": 0.25, "curriculum_phase": "synthetic", "curriculum_level": 0.3,
-         "epoch_seconds": 4.0, "val/many": 0.9, "val/medium": 0.8, "val/few": 0.5,
+         "val/many": 0.9, "val/medium": 0.8, "val/few": 0.5,
          "val/all": 0.75, "test/many": 1.0, "test/medium": 0.875, "test/few": 0.25,
          "test/all": 0.7}
-  line = loop.epoch_line(row, 10, ("val", "test"), images=512, seconds=6.5)
+  line = loop.epoch_line(row, 10, ("val", "test"), images=512, seconds=6.5, train_seconds=4.0)
   assert line == ("epoch 2 (3/10): loss 0.2500 | val Many 90.0 Medium 80.0 Few 50.0 All 75.0 % "
                   "test Many 100.0 Medium 87.5 Few 25.0 All 70.0 % | synthetic level 0.30 | "
                   "6.5 s (128 img/s training)")

@@ -102,6 +102,9 @@ def test_report_describes_the_stored_run_config_not_the_flags(tmp_path):
           {"epoch": 1, "step": 10, "loss": 0.5, "val/all": 0.6, "test/all": 0.5,
            "num_synthetic": 2}]
   wd.append_jsonl(wd.path(tmp_path, wd.METRICS), rows)
+  wd.append_jsonl(wd.path(tmp_path, wd.TIMINGS), [
+      {"epoch": epoch, "images": 5 * trained.train.batch_size, "seconds": 4.0}
+      for epoch in (0, 1)])
   flags = _demo_config()
   flags.curriculum.schedule = "none"
   flags.train.epochs = 99
@@ -115,7 +118,10 @@ def test_report_describes_the_stored_run_config_not_the_flags(tmp_path):
           f"{trained.score.threshold}: 3 of 4 generated images accepted; 5 synthetic") in text
   assert "| 0.70 | 2 | 2 |" in text and "| 0.30 | 2 | 1 |" in text
   assert f"]({wd.ACCEPTANCE_PNG})" in text
-  # 10 steps of the demo's batch over 10 s of train wall time, in two runs.
-  batch = trained.train.batch_size
-  assert f"| train | 10.0 | 2 | {10 * batch} | {batch:.1f} |" in text
   assert "Code: commit `" in text and "jax " in text
+  # Timings live in timings.md, so report.md depends on results only: 10 s of train wall time
+  # in two runs; images/s over the epochs' training time (8 s, timings.jsonl).
+  assert "| train |" not in text and f"]({wd.TIMINGS_REPORT})" in text
+  batch = trained.train.batch_size
+  times = wd.path(tmp_path, wd.TIMINGS_REPORT).read_text()
+  assert f"| train | 10.0 | 2 | {10 * batch} | {10 * batch / 8:.1f} |" in times

@@ -153,3 +153,29 @@ def test_best_test_epoch_section_is_labelled_the_papers_way_beside_the_val_headl
   assert "picked the best epoch on the test split" in section
   # One epoch (an evaluate-only run): no such section.
   assert "Best test epoch" not in report.render_markdown(rows[:1], final={"best_epoch": 0})
+
+
+def test_an_unfinished_run_is_reported_as_unfinished(tmp_path, caplog):
+  rows = _rows()                                  # 6 of the demo's 20 epochs: a stopped run
+  _write_workdir(tmp_path, rows)
+  config = _demo_config()
+  with caplog.at_level("WARNING"):
+    report_path, _ = eval_stage.run(config, tmp_path)
+  text = report_path.read_text()
+  assert "**Warning: unfinished run: 6 of 20 epochs trained; rerun the train stage" in text
+  assert "unfinished run: 6 of 20 epochs trained" in caplog.text
+  finished = config_lib.load_file(pathlib.Path(__file__).resolve().parent.parent /
+                                  "configs" / "demo.py", "runlocal")
+  finished.train.epochs = 6
+  assert "unfinished" not in report.render_markdown(
+      rows, final={"best_epoch": 4}, config=finished)
+  assert "train_result.json is missing" in report.render_markdown(rows, config=finished)
+
+
+def test_a_damaged_predictions_file_is_one_line_naming_it(tmp_path):
+  _write_workdir(tmp_path, _rows())
+  target = wd.path(tmp_path, wd.PREDICTIONS)
+  target.write_bytes(b"PK\x03\x04 not a whole zip file")
+  with pytest.raises(ValueError, match=rf"{target} is damaged \(BadZipFile: .*rerun the train "
+                     "stage"):
+    eval_stage.run(_demo_config(), tmp_path)

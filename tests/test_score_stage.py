@@ -185,6 +185,24 @@ def test_missing_and_corrupt_images_are_reported_by_path(prepared, workdir):
   assert len(_score_lines(workdir)) == 26          # 24 + the two retried rows
 
 
+def test_an_image_replaced_after_scoring_is_never_accepted_as_its_row(prepared, workdir):
+  score_stage.run(_config(), workdir)
+  store = spectrum_store.SpectrumStore(wd.path(workdir, wd.SPECTRUM))
+  rows = store.rows()
+  replaced, donor = rows[2], rows[9]
+  original = store.image_path(replaced).read_bytes()
+  shutil.copy(store.image_path(donor), store.image_path(replaced))   # another valid image
+  report = score_stage.run(_config(), workdir)
+  (error,) = report["errors"]
+  assert error["path"] == replaced["path"] and "does not match its manifest row" in error["error"]
+  assert "rerun the generate stage" in error["error"]
+  accepted = acceptance.accepted_rows(store.rows(), _config().score.threshold)
+  assert replaced["job_id"] not in {r["job_id"] for r in accepted}
+  store.image_path(replaced).write_bytes(original)                   # what generate makes again
+  report = score_stage.run(_config(), workdir)
+  assert not report["errors"] and report["overall"]["scored"] == 24
+
+
 def test_a_torn_score_shard_is_trimmed_and_its_row_rescored(prepared, workdir):
   score_stage.run(_config(), workdir)
   shard = next(wd.path(workdir, wd.SPECTRUM).glob("scores-*.jsonl"))

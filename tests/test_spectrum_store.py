@@ -39,7 +39,9 @@ def test_add_writes_png_and_manifest_and_rows_read_back(tmp_path):
   assert path == tmp_path / "two/img7/lambda0.70_seed0.png"
   np.testing.assert_array_equal(records.read_rgb(path), _image(9))
   (got,) = ss.SpectrumStore(tmp_path, 0, 1).rows()
-  assert got == dict(row, clip_text=None, clip_source=None, score_error=None)
+  sha256, size = ss.image_digest(path.read_bytes())
+  assert got == dict(row, sha256=sha256, bytes=size, clip_text=None, clip_source=None,
+                     score_error=None)
   assert not list(tmp_path.rglob("*.tmp"))
 
 
@@ -99,6 +101,87 @@ def test_reconcile_readds_known_orphans_removes_own_temp_and_never_deletes_stray
   # A second reconcile changes nothing.
   again = store.reconcile(expected_rows=[known])
   assert again == dict(counts, readded=0, removed_temp=0)
+
+
+def _other_image(size=8):
+  """A valid PNG of the same size but other pixels (a replaced image)."""
+  return ss.encode_png(_image(200, size))
+
+
+def test_reconcile_drops_rows_of_damaged_images_so_generate_makes_them_again(tmp_path, caplog):
+  store = ss.SpectrumStore(tmp_path, 0, 1)
+  rows = [_row(seed=s) for s in range(5)]
+  for r in rows:
+    store.add(r, np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3))
+  intact, truncated, overwritten, replaced, legacy = rows
+  data = store.image_path(truncated).read_bytes()
+  store.image_path(truncated).write_bytes(data[:len(data) // 2])
+  middle = bytearray(data)
+  middle[len(data) // 2] ^= 0xFF                              # same size, one byte flipped
+  store.image_path(overwritten).write_bytes(bytes(middle))
+  store.image_path(replaced).write_bytes(_other_image())      # another valid image
+  # A row of an older store, without checksum: taken as it is.
+  lines = store.manifest_path.read_text().splitlines()
+  old = json.loads(lines[4])
+  del old["sha256"], old["bytes"]
+  store.manifest_path.write_text("\n".join(lines[:4] + [json.dumps(old)]) + "\n")
+  store.image_path(legacy).write_bytes(_other_image())
+  counts = ss.SpectrumStore(tmp_path, 0, 1).reconcile(expected_rows=rows)
+  assert counts["dropped_damaged"] == 3 and counts["kept"] == 2 and counts["readded"] == 0
+  assert "3 image(s) no longer match their manifest row" in caplog.text
+  store = ss.SpectrumStore(tmp_path, 0, 1)
+  assert store.done_job_ids() == {intact["job_id"], legacy["job_id"]}
+  for r in (truncated, overwritten, replaced):                  # generate's rerun
+    store.add(r, np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3))
+  assert store.image_path(truncated).read_bytes() == data
+  assert ss.SpectrumStore(tmp_path, 0, 1).reconcile(expected_rows=rows)["dropped_damaged"] == 0
+
+
+def test_damaged_images_are_never_read_as_their_row(tmp_path):
+  store = ss.SpectrumStore(tmp_path, 0, 1)
+  row = _row()
+  store.add(row, _image(9))
+  np.testing.assert_array_equal(store.read_image(store.rows()[0]), _image(9))
+  store.image_path(row).write_bytes(_other_image())
+  (stored,) = store.rows()
+  with pytest.raises(records.BadImageError,
+                     match=rf"{store.image_path(row)} does not match its manifest row.*rerun "
+                     "the generate stage"):
+    store.read_image(stored)
+  assert store.damaged([stored]) == [(store.image_path(row), "78 bytes, the manifest says 77")]
+
+
+def test_a_score_of_other_bytes_than_the_rows_counts_as_none(tmp_path):
+  store = ss.SpectrumStore(tmp_path, 0, 1)
+  row = _row()
+  store.add(row, _image(9))
+  (stored,) = store.rows()
+  store.add_scores([dict(job_id=row["job_id"], clip_text=0.7, clip_source=0.5, error=None,
+                         sha256=stored["sha256"])])
+  assert store.rows()[0]["clip_text"] == 0.7
+  store.add_scores([dict(job_id=row["job_id"], clip_text=0.2, clip_source=0.5, error=None,
+                         sha256="0" * 64)])              # the score of an image made before
+  assert store.rows()[0]["clip_text"] is None
+
+
+def test_only_the_shard_names_the_store_writes_are_read(tmp_path, caplog):
+  store = ss.SpectrumStore(tmp_path, 0, 1)
+  row = _row()
+  store.add(row, _image())
+  store.add_scores([dict(job_id=row["job_id"], clip_text=0.7, clip_source=0.5, error=None)])
+  foreign = {"scores-00000.old.jsonl": dict(job_id=row["job_id"], clip_text=0.0,
+                                              clip_source=0.0, error=None),
+             "manifest-00000.bak.jsonl": dict(_row(seed=9))}
+  for name, content in foreign.items():
+    (tmp_path / name).write_text(json.dumps(content) + "\n")
+  reader = ss.SpectrumStore(tmp_path, 0, 1)
+  for _ in range(3):
+    rows = reader.rows()
+    assert [(r["job_id"], r["clip_text"]) for r in rows] == [(row["job_id"], 0.7)]
+  warnings = [r.getMessage() for r in caplog.records if "not a shard name" in r.getMessage()]
+  assert len(warnings) == 2                              # once per foreign file
+  assert any("scores-00000.old.jsonl" in w for w in warnings)
+  assert reader.reconcile()["kept"] == 1
 
 
 def test_processes_write_own_shards_and_leave_foreign_files(tmp_path):

@@ -189,10 +189,7 @@ def _run(tmp_root, name, mode, *extra, devices=1, **env_extra):
 
 
 def _metrics(workdir):
-  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  for row in rows:
-    row.pop("epoch_seconds")
-  return rows
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _checkpoint_steps(workdir):

@@ -4,8 +4,8 @@ Layout under `root` (= workdir/spectrum):
 
   {class}/{source}/lambda{L:.2f}_seed{S}.png   one image (L = 1 - strength)
   {class}/{source}/lambda{L:.2f}_seed{S}_retry{A}.png   regeneration attempt A
-  manifest-{process:05d}.jsonl                  one row per image, per process
-  scores-{process:05d}.jsonl                    CLIP scores, per process
+  manifest-{process:05d}.jsonl                  one row per image (its sha256, bytes), per process
+  scores-{process:05d}.jsonl                    CLIP scores (of which sha256), per process
   generation.json                               the generation config fingerprint
   score.provenance.json                         the scoring config fingerprint (`provenance`)
 
@@ -14,9 +14,14 @@ all shards. Images are written atomically before their manifest row, so after a
 kill the only possible damage is a file without a row (re-added by
 `reconcile`), a torn last manifest line (trimmed), or a leftover temp file of
 our own atomic writes (removed). Nothing else under `root` is ever deleted:
-files the store did not write are left where they are.
+files the store did not write are left where they are. An image whose size or
+sha256 no longer matches its row (truncated, overwritten, replaced) loses its
+row, so `generate` makes it again; rows of older stores without a checksum are
+taken as they are. Only the shard names above are read: any other file beside
+them (`scores-00000.old.jsonl`) is ignored with a warning.
 """
 
+import hashlib
 import io
 import json
 import pathlib
@@ -36,6 +41,7 @@ GENERATION = "generation.json"
 SCORE_PROVENANCE = "score.provenance.json"
 MANIFEST_GLOB = "manifest-*.jsonl"
 SCORES_GLOB = "scores-*.jsonl"
+_SHARD_NAME = re.compile(r"^(manifest|scores)-\d{5}\.jsonl$")  # exactly what the store writes
 ROW_KEYS = ("job_id", "source_id", "label", "class_name", "strength",
             "image_guidance", "seed", "prompt", "path")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -85,6 +91,12 @@ def make_row(*, source_id, label, class_name, strength, seed, prompt, attempt=0)
   return row
 
 
+def with_digest(row, data):
+  """Returns manifest `row` with the sha256 and size of its image bytes `data`."""
+  sha256, size = image_digest(data)
+  return dict(row, sha256=sha256, bytes=size)
+
+
 def attempt_of(row):
   """Returns the regeneration attempt of manifest `row` (0: the job's first image)."""
   return int(row.get("attempt", 0))
@@ -106,6 +118,43 @@ def encode_png(image_uint8):
   return buffer.getvalue()
 
 
+def image_digest(data):
+  """Returns (sha256 hex digest, size in bytes) of image file bytes `data`."""
+  return hashlib.sha256(data).hexdigest(), len(data)
+
+
+def mismatch(path, row):
+  """Returns why the file at `path` differs from manifest `row` ("" when it matches or the
+  row, from an older store, records no checksum); a missing file is a mismatch too."""
+  if "sha256" not in row:
+    return ""
+  try:
+    size = path.stat().st_size
+  except FileNotFoundError:
+    return "missing"
+  if size != row["bytes"]:
+    return f"{size} bytes, the manifest says {row['bytes']}"
+  if image_digest(path.read_bytes())[0] != row["sha256"]:
+    return "its sha256 differs from the manifest's"
+  return ""
+
+
+def read_verified(path, row):
+  """Returns the bytes of the image of manifest `row` at `path`; BadImageError names the file
+  and the remedy when they differ from the row's checksum (damaged or replaced)."""
+  try:
+    data = path.read_bytes()
+  except FileNotFoundError as e:
+    raise records.BadImageError(f"image file not found: {path}") from e
+  except OSError as e:
+    raise records.BadImageError(f"cannot read {path}: {e}") from e
+  if "sha256" in row and image_digest(data) != (row["sha256"], row["bytes"]):
+    raise records.BadImageError(
+        f"{path} does not match its manifest row (damaged or replaced after generate wrote "
+        "it): rerun the generate stage, which makes it again")
+  return data
+
+
 class SpectrumStore:
   """Generated images and their manifest under `root`, seen from one process."""
 
@@ -116,6 +165,7 @@ class SpectrumStore:
     self.manifest_path = self.root / f"manifest-{self.process_index:05d}.jsonl"
     self.scores_path = self.root / f"scores-{self.process_index:05d}.jsonl"
     self._done = None
+    self._warned = set()
 
   def check_fingerprint(self, generation_config, record=True):
     """Records `generation_config` on first use (process 0 only, when `record`); returns None.
@@ -152,19 +202,23 @@ class SpectrumStore:
     Returns a dict of counts.
     """
     self.root.mkdir(parents=True, exist_ok=True)
-    counts = dict(kept=0, dropped_missing=0, dropped_duplicate=0, readded=0,
-                  removed_temp=0, left_unknown=0, left_foreign=0)
+    counts = dict(kept=0, dropped_missing=0, dropped_duplicate=0, dropped_damaged=0,
+                  readded=0, removed_temp=0, left_unknown=0, left_foreign=0)
     raw = self.manifest_path.read_text(encoding="utf-8") if self.manifest_path.exists() else ""
     own_rows = wd.read_jsonl(self.manifest_path)
-    kept, seen = [], set()
+    kept, seen, damaged = [], set(), {}
     for number, row in enumerate(own_rows, start=1):
       missing = [k for k in ROW_KEYS if k not in row]
       if missing:
         raise ValueError(f"{self.manifest_path}: row {number} lacks key(s) {missing}")
+      reason = "" if row["job_id"] in seen else mismatch(self.root / row["path"], row)
       if row["job_id"] in seen:
         counts["dropped_duplicate"] += 1
       elif not (self.root / row["path"]).is_file():
         counts["dropped_missing"] += 1
+      elif reason:
+        counts["dropped_damaged"] += 1
+        damaged[row["path"]] = reason
       else:
         seen.add(row["job_id"])
         kept.append(row)
@@ -183,11 +237,11 @@ class SpectrumStore:
           file.unlink()
           counts["removed_temp"] += 1
           continue
-      elif rel in recorded or file.parent == self.root:
+      elif rel in recorded or rel in damaged or file.parent == self.root:
         continue
       row = expected.get(rel)
       if not temp and row is not None and self._owns(row["job_id"]) and row["job_id"] not in seen:
-        kept.append(dict(row))
+        kept.append(with_digest(row, file.read_bytes()))
         seen.add(row["job_id"])
         counts["readded"] += 1
       elif self.process_count == 1:
@@ -200,6 +254,11 @@ class SpectrumStore:
     if text != raw:
       wd.atomic_write_text(self.manifest_path, text)
     self._done = None
+    if damaged:
+      first = next(iter(damaged))
+      logging.warning("spectrum store %s: %d image(s) no longer match their manifest row and "
+                      "will be generated again, e.g. %s (%s)", self.root, len(damaged), first,
+                      damaged[first])
     if unknown:
       logging.warning("spectrum store %s: left %d file(s) that no job of this run wrote "
                       "(not deleted), e.g. %s", self.root, len(unknown), unknown[0])
@@ -218,8 +277,9 @@ class SpectrumStore:
     missing = [k for k in ROW_KEYS if k not in row]
     if missing:
       raise ValueError(f"spectrum row for {row.get('job_id')!r} lacks key(s) {missing}")
-    wd.atomic_write_bytes(self.root / row["path"], encode_png(image_uint8))
-    wd.append_jsonl(self.manifest_path, [row])
+    data = encode_png(image_uint8)
+    wd.atomic_write_bytes(self.root / row["path"], data)
+    wd.append_jsonl(self.manifest_path, [with_digest(row, data)])
     if self._done is not None:
       self._done.add(row["job_id"])
 
@@ -227,15 +287,18 @@ class SpectrumStore:
     """Returns every manifest row (all shards, one per job id) with scores merged.
 
     Each row gains clip_text, clip_source and score_error (None when unscored;
-    the last score row of a job wins).
+    the last score row of a job wins, and a score of other image bytes than the
+    row's, an image made again since, counts as none).
     """
     scores = {}
-    for shard in sorted(self.root.glob(SCORES_GLOB)):
+    for shard in self._shards(SCORES_GLOB):
       for score in wd.read_jsonl(shard):
         scores[score["job_id"]] = score
     merged = []
     for row in self._all_manifest_rows():
       score = scores.get(row["job_id"], {})
+      if score.get("sha256", row.get("sha256")) != row.get("sha256"):
+        score = {}
       merged.append(dict(row, clip_text=score.get("clip_text"),
                          clip_source=score.get("clip_source"),
                          score_error=score.get("error")))
@@ -259,6 +322,26 @@ class SpectrumStore:
     if score_rows:
       wd.append_jsonl(self.scores_path, score_rows)
 
+  def read_image(self, row):
+    """Returns the image of manifest `row` as uint8 H x W x 3 after checking its bytes against
+    the row's checksum; BadImageError names the file (damaged, replaced or undecodable)."""
+    path = self.image_path(row)
+    try:
+      return records.read_rgb(io.BytesIO(read_verified(path, row)))
+    except records.BadImageError as e:
+      if str(path) in str(e):
+        raise
+      raise records.BadImageError(f"cannot decode image file {path}: {e.__cause__}") from e
+
+  def damaged(self, rows):
+    """Returns [(path, why)] of the rows whose image differs from its manifest checksum."""
+    found = []
+    for row in rows:
+      reason = mismatch(self.image_path(row), row)
+      if reason:
+        found.append((self.image_path(row), reason))
+    return found
+
   def image_path(self, row):
     """Returns the absolute pathlib.Path of the image of manifest `row`."""
     return self.root / row["path"]
@@ -278,9 +361,22 @@ class SpectrumStore:
     return self.process_count == 1 and target.parent != self.root and bool(
         _IMAGE_NAME.match(target.name))
 
+  def _shards(self, pattern):
+    """Returns the shard files of `pattern` under root, sorted; warns once about every other
+    file the pattern matches (not a name the store writes, so never read)."""
+    shards = []
+    for file in sorted(self.root.glob(pattern)):
+      if _SHARD_NAME.match(file.name):
+        shards.append(file)
+      elif file not in self._warned:
+        self._warned.add(file)
+        logging.warning("spectrum store %s: ignoring %s, not a shard name the store writes "
+                        "(manifest-NNNNN.jsonl, scores-NNNNN.jsonl)", self.root, file.name)
+    return shards
+
   def _all_manifest_rows(self):
     rows, seen = [], set()
-    for shard in sorted(self.root.glob(MANIFEST_GLOB)):
+    for shard in self._shards(MANIFEST_GLOB):
       for row in wd.read_jsonl(shard):
         if row.get("job_id") not in seen:
           seen.add(row.get("job_id"))
@@ -288,7 +384,7 @@ class SpectrumStore:
     return rows
 
   def _other_shard_rows(self):
-    return [row for shard in sorted(self.root.glob(MANIFEST_GLOB))
+    return [row for shard in self._shards(MANIFEST_GLOB)
             if shard != self.manifest_path for row in wd.read_jsonl(shard)]
 
 

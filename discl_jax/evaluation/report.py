@@ -178,22 +178,43 @@ def synthetic_section(synthetic):
   return out
 
 
+def timings_markdown(stages):
+  """Returns the text of timings.md: wall time, runs, images and images/s per stage.
+
+  `stages` are the eval stage's rows (stage, seconds, runs, images and, for
+  train, rate_seconds: the epochs' training seconds, killed runs included).
+  """
+  out = ["# Stage times", "", "| stage | wall time (s) | runs | images | images/s |",
+         "|---|---:|---:|---:|---:|"]
+  for s in stages:
+    images = s.get("images")
+    seconds = s.get("rate_seconds", s["seconds"])
+    rate = f"{images / seconds:.1f}" if images and seconds > 0 else "-"
+    out.append(f"| {s['stage']} | {s['seconds']:.1f} | {s['runs']} | "
+               f"{images if images is not None else '-'} | {rate} |")
+  out += ["", "Wall time is summed over every completed run of a stage (resumed runs "
+          "included). Train's images and images/s count the images trained and their "
+          "training time in every run, killed ones included (timings.jsonl).", ""]
+  return "\n".join(out)
+
+
+def unfinished(rows, epochs, final):
+  """Returns the warning for a run that has not trained all `epochs` (or has no final
+  result), or "" for a finished one."""
+  trained = len({r.get("epoch") for r in rows})
+  if trained >= epochs and final is not None:
+    return ""
+  missing = "" if final is not None else f"; {wd.TRAIN_RESULT} is missing"
+  return (f"unfinished run: {trained} of {epochs} epochs trained{missing}; rerun the train "
+          "stage to finish it (the best epoch below is the best of those trained)")
+
+
 def run_section(run):
-  """Returns markdown lines: wall time and images/s per stage, package versions, the commit."""
-  out = []
-  if run.get("stages"):
-    out += ["| stage | wall time (s) | runs | images | images/s |", "|---|---:|---:|---:|---:|"]
-    for s in run["stages"]:
-      images = s.get("images")
-      rate = f"{images / s['seconds']:.1f}" if images and s["seconds"] > 0 else "-"
-      out.append(f"| {s['stage']} | {s['seconds']:.1f} | {s['runs']} | "
-                 f"{images if images is not None else '-'} | {rate} |")
-    out += ["", "Wall time is summed over every run of a stage (resumed runs included)."]
+  """Returns markdown lines: where the stage times are, package versions, the commit."""
   environment = run.get("environment") or {}
   packages = ", ".join(f"{k} {v}" for k, v in sorted(environment.get("packages", {}).items()))
-  out += ([""] if out else []) + [
-      f"Code: commit `{environment.get('commit') or 'unknown'}`. Packages: {packages}."]
-  return out
+  return [f"Stage wall times and images/s: [{wd.TIMINGS_REPORT}]({wd.TIMINGS_REPORT}).", "",
+          f"Code: commit `{environment.get('commit') or 'unknown'}`. Packages: {packages}."]
 
 
 def render_markdown(rows, *, final=None, config=None, per_class=None, hard=None, run=None):
@@ -209,6 +230,9 @@ def render_markdown(rows, *, final=None, config=None, per_class=None, hard=None,
   out = ["# DisCL run report", ""]
   if config is not None:
     out += [_config_summary(config), ""]
+    warning = unfinished(rows, config.train.epochs, final)
+    if warning:
+      out += [f"**Warning: {warning}.**", ""]
   best = best_row(rows, (final or {}).get("best_epoch"))
   if best is not None and (final or {}).get("evaluated_as_is"):
     out += ["## Result of train.init_checkpoint as it is (train.epochs=0)", "",

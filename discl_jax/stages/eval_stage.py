@@ -2,15 +2,19 @@
 
 Reads workdir/metrics.jsonl (one row per epoch), train_result.json (the best
 validation epoch and its metrics) and predictions.npz (that epoch's test
-predictions, for per-class accuracy), and writes report.md and curves.png.
-Everything is described by the config the run was trained with (recorded by
-the train stage in train.provenance.json), never by the current flags. Only
-process 0 writes; rerunning rewrites both from the same inputs.
+predictions, for per-class accuracy), and writes report.md and curves.png,
+which depend on the run's results only (two runs of one config give the same
+bytes), and timings.md, the stage wall times and images/s. Everything is
+described by the config the run was trained with (recorded by the train stage
+in train.provenance.json), never by the current flags. A run that has not
+trained every epoch is reported as unfinished, with a warning. Only process 0
+writes; rerunning rewrites them from the same inputs.
 """
 
 import json
 import os
 import pathlib
+import zipfile
 
 import numpy as np
 from absl import logging
@@ -38,9 +42,15 @@ def run(config, workdir):
   config = run_config(config, workdir)
   final = _read_json(wd.path(workdir, wd.TRAIN_RESULT))
   per_class = _per_class(config, wd.path(workdir, wd.PREDICTIONS))
+  unfinished = report.unfinished(rows, config.train.epochs, final)
+  if unfinished:
+    logging.warning("eval: %s", unfinished)
+  summary = run_summary(config, workdir, rows)
   paths = report.write_report(workdir, rows, final=final, config=config, per_class=per_class,
-                              run=run_summary(config, workdir, rows))
-  logging.info("eval: wrote %s and %s", *paths)
+                              run=summary)
+  timings = wd.atomic_write_text(wd.path(workdir, wd.TIMINGS_REPORT),
+                                 report.timings_markdown(summary["stages"]))
+  logging.info("eval: wrote %s, %s and %s", *paths, timings)
   return paths
 
 
@@ -58,7 +68,7 @@ def run_config(config, workdir):
 def run_summary(config, workdir, rows):
   """Returns the report's run facts: {"synthetic": dict or None, "stages": [rows],
   "environment": dict}, from the stored spectrum, timings and train record."""
-  spectrum = (pathlib.Path(config.data.spectrum_dir) if config.data.spectrum_dir
+  spectrum = (wd.spectrum_folder(config.data.spectrum_dir) if config.data.spectrum_dir
               else wd.path(workdir, wd.SPECTRUM))
   store_rows = (jobs.grid_rows(spectrum_store.SpectrumStore(spectrum).rows(), config.diffusion)
                 if spectrum.is_dir() else [])
@@ -69,12 +79,15 @@ def run_summary(config, workdir, rows):
   if config.data.spectrum_dir:  # the spectrum stages ran in the workdir that holds it
     shared = provenance.read_record(spectrum.parent / wd.STAGE_TIMES) or {}
     times.update({k: v for k, v in shared.items() if k in ("hard", "prompts", "generate", "score")})
-  batches = np.diff([0] + [int(r.get("step", 0)) for r in rows])
   images = {"generate": len(store_rows),
-            "score": sum(acceptance.is_scored(r) for r in store_rows),
-            "train": int(np.sum(batches)) * int(config.train.batch_size)}
+            "score": sum(acceptance.is_scored(r) for r in store_rows)}
   stages = [dict(stage=name, seconds=times[name]["seconds"], runs=times[name]["runs"],
                  images=images.get(name)) for name in stages_lib.ORDER if name in times]
+  epochs = wd.read_jsonl(wd.path(workdir, wd.TIMINGS))
+  for entry in stages:
+    if entry["stage"] == "train" and epochs:  # what was trained, over its training time
+      entry.update(images=sum(int(e["images"]) for e in epochs),
+                   rate_seconds=sum(float(e["seconds"]) for e in epochs))
   record = provenance.stored_record(wd.path(workdir, wd.PROVENANCE % "train"))
   return {"synthetic": synthetic, "stages": stages,
           "environment": record.get("environment") or provenance.environment()}
@@ -115,10 +128,14 @@ def _per_class(config, predictions_path):
   if not predictions_path.exists():
     logging.warning("eval: %s is missing; the report has no per-class table", predictions_path)
     return None
-  with np.load(predictions_path) as saved:
-    if "test_pred" not in saved or "test_label" not in saved:
-      raise ValueError(f"{predictions_path}: needs arrays test_pred and test_label")
-    preds, labels = saved["test_pred"], saved["test_label"]
+  try:
+    with np.load(predictions_path) as saved:
+      if "test_pred" not in saved or "test_label" not in saved:
+        raise ValueError(f"{predictions_path}: needs arrays test_pred and test_label")
+      preds, labels = saved["test_pred"], saved["test_label"]
+  except (OSError, EOFError, zipfile.BadZipFile) as e:
+    raise ValueError(f"{predictions_path} is damaged ({type(e).__name__}: {e}): rerun the "
+                     "train stage, which writes it again from the best epoch's checkpoint") from e
   train = datasets.load(config.data)["train"]
   counts = train.class_counts()
   groups = longtail.class_groups(counts, config.data.many_threshold, config.data.few_threshold)

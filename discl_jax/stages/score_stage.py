@@ -78,7 +78,7 @@ def _load_chunk(store, chunk, spec):
   rows, crops, errors = [], [], []
   for row in chunk:
     try:
-      crops.append(preprocess.resize_and_crop(records.read_rgb(store.image_path(row)), spec))
+      crops.append(preprocess.resize_and_crop(store.read_image(row), spec))
       rows.append(row)
     except records.BadImageError as e:
       errors.append(dict(job_id=row["job_id"], clip_text=None, clip_source=None, error=str(e)))
@@ -108,7 +108,7 @@ def score_rows(scorer, store, rows, text_embeddings, sources, progress=None):
         for row, embedding in zip(good, embeddings):
           source = source_embeddings.get(row["source_id"])
           scores.append(dict(
-              job_id=row["job_id"], error=None,
+              job_id=row["job_id"], error=None, sha256=row.get("sha256"),
               clip_text=float(embedding @ text_embeddings[int(row["label"])]),
               clip_source=None if source is None else float(embedding @ source)))
       for error in errors:
@@ -208,8 +208,11 @@ def run(config, workdir):
   store = spectrum_store.SpectrumStore(root)
   store.repair_scores()
   rows = jobs.grid_rows(store.rows(), config.diffusion)  # a larger grid's extra jobs stay unread
-  # Unscored rows and rows whose image could not be read last time (retried).
-  todo = [r for r in _owned(rows) if r.get("clip_text") is None]
+  # Unscored rows, rows whose image could not be read last time (retried) and scored rows
+  # whose image no longer matches its manifest checksum (scored again: an error until
+  # `generate` has made it again).
+  changed = damaged_ids(store, [r for r in _owned(rows) if r.get("clip_text") is not None])
+  todo = [r for r in _owned(rows) if r.get("clip_text") is None or r["job_id"] in changed]
   logging.info("score: %d rows, %d already scored, %d to score here (%d retried)",
                len(rows), sum(r.get("clip_text") is not None for r in rows), len(todo),
                sum(r.get("score_error") is not None for r in todo))
@@ -224,6 +227,18 @@ def run(config, workdir):
     return None
   return write_report(config, workdir, jobs.grid_rows(store.rows(), config.diffusion), threshold,
                       last_attempt)
+
+
+def damaged_ids(store, rows):
+  """Returns the job ids of `rows` whose image differs from its manifest checksum (truncated,
+  overwritten or replaced since `generate` wrote it), with a warning naming the first."""
+  damaged = store.damaged(rows)
+  if damaged:
+    logging.warning("score: %d scored image(s) no longer match their manifest row, e.g. %s "
+                    "(%s): their scores no longer count; rerun the generate stage, which "
+                    "makes them again", len(damaged), *damaged[0])
+  bad_paths = {path for path, _ in damaged}
+  return {r["job_id"] for r in rows if store.image_path(r) in bad_paths}
 
 
 def regenerate(config, workdir, store, scoring, threshold, last_attempt):

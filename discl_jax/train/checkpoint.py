@@ -17,9 +17,14 @@ is moved aside with a warning for the previous intact one. SIGTERM, SIGINT
 true so the loop can save and stop.
 """
 
+import contextlib
+import errno
 import hashlib
+import logging as std_logging
 import pathlib
 import signal
+import sys
+import threading
 import time
 
 import grain
@@ -58,8 +63,11 @@ class Checkpointer:
     if max_to_keep < 1:
       raise ValueError(f"train.keep_checkpoints={max_to_keep}: keep at least 1 checkpoint")
     self.directory = pathlib.Path(directory).absolute()
+    if jax.process_index() == 0:
+      move_incomplete_aside(self.directory)
     self.manager = ocp.CheckpointManager(self.directory,
                                          options=_options(max_to_keep, enable_async))
+    drop_shutdown_race_errors()
     self._stop_signal = None
     self._previous_handlers = {}
 
@@ -118,7 +126,7 @@ class Checkpointer:
     """
     step = int(step)
     if step in self.manager.all_steps():
-      self.manager.wait_until_finished()
+      self.wait()
       self.manager.delete(step)
     end = selection_value is not None
     value = float(selection_value) if end and np.isfinite(selection_value) else NOT_AN_EPOCH_END
@@ -130,7 +138,8 @@ class Checkpointer:
         meta=ocp.args.JsonSave(meta))
     if data_iter is not None:
       args["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
-    self.manager.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=True)
+    with self._naming_write_errors():
+      self.manager.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=True)
 
   def restore_latest(self, state_target, curriculum_target):
     """Returns (step, meta, picks, train state, curriculum state) of the newest intact checkpoint.
@@ -200,18 +209,134 @@ class Checkpointer:
     return (self.directory / str(step) / name).exists()
 
   def wait(self):
-    """Blocks until pending async saves are complete; returns None."""
-    self.manager.wait_until_finished()
+    """Blocks until pending async saves are complete; returns None.
+
+    A save that failed (a full disk) raises OSError naming the checkpoint
+    directory and the remedy; the checkpoints before it are intact.
+    """
+    with self._naming_write_errors():
+      self.manager.wait_until_finished()
 
   def close(self):
     """Finishes pending saves, restores the signal handlers and mask; returns None."""
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self._close_manager()
     if self._previous_handlers:
       signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # delivers a pending one here
       for signum, previous in self._previous_handlers.items():
         signal.signal(signum, previous)
       self._previous_handlers = {}
+
+  def _close_manager(self):
+    try:
+      self.manager.close()
+    except Exception as e:  # pylint: disable=broad-except
+      if not is_write_error(e):  # else the failed save that `wait` already reported
+        raise
+
+  @contextlib.contextmanager
+  def _naming_write_errors(self):
+    """Re-raises a failed (background) checkpoint write as one OSError line naming the
+    directory and the remedy."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      if not is_write_error(e):
+        raise
+      reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split(":")[0]
+      raise OSError(getattr(e, "errno", None) or errno.ENOSPC,
+                    f"cannot write a checkpoint in {self.directory} ({reason}): free space "
+                    "(or fix the folder) and rerun; training resumes from the last complete "
+                    "checkpoint") from e
+
+
+def is_write_error(error):
+  """Returns True for what a failed checkpoint write raises: an OSError (a full disk, a
+  read-only folder) or tensorstore's RESOURCE_EXHAUSTED / failed-write errors."""
+  return isinstance(error, OSError) or any(
+      mark in str(error) for mark in ("RESOURCE_EXHAUSTED", "Failed writing", "No space left"))
+
+
+class _OrbaxWriteErrors(std_logging.Filter):
+  """Drops orbax's own error logs of a failed checkpoint write (one traceback per
+  background thread); `Checkpointer` raises the error as one line."""
+
+  def filter(self, record):
+    error = record.exc_info[1] if record.exc_info else None
+    return not ("orbax" in record.pathname and error is not None and (
+        is_write_error(error) or _is_shutdown_race(error)))
+
+
+_ORBAX_WRITE_ERRORS = _OrbaxWriteErrors()
+
+
+_SHUTDOWN_RACES = ("Event loop is closed", "cannot schedule new futures after")
+_hooks_installed = []
+
+
+def _is_shutdown_race(error):
+  return isinstance(error, RuntimeError) and str(error).startswith(_SHUTDOWN_RACES)
+
+
+def drop_shutdown_race_errors():
+  """Installs (once per process) exception hooks that drop the "Event loop is closed" errors
+  tensorstore's callback threads raise after orbax has given up on a damaged or unwritable
+  checkpoint (one traceback per array otherwise, also at exit), and a log filter that
+  drops orbax's tracebacks of a failed write, which `Checkpointer` raises as one line;
+  every other error is shown as before. Returns None."""
+  if _hooks_installed:
+    return
+  hooks = sys.excepthook, threading.excepthook, sys.unraisablehook
+  _hooks_installed.append(hooks)
+  logging.get_absl_logger().addFilter(_ORBAX_WRITE_ERRORS)
+
+  def excepthook(kind, error, trace):
+    if not _is_shutdown_race(error):
+      hooks[0](kind, error, trace)
+
+  def thread_hook(args):
+    if not _is_shutdown_race(args.exc_value):
+      hooks[1](args)
+
+  def unraisable_hook(args):
+    if not _is_shutdown_race(args.exc_value):
+      hooks[2](args)
+
+  sys.excepthook, threading.excepthook, sys.unraisablehook = (
+      excepthook, thread_hook, unraisable_hook)
+
+
+def incomplete(step_dir):
+  """Returns what checkpoint directory `step_dir` lacks (a file of every item's layout, or
+  an emptied data folder), "" when it looks whole: a deletion cut short by a kill leaves
+  a step directory that orbax still lists."""
+  step_dir = pathlib.Path(step_dir)
+  needed = ["_CHECKPOINT_METADATA", "state/_METADATA"] + [
+      f"{item}/metadata" for item in ("curriculum", "plan", "meta")]
+  missing = [name for name in needed if not (step_dir / name).is_file()]
+  emptied = [d.relative_to(step_dir).as_posix() for d in step_dir.glob("state/**/d")
+             if d.is_dir() and not any(d.iterdir())]
+  return ", ".join(missing + [f"{name}/ (empty)" for name in emptied])
+
+
+def move_incomplete_aside(directory):
+  """Renames the step directories under `directory` that `incomplete` finds (half-deleted
+  by a kill during rotation) to `<step>.incomplete-<time>`, so orbax no longer lists
+  them; returns the new paths."""
+  moved = []
+  for step_dir in sorted(pathlib.Path(directory).glob("*")):
+    if not (step_dir.is_dir() and step_dir.name.isdigit()):
+      continue
+    lacking = incomplete(step_dir)
+    if lacking:
+      target = step_dir.with_name(f"{step_dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
+      step_dir.rename(target)
+      moved.append(target)
+      logging.warning("checkpoint %s is incomplete (no %s: a deletion or write cut short); "
+                      "moved it to %s (delete it when you like)", step_dir, lacking, target)
+  return moved
 
 
 def tree_to_json(tree):

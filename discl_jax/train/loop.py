@@ -22,6 +22,7 @@ import json
 import math
 import pathlib
 import time
+import zipfile
 
 import jax
 import numpy as np
@@ -67,11 +68,13 @@ class Data:
   accepted_ids: tuple = ()
 
 
-TRAIN_OUTPUTS = (wd.CKPT, wd.METRICS, wd.TRAIN_RESULT, wd.PREDICTIONS, wd.TENSORBOARD)
+TRAIN_OUTPUTS = (wd.CKPT, wd.METRICS, wd.TRAIN_RESULT, wd.PREDICTIONS, wd.TENSORBOARD,
+                 wd.TIMINGS)
 
 
 def spectrum_root(config, workdir):
-  """Returns the spectrum directory training reads: `data.spectrum_dir`, else workdir/spectrum.
+  """Returns the spectrum directory training reads: `data.spectrum_dir` (or its spectrum/ when
+  it names a workdir), else workdir/spectrum.
 
   Raises FileNotFoundError when `data.spectrum_dir` is set and is not a directory.
   """
@@ -81,7 +84,7 @@ def spectrum_root(config, workdir):
   if not root.is_dir():
     raise FileNotFoundError(f"data.spectrum_dir {str(root)!r} is not a directory (give "
                             f"another workdir's {wd.SPECTRUM}/ folder)")
-  return root
+  return wd.spectrum_folder(root)
 
 
 def hard_path(config, workdir):
@@ -89,7 +92,7 @@ def hard_path(config, workdir):
   own = wd.path(workdir, wd.HARD)
   if own.exists() or not config.data.spectrum_dir:
     return own
-  return pathlib.Path(config.data.spectrum_dir).parent / wd.HARD
+  return wd.spectrum_folder(config.data.spectrum_dir).parent / wd.HARD
 
 
 def accepted_rows(config, workdir):
@@ -315,9 +318,7 @@ def train_and_evaluate(config, workdir):
     logging.info("resumed from checkpoint %d: epoch %d, batch %d", latest,
                  meta["epoch"], meta["batches_done"])
   metrics_path = wd.path(workdir, wd.METRICS)
-  if main:
-    kept = [r for r in wd.read_jsonl(metrics_path) if r["epoch"] < meta["epoch"]]
-    wd.atomic_write_text(metrics_path, "".join(_json_line(r) for r in kept))
+  history = restore_metrics(metrics_path, meta, ckpt.directory, write=main)
   writer = _tb_writer(workdir, int(state.step) if latest is not None else None) if main else None
 
   shard = (jax.process_index(), jax.process_count())
@@ -405,10 +406,10 @@ def train_and_evaluate(config, workdir):
       if stream and batch_index < epoch_steps:  # the epoch goes on with the stream's next segment
         meta.update(plan=plan_summary, mid_epoch=False)
         continue
+      train_seconds = time.time() - started
       row = {"epoch": epoch, "step": int(state.step), "lr": lr,
              "loss": meta["epoch_loss_sum"] / max(batch_index, 1),
-             "train_accuracy": meta["epoch_acc_sum"] / max(batch_index, 1),
-             "epoch_seconds": time.time() - started}
+             "train_accuracy": meta["epoch_acc_sum"] / max(batch_index, 1)}
       row.update(plan_summary)
       outs = {}
       for name, split in data.eval_splits.items():
@@ -421,17 +422,22 @@ def train_and_evaluate(config, workdir):
         if main:
           _save_predictions(wd.path(workdir, wd.PREDICTIONS), epoch, outs)
       row["best_epoch"] = meta["best_epoch"]
+      images = (batch_index - first_batch) * tc.batch_size
       if main:
         wd.append_jsonl(metrics_path, [row])
+        wd.append_jsonl(wd.path(workdir, wd.TIMINGS), [
+            {"epoch": epoch, "images": images, "seconds": train_seconds}])
         _log_tb(writer, row)
-      logging.info("%s", epoch_line(row, tc.epochs, data.eval_splits,
-                                    (batch_index - first_batch) * tc.batch_size,
-                                    time.time() - started))
-      meta.update(epoch=epoch + 1, batches_done=0, segment_start=0, mid_epoch=False, plan=None,
-                  epoch_loss_sum=0.0, epoch_acc_sum=0.0)
+      logging.info("%s", epoch_line(row, tc.epochs, data.eval_splits, images,
+                                    time.time() - started, train_seconds))
+      history.append(row)
+      meta.update(history=history, epoch=epoch + 1, batches_done=0, segment_start=0,
+                  mid_epoch=False, plan=None, epoch_loss_sum=0.0, epoch_acc_sum=0.0)
       ckpt.save(int(state.step), state=state, curriculum=cstate, data_iter=iterator,
                 picks=picks, meta=meta, selection_value=row[select_key])
       epoch += 1
+    rebuild_predictions(wd.path(workdir, wd.PREDICTIONS), ckpt, trainer, data, meta,
+                        (state, cstate), write=main)
     result = {"epochs": tc.epochs, "best_epoch": meta["best_epoch"],
               "selected_on": select_key, **meta["best"]}
     if main:
@@ -467,17 +473,91 @@ def evaluate_as_is(trainer, data, workdir, select_key):
   return result
 
 
-def epoch_line(row, epochs, split_names, images, seconds):
+def epoch_line(row, epochs, split_names, images, seconds, train_seconds=None):
   """Returns the log line of one finished epoch: loss, Many / Medium / Few / All (%) per
-  split, the curriculum phase and level, seconds and training images/s."""
+  split, the curriculum phase and level, seconds and training images/s (over
+  `train_seconds`, the training part of `seconds`, when given)."""
   groups = " ".join(
       f"{name} " + " ".join(f"{group.capitalize()} {100 * row.get(f'{name}/{group}', float('nan')):.1f}"
                             for group in ("many", "medium", "few", "all")) + " %"
       for name in split_names)
-  train_seconds = row.get("epoch_seconds", seconds)
+  train_seconds = seconds if train_seconds is None else train_seconds
   return (f"epoch {row['epoch']} ({row['epoch'] + 1}/{epochs}): loss {row['loss']:.4f} | "
           f"{groups} | {row.get('curriculum_phase', '-')} level {report.level_label(row)} | "
           f"{seconds:.1f} s ({images / max(train_seconds, 1e-9):.0f} img/s training)")
+
+
+def restore_metrics(target, meta, checkpoints, write=True):
+  """Returns the metrics rows of the epochs before `meta["epoch"]`, after rewriting `target`
+  (metrics.jsonl) to exactly them when `write`.
+
+  The checkpoint's own copy (meta "history") wins, so a torn, shortened or
+  deleted metrics.jsonl is rebuilt. A checkpoint of an older version has no
+  copy: then the file's rows are kept, and ValueError names the remedy when
+  some are missing.
+  """
+  history = meta.get("history")
+  try:
+    on_disk = [r for r in wd.read_jsonl(target) if r.get("epoch", -1) < meta["epoch"]]
+  except ValueError:
+    if history is None:
+      raise
+    on_disk = None
+  if history is None:
+    if [r.get("epoch") for r in on_disk] != list(range(meta["epoch"])):
+      raise ValueError(
+          f"{target} holds {len(on_disk)} of the {meta['epoch']} epoch rows that the checkpoint "
+          f"in {checkpoints} has trained, and that checkpoint (of an older version) keeps no "
+          f"copy: restore the file, or delete {checkpoints} to train again from the start")
+    history = on_disk
+  elif on_disk != history:
+    logging.warning("%s: rebuilt its %d epoch rows from the checkpoint's copy (it held %s)",
+                    target, len(history), "unreadable lines" if on_disk is None
+                    else f"{len(on_disk)} matching rows")
+  text = "".join(_json_line(r) for r in history)
+  if write and (not target.exists() or target.read_text(encoding="utf-8") != text):
+    wd.atomic_write_text(target, text)
+  return list(history)
+
+
+def rebuild_predictions(target, ckpt, trainer, data, meta, targets, write=True):
+  """Writes the best epoch's predictions (`target`, predictions.npz) again from its kept
+  checkpoint when the file is missing, unreadable or of another epoch; returns True then.
+
+  Every process predicts (the evaluation is sharded); only `write` ones write.
+  `targets` is the (train state, curriculum state) structure to restore into.
+  """
+  best = meta["best_epoch"]
+  if best < 0 or predictions_epoch(target) == best:
+    return False
+  step = ckpt.best_step()
+  if step is None or ckpt.restore_meta(step)[0].get("epoch") != best + 1:
+    logging.warning("%s is missing or damaged and no kept checkpoint is the best epoch's "
+                    "(%d): the report will have no per-class table", target, best)
+    return False
+  try:
+    state, _ = ckpt.restore_states(step, *targets)
+  except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
+    logging.warning("%s is missing or damaged and checkpoint %d does not restore (%s): the "
+                    "report will have no per-class table", target, step, type(e).__name__)
+    return False
+  outs = {name: evaluate(trainer, state, split, data.groups, name)[1]
+          for name, split in data.eval_splits.items()}
+  if write:
+    _save_predictions(target, best, outs)
+    logging.warning("%s was missing or damaged: wrote it again from checkpoint %d (epoch %d)",
+                    target, step, best)
+  return True
+
+
+def predictions_epoch(target):
+  """Returns the epoch recorded in predictions file `target`, or None when it is missing or
+  unreadable."""
+  try:
+    with np.load(target) as saved:
+      return int(saved["epoch"])
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    return None
 
 
 def _json_line(row):
