@@ -59,7 +59,7 @@ from discl_jax.diffusion import models as models_lib
 from discl_jax.diffusion import sampler as sampler_lib
 from discl_jax.diffusion import schedules
 from discl_jax.diffusion import slot_memory
-from discl_jax.diffusion import unet as unet_lib
+from discl_jax.models import unet as unet_lib
 from discl_jax.models import resnet
 from discl_jax.scoring import clip as clip_lib
 from discl_jax.scoring import preprocess

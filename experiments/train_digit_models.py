@@ -47,7 +47,7 @@ from discl_jax.diffusion import digit_training
 from discl_jax.diffusion import models as sd_models
 from discl_jax.diffusion import sampler as sampler_lib
 from discl_jax.diffusion import schedules
-from discl_jax.diffusion import unet as unet_lib
+from discl_jax.models import unet as unet_lib
 from discl_jax.scoring import clip as clip_lib
 from discl_jax.scoring import digit_clip_training
 from discl_jax.scoring import preprocess

@@ -29,7 +29,7 @@ import torch
 from discl_jax import seeding
 from discl_jax.diffusion import models
 from discl_jax.diffusion import sampler as sampler_lib
-from discl_jax.diffusion import unet as unet_lib
+from discl_jax.models import unet as unet_lib
 
 _TORCH = unet_lib.NUMERICS["pytorch"]
 VARIANTS = {

@@ -10,7 +10,8 @@ import pytest
 from discl_jax import digit_models
 from discl_jax.diffusion import convert
 from discl_jax.diffusion import models
-from discl_jax.diffusion import unet as unet_lib
+from discl_jax.models import layers
+from discl_jax.models import unet as unet_lib
 
 torch = pytest.importorskip("torch", reason="PyTorch parity needs the torch extra")
 
@@ -99,7 +100,7 @@ def test_transformer2d_computes_pytorch_or_flax_functions(transformer):
 def test_nearest_resize_picks_torch_pixels(size, out):
   x = np.arange(np.prod(size), dtype=np.float32).reshape(1, *size, 1)
   want = torch.nn.functional.interpolate(_nchw(x), size=out, mode="nearest").numpy()
-  np.testing.assert_array_equal(unet_lib.nearest_resize(jnp.asarray(x), out),
+  np.testing.assert_array_equal(layers.nearest_resize(jnp.asarray(x), out),
                                 want.transpose(0, 2, 3, 1))
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from discl_jax import seeding
 from discl_jax import workdir as wd
 from discl_jax.diffusion import convert
-from discl_jax.diffusion import unet as unet_lib
+from discl_jax.models import unet as unet_lib
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
