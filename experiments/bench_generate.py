@@ -37,6 +37,7 @@ import numpy as np
 from discl_jax import seeding
 from discl_jax.diffusion import models
 from discl_jax.diffusion import sampler as sampler_lib
+from discl_jax.models import tiny
 
 STRENGTHS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 PROMPTS = ("a photo of the digit seven", "a digit in the wild", "a real photo of a class")
@@ -55,13 +56,13 @@ def build_checkpoint(geometry, root, use_torch):
   if family != "sd":
     return _build_sdxl(root, family, overrides, use_torch)
   if not use_torch:
-    return models.build_tiny(root, seed=0, unet_overrides=overrides), None
+    return tiny.build_sd(root, seed=0, unet_overrides=overrides), None
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import AutoencoderKL, UNet2DConditionModel  # pylint: disable=g-import-not-at-top
   from transformers import CLIPTextConfig, CLIPTextModel  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(root)
-  tokenizer = models.write_tiny_tokenizer(root / "tokenizer")
-  unet_cfg, vae_cfg, text_cfg = models.tiny_configs(
+  tokenizer = tiny.write_tokenizer(root / "tokenizer")
+  unet_cfg, vae_cfg, text_cfg = tiny.sd_configs(
       len(tokenizer.encoder), tokenizer.bos_token_id, tokenizer.eos_token_id)
   unet_cfg.update(overrides)
   torch.manual_seed(0)
@@ -78,17 +79,17 @@ def build_checkpoint(geometry, root, use_torch):
 def _build_sdxl(root, family, overrides, use_torch):
   """Returns (tiny SDXL-shaped checkpoint dir, PyTorch modules dict or None)."""
   if not use_torch:
-    return models.build_tiny_sdxl(root, seed=0, family=family, unet_overrides=overrides), None
+    return tiny.build_sdxl(root, seed=0, family=family, unet_overrides=overrides), None
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import AutoencoderKL, UNet2DConditionModel  # pylint: disable=g-import-not-at-top
   from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(root)
   modules = {"family": family,
-             "tokenizer_2": models.write_tiny_tokenizer(root / "tokenizer_2", pad_token="!")}
+             "tokenizer_2": tiny.write_tokenizer(root / "tokenizer_2", pad_token="!")}
   if family == "sdxl_base":
-    modules["tokenizer"] = models.write_tiny_tokenizer(root / "tokenizer")
+    modules["tokenizer"] = tiny.write_tokenizer(root / "tokenizer")
   tok = modules["tokenizer_2"]
-  unet_cfg, vae_cfg, text_cfgs = models.tiny_sdxl_configs(
+  unet_cfg, vae_cfg, text_cfgs = tiny.sdxl_configs(
       family, len(tok.encoder), tok.bos_token_id, tok.eos_token_id)
   unet_cfg.update(overrides)
   torch.manual_seed(0)

@@ -25,6 +25,7 @@ from absl import flags
 from discl_jax import parallel
 from discl_jax.scoring import clip
 from discl_jax.scoring import preprocess
+from discl_jax.models import tiny
 
 SIZES = {
     # name: {model: (images, batch)}
@@ -47,7 +48,7 @@ def vit_b32_models(seed=0):
 
 def tiny_models(directory):
   """Returns the tiny test CLIP, built into `directory` and loaded like a real one."""
-  return clip.load_clip(str(clip.build_tiny_clip(pathlib.Path(directory) / "tiny", seed=0)))
+  return clip.load_clip(str(tiny.build_clip(pathlib.Path(directory) / "tiny", seed=0)))
 
 
 def best_time(fn, repeats):

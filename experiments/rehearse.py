@@ -64,6 +64,7 @@ from discl_jax.models import resnet
 from discl_jax.scoring import clip as clip_lib
 from discl_jax.scoring import preprocess
 from discl_jax.train import flyp, losses, optim, state as state_lib, steps as steps_lib
+from discl_jax.models import tiny
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"
@@ -359,11 +360,11 @@ def build_sd(family, quick, folder):
   from diffusers import FlaxAutoencoderKL  # pylint: disable=g-import-not-at-top
   from transformers import CLIPTextConfig, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection  # pylint: disable=g-import-not-at-top
   refiner = family == "refiner"
-  tokenizer = models_lib.write_tiny_tokenizer(folder / "tokenizer",
+  tokenizer = tiny.write_tokenizer(folder / "tokenizer",
                                               pad_token="!" if refiner else "<|endoftext|>")
   if quick:
-    tiny = (models_lib.tiny_sdxl_configs("sdxl_refiner", len(tokenizer.encoder), 0, 1)
-            if refiner else models_lib.tiny_configs(len(tokenizer.encoder), 0, 1))
+    tiny = (tiny.sdxl_configs("sdxl_refiner", len(tokenizer.encoder), 0, 1)
+            if refiner else tiny.sd_configs(len(tokenizer.encoder), 0, 1))
     unet_cfg, vae_cfg = tiny[0], tiny[1]
     if refiner:
       unet_cfg = dict(unet_cfg, **QUICK_REFINER_UNET)

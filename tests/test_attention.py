@@ -15,6 +15,7 @@ from discl_jax.diffusion import models
 from discl_jax.diffusion import sampler
 from discl_jax.diffusion import spectrum_run
 from discl_jax.models import unet as unet_lib
+from discl_jax.models import tiny
 
 HEADS, HEAD_DIM, BATCH = 2, 8, 2
 # 8 query rows per chunk on [BATCH * HEADS, chunk, Lk] scores: 37 queries are 4 chunks of 8 + 5.
@@ -151,9 +152,9 @@ def test_bad_config_value_suggests_the_near_miss():
 def test_tiny_unet_chunked_matches_xla(monkeypatch):
   """A tiny SD UNet at 6x10 latents (60 and 15 tokens) in 8-query chunks: xla's output."""
   monkeypatch.setitem(attention.CHUNK_SCORE_BYTES, "cpu", 4)  # every chunk MIN_CHUNK queries
-  config = models.tiny_configs(100, 0, 1)[0]
+  config = tiny.sd_configs(100, 0, 1)[0]
   unet = unet_lib.from_config(config)
-  params = models.random_params(jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0)), 0, "u")
+  params = tiny.random_params(jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0)), 0, "u")
   rng = np.random.default_rng(0)
   sample = rng.normal(0, 1, (2, 4, 6, 10)).astype(np.float32)
   context = rng.normal(0, 1, (2, 77, config["cross_attention_dim"])).astype(np.float32)
@@ -172,7 +173,7 @@ def test_tiny_unet_chunked_matches_xla(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-  return models.build_tiny(tmp_path_factory.mktemp("attention") / "sd", seed=0)
+  return tiny.build_sd(tmp_path_factory.mktemp("attention") / "sd", seed=0)
 
 
 def test_sampler_and_config_choose_the_unet_attention(tiny_checkpoint):

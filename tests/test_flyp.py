@@ -19,6 +19,7 @@ from discl_jax import parallel
 from discl_jax.models import clip_classifier as cc
 from discl_jax.scoring import clip as clip_lib
 from discl_jax.train import flyp
+from discl_jax.models import tiny
 
 CLASSES = ("white-lipped peccary", "central american agouti", "spotted paca")
 LABELS = np.array([0, 2, 0, 1, 1, 0, 2, 0])  # several images per class, as in FLYP batches
@@ -48,7 +49,7 @@ def _unit(rng, shape):
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-  return clip_lib.build_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny", seed=1)
+  return tiny.build_clip(tmp_path_factory.mktemp("clip") / "tiny", seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ make_jobs = _namespace["make_jobs"]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-  path = models.build_tiny(tmp_path_factory.mktemp("sampler") / "sd", seed=0)
+  path = tiny.build_sd(tmp_path_factory.mktemp("sampler") / "sd", seed=0)
   return path, models.load_sd(str(path))
 
 
@@ -152,6 +152,7 @@ def test_job_independent_of_device_count_and_batch_size(tiny, packed, tmp_path):
   code = JOBS_CODE + f"""
 import jax
 from discl_jax.diffusion import models, sampler
+from discl_jax.models import tiny
 assert jax.device_count() == 8
 sd = models.load_sd({str(tiny[0])!r})
 s = sampler.SpectrumSampler(sd, num_inference_steps={STEPS}, guidance_scale={GUIDANCE}, slots=8)
@@ -210,8 +211,8 @@ def torch_checkpoint(tmp_path_factory):
   from diffusers import AutoencoderKL, UNet2DConditionModel  # pylint: disable=g-import-not-at-top
   from transformers import CLIPTextConfig, CLIPTextModel  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("torch_sd") / "sd"
-  tokenizer = models.write_tiny_tokenizer(root / "tokenizer")
-  unet_cfg, vae_cfg, text_cfg = models.tiny_configs(
+  tokenizer = tiny.write_tokenizer(root / "tokenizer")
+  unet_cfg, vae_cfg, text_cfg = tiny.sd_configs(
       len(tokenizer.encoder), tokenizer.bos_token_id, tokenizer.eos_token_id)
   torch.manual_seed(0)
   unet = UNet2DConditionModel(**unet_cfg).eval()

@@ -15,6 +15,7 @@ from discl_jax.data import spectrum_store
 from discl_jax.scoring import acceptance
 from discl_jax.scoring import clip
 from discl_jax.stages import score_stage
+from discl_jax.models import tiny
 
 STRENGTHS = (0.5, 0.9)
 SEEDS = (0, 1)
@@ -41,7 +42,7 @@ def prepared(tmp_path_factory):
   x 2 levels x 2 seeds = 24 images plus the tiny CLIP under models/clip."""
   config = _config()
   base = tmp_path_factory.mktemp("score")
-  clip.build_tiny_clip(wd.path(base, wd.MODELS, clip.TINY_CLIP), seed=config.seed)
+  tiny.build_clip(wd.path(base, wd.MODELS, clip.TINY_CLIP), seed=config.seed)
   train = datasets.load(config.data)["train"]
   store = spectrum_store.SpectrumStore(wd.path(base, wd.SPECTRUM))
   rng = np.random.default_rng(0)

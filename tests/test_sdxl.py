@@ -42,11 +42,11 @@ def _write_torch_checkpoint(root, family):
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import AutoencoderKL, UNet2DConditionModel  # pylint: disable=g-import-not-at-top
   from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # pylint: disable=g-import-not-at-top
-  tokenizers = {"tokenizer_2": models.write_tiny_tokenizer(root / "tokenizer_2", pad_token="!")}
+  tokenizers = {"tokenizer_2": tiny.write_tokenizer(root / "tokenizer_2", pad_token="!")}
   if family == "sdxl_base":
-    tokenizers["tokenizer"] = models.write_tiny_tokenizer(root / "tokenizer")
+    tokenizers["tokenizer"] = tiny.write_tokenizer(root / "tokenizer")
   tok = tokenizers["tokenizer_2"]
-  unet_cfg, vae_cfg, text_cfgs = models.tiny_sdxl_configs(
+  unet_cfg, vae_cfg, text_cfgs = tiny.sdxl_configs(
       family, len(tok.encoder), tok.bos_token_id, tok.eos_token_id)
   torch.manual_seed(0)
   modules = {"unet": UNet2DConditionModel(**unet_cfg).eval(),
@@ -163,6 +163,7 @@ def test_eight_devices_give_the_images_of_one(torch_sdxl, tmp_path):
   code = JOBS_CODE + f"""
 import jax
 from discl_jax.diffusion import models, sampler
+from discl_jax.models import tiny
 assert jax.device_count() == 8
 sd = models.load_sd({str(root)!r})
 s = sampler.SpectrumSampler(sd, num_inference_steps={STEPS}, guidance_scale={GUIDANCE},

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from discl_jax import digit_models
-from discl_jax.diffusion import convert
+from discl_jax.models import weights
 from discl_jax.diffusion import models
 from discl_jax.models import layers
 from discl_jax.models import unet as unet_lib
+from discl_jax.models import tiny
 
 torch = pytest.importorskip("torch", reason="PyTorch parity needs the torch extra")
 
@@ -31,7 +32,7 @@ def _torch_params(module, flax_module, *inputs):
   """Returns Flax params for `flax_module` converted from torch `module`'s state dict."""
   tensors = {k: v.detach().numpy() for k, v in module.state_dict().items()}
   shapes = jax.eval_shape(flax_module.init, jax.random.PRNGKey(0), *inputs)["params"]
-  return convert.convert_state_dict(tensors, shapes)
+  return weights.convert_state_dict(tensors, shapes)
 
 
 def _nchw(x):
@@ -149,7 +150,7 @@ def _ours_apply(unet, params, inputs):
 @pytest.mark.parametrize("shape,latent_hw", [("sd1", (5, 7)), ("refiner", (20, 28))])
 def test_unet_matches_pytorch_at_any_latent_size(shape, latent_hw, tmp_path):
   """Latents not divisible by 2^upsamplers: upsampling to the skip's size as PyTorch does."""
-  config = models.tiny_configs(100, 0, 1)[0] if shape == "sd1" else dict(REFINER_UNET)
+  config = tiny.sd_configs(100, 0, 1)[0] if shape == "sd1" else dict(REFINER_UNET)
   module = _torch_unet(tmp_path / "unet", config, seed=0)
   unet, params = unet_lib.load(tmp_path / "unet")  # safetensors through our converter
   assert unet.numerics == "pytorch"  # no marker: a PyTorch-trained checkpoint
@@ -200,17 +201,17 @@ def test_digit_generator_keeps_the_flax_functions_bit_for_bit():
     ("down_block_types", ["SimpleCrossAttnDownBlock2D", "DownBlock2D"], "down_block_types"),
 ])
 def test_unsupported_config_is_named(key, value, match):
-  config = dict(models.tiny_configs(100, 0, 1)[0], **{key: value})
+  config = dict(tiny.sd_configs(100, 0, 1)[0], **{key: value})
   with pytest.raises(ValueError, match=f"my/unet/config.json: {match}"):
     unet_lib.from_config(config, source="my/unet/config.json")
 
 
 def test_mismatched_msgpack_weights_are_named(tmp_path):
   from flax import serialization  # pylint: disable=g-import-not-at-top
-  config = models.tiny_configs(100, 0, 1)[0]
+  config = tiny.sd_configs(100, 0, 1)[0]
   (tmp_path / "config.json").write_text(json.dumps(config))
   unet = unet_lib.from_config(config)
-  params = models.random_params(jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0)), 0, "u")
+  params = tiny.random_params(jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0)), 0, "u")
   params["conv_in"]["kernel"] = params["conv_in"]["kernel"][..., :8]
   del params["conv_out"]
   (tmp_path / "diffusion_flax_model.msgpack").write_bytes(serialization.msgpack_serialize(params))
@@ -220,7 +221,7 @@ def test_mismatched_msgpack_weights_are_named(tmp_path):
 
 
 def test_mark_numerics_round_trips(tmp_path):
-  (tmp_path / "config.json").write_text(json.dumps(models.tiny_configs(100, 0, 1)[0]))
+  (tmp_path / "config.json").write_text(json.dumps(tiny.sd_configs(100, 0, 1)[0]))
   unet_lib.mark_numerics(tmp_path, "flax")
   config = json.loads((tmp_path / "config.json").read_text())
   assert unet_lib.from_config(config).numerics == "flax"

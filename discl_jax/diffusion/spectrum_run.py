@@ -19,6 +19,7 @@ from discl_jax import workdir as wd
 from discl_jax.diffusion import jobs
 from discl_jax.diffusion import models
 from discl_jax.diffusion import sampler as sampler_lib
+from discl_jax.models import tiny
 
 
 def checkpoint_dir(config, workdir):
@@ -39,9 +40,9 @@ def checkpoint_dir(config, workdir):
     staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     if family == "sd":
-      models.build_tiny(staging, seed=seeding.generation_seed(config))
+      tiny.build_sd(staging, seed=seeding.generation_seed(config))
     else:
-      models.build_tiny_sdxl(staging, seed=seeding.generation_seed(config), family=family)
+      tiny.build_sdxl(staging, seed=seeding.generation_seed(config), family=family)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
     logging.info("generate: built a tiny %s checkpoint at %s", family, target)

@@ -571,3 +571,14 @@ def mark_numerics(folder, numerics):
   config[NUMERICS_KEY] = numerics
   config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
   return config_file
+
+
+def save(folder, unet, params):
+  """Writes `unet`'s config.json and params (Flax msgpack) into `folder`; returns the folder."""
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  config = {k: v for k, v in unet.config.items() if k != "numerics"}
+  config.update({"_class_name": "UNet2DConditionModel", NUMERICS_KEY: unet.numerics})
+  (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+  weights.save_msgpack(params, folder / weights.FLAX_WEIGHTS["diffusers"])
+  return folder

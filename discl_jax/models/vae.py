@@ -324,7 +324,8 @@ def save(folder, vae, params):
   """Writes `vae`'s config.json and params (Flax msgpack) into `folder`; returns the folder."""
   folder = pathlib.Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
-  config = dict(vae.config, _class_name="AutoencoderKL")
+  config = {k: v for k, v in vae.config.items() if k != "numerics"}
+  config.update({"_class_name": "AutoencoderKL", layers.NUMERICS_KEY: vae.numerics})
   (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
   weights.save_msgpack(params, folder / weights.FLAX_WEIGHTS["diffusers"])
   return folder
