@@ -29,8 +29,8 @@ import torch
 from discl_jax import seeding
 from discl_jax.diffusion import models
 from discl_jax.diffusion import sampler as sampler_lib
-from discl_jax.models import unet as unet_lib
 from discl_jax.models import tiny
+from discl_jax.models import unet as unet_lib
 
 _TORCH = unet_lib.NUMERICS["pytorch"]
 VARIANTS = {
@@ -113,7 +113,7 @@ def sd1_part(root):
   root = root / "sd"
   tokenizer = tiny.write_tokenizer(root / "tokenizer")
   unet_cfg, vae_cfg, text_cfg = tiny.sd_configs(
-      len(tokenizer.encoder), tokenizer.bos_token_id, tokenizer.eos_token_id)
+      len(tokenizer.get_vocab()), tokenizer.bos_token_id, tokenizer.eos_token_id)
   torch.manual_seed(0)
   unet = diffusers.UNet2DConditionModel(**unet_cfg).eval()
   vae = diffusers.AutoencoderKL(**vae_cfg).eval()

@@ -14,8 +14,8 @@ from discl_jax.diffusion import attention
 from discl_jax.diffusion import models
 from discl_jax.diffusion import sampler
 from discl_jax.diffusion import spectrum_run
-from discl_jax.models import unet as unet_lib
 from discl_jax.models import tiny
+from discl_jax.models import unet as unet_lib
 
 HEADS, HEAD_DIM, BATCH = 2, 8, 2
 # 8 query rows per chunk on [BATCH * HEADS, chunk, Lk] scores: 37 queries are 4 chunks of 8 + 5.

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from discl_jax import parallel
+from discl_jax.models import tiny
+from discl_jax.models import weights
 from discl_jax.scoring import acceptance
 from discl_jax.scoring import clip
 from discl_jax.scoring import preprocess
-from discl_jax.models import tiny
-from discl_jax.models import weights
 
 TEXTS = ["a photo of zero", "a photo of the digit seven", "x", "a 8k real photo: " + "long " * 40]
 # Embeddings are L2-normalised; float32 sums in a different order (batch

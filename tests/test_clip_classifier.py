@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from discl_jax.models import clip_classifier as cc
-from discl_jax.scoring import clip as clip_lib
 from discl_jax.models import tiny
+from discl_jax.scoring import clip as clip_lib
 
 TEMPLATES = ("a photo of {c}.", "{c} in the wild.", "a real photo of the {c}.")
 CLASSES = ("peccary", "agouti", "spotted paca", "ocelot")

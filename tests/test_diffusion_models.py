@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from discl_jax.models import weights
 from discl_jax.diffusion import models
 from discl_jax.models import tiny
+from discl_jax.models import weights
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ from PIL import Image
 import iwildcam_fixture
 from discl_jax import parallel
 from discl_jax.models import clip_classifier as cc
+from discl_jax.models import tiny
 from discl_jax.scoring import clip as clip_lib
 from discl_jax.train import flyp
-from discl_jax.models import tiny
 
 CLASSES = ("white-lipped peccary", "central american agouti", "spotted paca")
 LABELS = np.array([0, 2, 0, 1, 1, 0, 2, 0])  # several images per class, as in FLYP batches

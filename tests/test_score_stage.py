@@ -12,10 +12,10 @@ from discl_jax import workdir as wd
 from discl_jax.data import datasets
 from discl_jax.data import records
 from discl_jax.data import spectrum_store
+from discl_jax.models import tiny
 from discl_jax.scoring import acceptance
 from discl_jax.scoring import clip
 from discl_jax.stages import score_stage
-from discl_jax.models import tiny
 
 STRENGTHS = (0.5, 0.9)
 SEEDS = (0, 1)

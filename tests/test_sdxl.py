@@ -17,6 +17,7 @@ import pytest
 from discl_jax.diffusion import models
 from discl_jax.diffusion import sampler
 from discl_jax.diffusion import schedules
+from discl_jax.models import tiny
 
 STEPS, GUIDANCE = 10, 10.0
 HEIGHT, WIDTH = 40, 56  # multiples of 8, not of 64 (docs/design.md §5.11)
@@ -47,7 +48,7 @@ def _write_torch_checkpoint(root, family):
     tokenizers["tokenizer"] = tiny.write_tokenizer(root / "tokenizer")
   tok = tokenizers["tokenizer_2"]
   unet_cfg, vae_cfg, text_cfgs = tiny.sdxl_configs(
-      family, len(tok.encoder), tok.bos_token_id, tok.eos_token_id)
+      family, len(tok.get_vocab()), tok.bos_token_id, tok.eos_token_id)
   torch.manual_seed(0)
   modules = {"unet": UNet2DConditionModel(**unet_cfg).eval(),
              "vae": AutoencoderKL(**vae_cfg, force_upcast=True).eval()}
@@ -163,7 +164,6 @@ def test_eight_devices_give_the_images_of_one(torch_sdxl, tmp_path):
   code = JOBS_CODE + f"""
 import jax
 from discl_jax.diffusion import models, sampler
-from discl_jax.models import tiny
 assert jax.device_count() == 8
 sd = models.load_sd({str(root)!r})
 s = sampler.SpectrumSampler(sd, num_inference_steps={STEPS}, guidance_scale={GUIDANCE},

@@ -382,7 +382,7 @@ def load_text_encoder(folder, dtype=jnp.float32, projection=False):
   entries, source = _read_config(folder)
   module = CLIPTextModel(text_config(entries, source), projection, dtype)
   shapes = jax.eval_shape(module.init_weights, jax.random.PRNGKey(0))
-  return module, weights.load_params(folder, shapes, "transformers")
+  return module, weights.load_params(folder, shapes, "transformers", prefixes=("text_model",))
 
 
 def load_clip_model(folder, dtype=jnp.float32):

@@ -145,10 +145,12 @@ def _layout(tensor, layout):
   return tensor
 
 
-def convert_state_dict(pt_tensors, shape_tree, source="checkpoint"):
+def convert_state_dict(pt_tensors, shape_tree, source="checkpoint", prefixes=()):
   """Returns params (nested dict of np.ndarray) for `shape_tree` from PyTorch-named tensors.
 
-  Raises ValueError naming `source`, the unmatched tensors and the parameters left unfilled.
+  A name that fits nowhere is tried again under each of `prefixes` (transformers
+  5 saves a CLIPTextModel without its `text_model.` prefix). Raises ValueError
+  naming `source`, the unmatched tensors and the parameters left unfilled.
   """
   wanted = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(shape_tree).items()}
   flat, unmatched = {}, []
@@ -156,7 +158,8 @@ def convert_state_dict(pt_tensors, shape_tree, source="checkpoint"):
     if name.endswith(_IGNORED_SUFFIXES):
       continue
     found = None
-    for path in _candidate_paths(name):
+    candidates = _candidate_paths(name)
+    for path in candidates + [(p,) + c for p in prefixes for c in candidates]:
       for flax_path, layout in _renamings(path):
         if flax_path in wanted and flax_path not in flat:
           value = _layout(tensor, layout)
@@ -193,10 +196,11 @@ def check_params(params, shapes, source):
   return params
 
 
-def load_params(folder, shapes, layout):
+def load_params(folder, shapes, layout, prefixes=()):
   """Returns float32 numpy params for the tree `shapes` from the weights in `folder`.
 
-  `layout` is "diffusers" or "transformers" (which file names to look for).
+  `layout` is "diffusers" or "transformers" (which file names to look for);
+  `prefixes` as `convert_state_dict`'s.
   Raises FileNotFoundError naming the folder when it holds no weights, and
   ValueError when they do not fit `shapes`.
   """
@@ -214,7 +218,7 @@ def load_params(folder, shapes, layout):
     raise FileNotFoundError(f"no {FLAX_WEIGHTS[layout]}, {stem}*.safetensors or "
                             f"{TORCH_STEMS[layout]}*.bin in {str(folder)!r}")
   tensors = read_safetensors(files) if kind == "safetensors" else read_torch(files)
-  return convert_state_dict(tensors, shapes, source=str(folder))
+  return convert_state_dict(tensors, shapes, source=str(folder), prefixes=prefixes)
 
 
 def _pytorch_name(path):
