@@ -22,12 +22,14 @@ HEADS, HEAD_DIM, BATCH = 2, 8, 2
 SMALL_CHUNK_BYTES = 4 * BATCH * HEADS * 77 * 8
 
 
-def _reference(q, k, v, heads):
-  """float64 numpy softmax(q k^T / sqrt(d)) v on [B, L, heads * d]."""
+def _reference(q, k, v, heads, mask=None):
+  """float64 numpy softmax(q k^T / sqrt(d)) v on [B, L, heads * d] (keys where `mask` is False left out)."""
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(0, 2, 1, 3)
   qh, kh, vh = split(q), split(k), split(v)
   scores = qh @ kh.transpose(0, 1, 3, 2) / np.sqrt(qh.shape[-1])
+  if mask is not None:
+    scores = np.where(np.asarray(mask)[:, None], scores, -np.inf)
   probs = np.exp(scores - scores.max(-1, keepdims=True))
   out = (probs / probs.sum(-1, keepdims=True)) @ vh
   return out.transpose(0, 2, 1, 3).reshape(q.shape[0], q.shape[1], -1)
@@ -61,6 +63,17 @@ def test_matches_float64_reference(name, lq, lk, dtype, atol):
   assert got.shape == q.shape and got.dtype == dtype
   np.testing.assert_allclose(np.asarray(got, np.float64), _reference(q, k, v, HEADS),
                              atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(IMPLEMENTATIONS_ON_CPU))
+def test_masked_attention_matches_float64_reference(name):
+  """The CLIP text encoder's masks: causal, and padding keys of the second row left out."""
+  q, k, v = _inputs(37, 37, jnp.float32)
+  mask = np.tril(np.ones((BATCH, 37, 37), bool))
+  mask[1, :, 30:] = False
+  got = jax.jit(functools.partial(IMPLEMENTATIONS_ON_CPU[name], heads=HEADS))(q, k, v, mask=mask)
+  np.testing.assert_allclose(np.asarray(got, np.float64), _reference(q, k, v, HEADS, mask),
+                             atol=2e-5, rtol=0)
 
 
 def test_query_chunk_bounds_the_score_block():
