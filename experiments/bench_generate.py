@@ -96,7 +96,7 @@ def _build_sdxl(root, family, overrides, use_torch):
   unet_cfg.update(overrides)
   torch.manual_seed(0)
   modules["unet"] = UNet2DConditionModel(**unet_cfg).eval()
-  modules["vae"] = AutoencoderKL(**vae_cfg, force_upcast=True).eval()
+  modules["vae"] = AutoencoderKL(**vae_cfg).eval()
   for name, cfg in text_cfgs.items():
     cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
     modules[name] = cls(CLIPTextConfig(**cfg)).eval()

@@ -51,7 +51,7 @@ def _write_torch_checkpoint(root, family):
       family, len(tok.get_vocab()), tok.bos_token_id, tok.eos_token_id)
   torch.manual_seed(0)
   modules = {"unet": UNet2DConditionModel(**unet_cfg).eval(),
-             "vae": AutoencoderKL(**vae_cfg, force_upcast=True).eval()}
+             "vae": AutoencoderKL(**vae_cfg).eval()}
   for name, cfg in text_cfgs.items():
     cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
     modules[name] = cls(CLIPTextConfig(**cfg)).eval()
