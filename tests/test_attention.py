@@ -11,7 +11,6 @@ import pytest
 
 from discl_jax import config as config_lib
 from discl_jax.diffusion import attention
-from discl_jax.diffusion import models
 from discl_jax.diffusion import sampler
 from discl_jax.diffusion import spectrum_run
 from discl_jax.models import tiny
@@ -193,7 +192,8 @@ def test_sampler_and_config_choose_the_unet_attention(tiny_checkpoint):
   config = config_lib.base_config()
   config.diffusion.attention = "chunked"
   s = spectrum_run.make_sampler(config, str(tiny_checkpoint))
-  assert s.models.unet.attention == "chunked"
+  assert s.models.unet.attention == s.models.vae.attention == "chunked"
+  assert s.models.text_encoder.attention == "chunked"  # every network: diffusion.attention
   assert inspect.signature(sampler.SpectrumSampler).parameters["attention"].default == "auto"
   xla = dataclasses.replace(s.models, unet=s.models.unet.clone(attention="xla"))
   # Each implementation compiles its own step.

@@ -235,5 +235,6 @@ def test_matches_torch_img2img_pipeline_from_safetensors(torch_checkpoint, kind,
                num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="np").images[0]
   # float32 on both sides, PyTorch's functions on both (unet.py), different kernels (oneDNN vs
   # XLA): 1e-4 on [0, 1] and 1 uint8 level (docs/design.md §5.9).
+  print(f"SD 1.x {kind} max abs float diff: {np.abs(ours - ref).max():.2e}")
   np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
   assert np.abs(sampler.to_uint8(ours).astype(int) - sampler.to_uint8(ref).astype(int)).max() <= 1
