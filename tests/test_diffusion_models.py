@@ -116,3 +116,25 @@ def test_converter_maps_names_and_layouts():
   pt["stray.weight"] = np.zeros((2, 2))
   with pytest.raises(ValueError, match=r"stray.weight.*down_blocks_0/conv/bias"):
     weights.convert_state_dict(pt, shapes, source="unet")
+
+
+def test_build_once_builds_once_and_a_failed_build_leaves_nothing(tmp_path):
+  calls = []
+
+  def build(path):
+    calls.append(path)
+    path.mkdir()
+    (path / "model_index.json").write_text("{}")
+
+  for _ in range(2):
+    assert tiny.build_once(tmp_path / "sd", build, "model_index.json", "t") == tmp_path / "sd"
+  assert len(calls) == 1 and (tmp_path / "sd" / "model_index.json").is_file()
+
+  def killed(path):
+    path.mkdir()
+    (path / "half").write_text("")
+    raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    tiny.build_once(tmp_path / "other", killed, "model_index.json", "t")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["sd"]

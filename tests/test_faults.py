@@ -178,9 +178,9 @@ def test_a_truncated_model_file_is_named(tmp_path):
   from discl_jax.models import weights  # pylint: disable=g-import-not-at-top
   from discl_jax.scoring import clip  # pylint: disable=g-import-not-at-top
   shutil.copytree(digit_models.path("clip"), tmp_path / "clip")
-  weights = tmp_path / "clip" / clip.FLAX_WEIGHTS
-  os.truncate(weights, weights.stat().st_size // 2)
-  with pytest.raises(ValueError, match=rf"cannot read model weights '{weights}' .*incomplete input"
+  msgpack = tmp_path / "clip" / clip.FLAX_WEIGHTS
+  os.truncate(msgpack, msgpack.stat().st_size // 2)
+  with pytest.raises(ValueError, match=rf"cannot read model weights '{msgpack}' .*incomplete input"
                      r".*truncated or damaged"):
     clip.load_clip(str(tmp_path / "clip"))
   torn = tmp_path / "model.safetensors"

@@ -15,7 +15,9 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from discl_jax import parallel
 from discl_jax import seeding
+from discl_jax import workdir as wd
 from discl_jax.diffusion import models as sd_models
 from discl_jax.models import clip as clip_lib
 from discl_jax.models import unet as unet_lib
@@ -257,3 +259,28 @@ def build_clip(path, seed=0, weights_format="msgpack", config=None):
     shutil.rmtree(staging, ignore_errors=True)
     raise
   return path
+
+
+# ---------------------------------------------------------------- built once per workdir
+
+
+def build_once(target, build, marker, barrier_name):
+  """Returns `target` (a Path) once it holds `marker`: process 0 builds it, the others wait.
+
+  `build(staging)` writes the model into a fresh staging folder that then
+  replaces `target` in one rename, so a killed build leaves no half model.
+  Every process must call it.
+  """
+  target = pathlib.Path(target)
+  if wd.is_main_process() and not (target / marker).exists():
+    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+      build(staging)
+    except BaseException:
+      shutil.rmtree(staging, ignore_errors=True)
+      raise
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+  parallel.barrier(barrier_name)
+  return target

@@ -203,8 +203,6 @@ def configured_model(config, workdir):
   """
   if not config.score.tiny:
     return config.score.model
-  target = wd.path(workdir, wd.MODELS, TINY_CLIP)
-  if wd.is_main_process() and not (target / "config.json").is_file():
-    tiny.build_clip(target, seed=config.seed)
-  parallel.barrier("scoring.clip.tiny_clip")
-  return str(target)
+  return str(tiny.build_once(wd.path(workdir, wd.MODELS, TINY_CLIP),
+                             lambda path: tiny.build_clip(path, seed=config.seed),
+                             "config.json", "scoring.clip.tiny_clip"))
