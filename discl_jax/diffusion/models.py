@@ -205,7 +205,8 @@ def load_sd(model, dtype="float32"):
   SD 1.x/2.x or SDXL base/refiner, as `model_index.json` says (docs/design.md §5.1).
   SDXL keeps its VAE in float32 when the VAE config says `force_upcast`, as
   diffusers' SDXL pipelines do.
-  The UNet is unet.UNet with the numerics its config.json records (default: PyTorch's).
+  The networks are discl_jax.models' UNet, AutoencoderKL and CLIPTextModel(s), each
+  with the numerics its config.json records (default: PyTorch's).
   """
   from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
   dtype = _dtype(dtype)
