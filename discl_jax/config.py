@@ -164,7 +164,7 @@ def base_config():
       batch_size=128,
       epochs=65,
       init_checkpoint="",      # start from: a ckpt dir of this project, or a PyTorch ResNet file
-                               # (.pth/.pt/.checkpoint or .safetensors; train/import_torch.py)
+                               # (.pth/.pt/.checkpoint or .safetensors; models/resnet_weights.py)
       require_init_checkpoint=False,  # the train stage refuses to start with init_checkpoint empty
       log_every_steps=50,
       keep_checkpoints=2,       # newest checkpoints kept; the best epoch's is kept beside them

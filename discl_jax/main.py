@@ -26,7 +26,6 @@ Errors print one line; --verbosity=1 adds the traceback.
 """
 
 import logging as std_logging
-import os
 import sys
 
 from absl import app
@@ -154,9 +153,6 @@ def _resolve_config_flag(argv):
 
 def run():
   """Console-script entry point."""
-  # The pinned diffusers / transformers warn once per Flax module they build.
-  os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-  os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
   if any(arg in _HELP_FLAGS for arg in sys.argv[1:]):
     print(help_text())
     print("flags:")

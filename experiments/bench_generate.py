@@ -6,7 +6,8 @@ Methods (same weights, same jobs: N images x strengths x `--seeds` seeds, `--ste
   packed1     the same on a one-device mesh (the comparison one device vs all cores)
   flax        diffusers FlaxStableDiffusionImg2ImgPipeline (jit path), one call per strength
               with the N images batched (it compiles once per strength); SD geometries only
-              (diffusers has no Flax SDXL img2img)
+              (diffusers has no Flax SDXL img2img); runs only where diffusers < 0.40 and
+              transformers < 5 are installed (later releases have no Flax classes), else skipped
   torch       diffusers PyTorch StableDiffusionImg2ImgPipeline (StableDiffusionXLImg2ImgPipeline
               for the refiner geometry), one call per strength, batched
   torch1      PyTorch, one call per (image, strength, seed) with batch 1 (the reference script)
@@ -17,7 +18,7 @@ Each method runs the whole job set twice: the first pass includes compilation
 "useful" excludes the packed sampler's idle slots.
 
 Weights: with torch installed the checkpoint is written by PyTorch models as
-safetensors and loaded for JAX by our converter; without torch, `build_tiny(_sdxl)`.
+safetensors and loaded for JAX by our converter; without torch, `models.tiny.build_sd(xl)`.
 
   python experiments/bench_generate.py --geometry=tiny --images=16 --seeds=2 --steps=20 \
       --methods=packed,flax,torch
@@ -41,6 +42,8 @@ from discl_jax import parallel
 from discl_jax import seeding
 from discl_jax.diffusion import models
 from discl_jax.diffusion import sampler as sampler_lib
+from discl_jax.models import clip as clip_models
+from discl_jax.models import tiny
 
 STRENGTHS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 PROMPTS = ("a photo of the digit seven", "a digit in the wild", "a real photo of a class")
@@ -59,14 +62,14 @@ def build_checkpoint(geometry, root, use_torch):
   if family != "sd":
     return _build_sdxl(root, family, overrides, use_torch)
   if not use_torch:
-    return models.build_tiny(root, seed=0, unet_overrides=overrides), None
+    return tiny.build_sd(root, seed=0, unet_overrides=overrides), None
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import AutoencoderKL, UNet2DConditionModel  # pylint: disable=g-import-not-at-top
   from transformers import CLIPTextConfig, CLIPTextModel  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(root)
-  tokenizer = models.write_tiny_tokenizer(root / "tokenizer")
-  unet_cfg, vae_cfg, text_cfg = models.tiny_configs(
-      len(tokenizer.encoder), tokenizer.bos_token_id, tokenizer.eos_token_id)
+  tokenizer = tiny.write_tokenizer(root / "tokenizer")
+  unet_cfg, vae_cfg, text_cfg = tiny.sd_configs(
+      len(tokenizer.get_vocab()), tokenizer.bos_token_id, tokenizer.eos_token_id)
   unet_cfg.update(overrides)
   torch.manual_seed(0)
   unet = UNet2DConditionModel(**unet_cfg).eval()
@@ -82,22 +85,22 @@ def build_checkpoint(geometry, root, use_torch):
 def _build_sdxl(root, family, overrides, use_torch):
   """Returns (tiny SDXL-shaped checkpoint dir, PyTorch modules dict or None)."""
   if not use_torch:
-    return models.build_tiny_sdxl(root, seed=0, family=family, unet_overrides=overrides), None
+    return tiny.build_sdxl(root, seed=0, family=family, unet_overrides=overrides), None
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import AutoencoderKL, UNet2DConditionModel  # pylint: disable=g-import-not-at-top
   from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(root)
   modules = {"family": family,
-             "tokenizer_2": models.write_tiny_tokenizer(root / "tokenizer_2", pad_token="!")}
+             "tokenizer_2": tiny.write_tokenizer(root / "tokenizer_2", pad_token="!")}
   if family == "sdxl_base":
-    modules["tokenizer"] = models.write_tiny_tokenizer(root / "tokenizer")
+    modules["tokenizer"] = tiny.write_tokenizer(root / "tokenizer")
   tok = modules["tokenizer_2"]
-  unet_cfg, vae_cfg, text_cfgs = models.tiny_sdxl_configs(
-      family, len(tok.encoder), tok.bos_token_id, tok.eos_token_id)
+  unet_cfg, vae_cfg, text_cfgs = tiny.sdxl_configs(
+      family, len(tok.get_vocab()), tok.bos_token_id, tok.eos_token_id)
   unet_cfg.update(overrides)
   torch.manual_seed(0)
   modules["unet"] = UNet2DConditionModel(**unet_cfg).eval()
-  modules["vae"] = AutoencoderKL(**vae_cfg, force_upcast=True).eval()
+  modules["vae"] = AutoencoderKL(**vae_cfg).eval()
   for name, cfg in text_cfgs.items():
     cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
     modules[name] = cls(CLIPTextConfig(**cfg)).eval()
@@ -154,31 +157,52 @@ def bench_packed(sd, jobs, args, devices=None):
               dispatches_per_pass=s.stats["dispatches"] // 2, steps_per_pass=s.stats["steps"] // 2)
 
 
+def flax_pipeline_missing():
+  """Returns why the `flax` method cannot run here (diffusers >= 0.40 has no Flax classes), or None."""
+  try:
+    import diffusers  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return "diffusers is not installed"
+  if not hasattr(diffusers, "FlaxStableDiffusionImg2ImgPipeline"):
+    return f"diffusers {diffusers.__version__} has no Flax pipelines (they need diffusers < 0.40)"
+  if not hasattr(transformers, "FlaxCLIPTextModel"):
+    return f"transformers {transformers.__version__} has no Flax CLIP (it needs transformers < 5)"
+  return None
+
+
+def _unconfigured(config):
+  return {k: v for k, v in config.items() if k not in ("numerics", "attention")}
+
+
 def bench_flax(sd, jobs, args):
-  from diffusers import FlaxDDIMScheduler, FlaxStableDiffusionImg2ImgPipeline, FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
+  """diffusers' Flax img2img pipeline with diffusers' / transformers' own Flax modules, our params."""
+  from diffusers import FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxStableDiffusionImg2ImgPipeline, FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
   from flax.jax_utils import replicate  # pylint: disable=g-import-not-at-top
   from flax.training.common_utils import shard  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  with models.quiet():
-    scheduler = FlaxDDIMScheduler.from_config(sd.scheduler_config)
-    unet = FlaxUNet2DConditionModel.from_config(dict(sd.unet.config), dtype=sd.dtype)  # diffusers' own
-    pipe = FlaxStableDiffusionImg2ImgPipeline(
-        vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None)
-    params = replicate(dict(sd.params, scheduler=scheduler.create_state()))
+  from transformers import CLIPTextConfig, FlaxCLIPTextModel  # pylint: disable=g-import-not-at-top
+  scheduler = FlaxDDIMScheduler.from_config(sd.scheduler_config)
+  unet = FlaxUNet2DConditionModel.from_config(_unconfigured(sd.unet.config), dtype=sd.dtype)
+  vae = FlaxAutoencoderKL.from_config(_unconfigured(sd.vae.config), dtype=sd.vae_dtype)
+  text = FlaxCLIPTextModel(CLIPTextConfig(**clip_models.text_config_dict(sd.text_encoder.config)),
+                           dtype=sd.dtype, _do_init=False)
+  pipe = FlaxStableDiffusionImg2ImgPipeline(
+      vae=vae, text_encoder=text, tokenizer=sd.tokenizer, unet=unet,
+      scheduler=scheduler, safety_checker=None, feature_extractor=None)
+  params = replicate(dict(sd.params, scheduler=scheduler.create_state()))
   size = jobs[0].image.shape[0]
   groups = _by_strength(jobs)
 
   def run_once():
-    with models.quiet():
-      for strength, group in groups.items():
-        ids, pixels = pipe.prepare_inputs([j.prompt for j in group],
-                                          [Image.fromarray(j.image) for j in group])
-        out = pipe(shard(np.asarray(ids)), shard(np.asarray(pixels)), params,
-                   jax.random.split(jax.random.key(0), 1), strength=strength,
-                   num_inference_steps=args.steps, height=size, width=size,
-                   guidance_scale=10.0, jit=True).images
-        np.asarray(out)
+    for strength, group in groups.items():
+      ids, pixels = pipe.prepare_inputs([j.prompt for j in group],
+                                        [Image.fromarray(j.image) for j in group])
+      out = pipe(shard(np.asarray(ids)), shard(np.asarray(pixels)), params,
+                 jax.random.split(jax.random.key(0), 1), strength=strength,
+                 num_inference_steps=args.steps, height=size, width=size,
+                 guidance_scale=10.0, jit=True).images
+      np.asarray(out)
 
   first, steady = _timed_passes(run_once)
   evals = _useful_evals(jobs, args.steps)
@@ -269,6 +293,9 @@ def main():
   size, _, family = GEOMETRIES[args.geometry]
   if family != "sd" and "flax" in methods:
     print("diffusers has no Flax SDXL img2img pipeline: skipping flax")
+    methods.remove("flax")
+  if "flax" in methods and flax_pipeline_missing():
+    print(f"{flax_pipeline_missing()}: skipping flax")
     methods.remove("flax")
   jobs = make_jobs(args.images, STRENGTHS, size, args.seeds)
   with tempfile.TemporaryDirectory() as tmp:

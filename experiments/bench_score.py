@@ -24,6 +24,9 @@ from absl import flags
 
 from discl_jax import host_devices
 from discl_jax import parallel
+from discl_jax.models import clip as clip_models
+from discl_jax.models import tiny
+from discl_jax.models import weights
 from discl_jax.scoring import clip
 from discl_jax.scoring import preprocess
 
@@ -42,15 +45,15 @@ _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0,
 
 def vit_b32_models(seed=0):
   """Returns ClipModels of ViT-B/32 geometry (transformers' CLIPConfig defaults), random weights."""
-  from transformers import CLIPConfig, FlaxCLIPModel  # pylint: disable=g-import-not-at-top
-  model = FlaxCLIPModel(CLIPConfig(), _do_init=False)
-  return clip.ClipModels(model=model, params=clip.random_params(model, seed), tokenizer=None,
+  model = clip_models.CLIPModel(clip_models.ClipConfig())
+  params = tiny.random_params(jax.eval_shape(model.init_weights, jax.random.key(0)), seed, "clip")
+  return clip.ClipModels(model=model, params=params, tokenizer=None,
                          preprocess=preprocess.ClipPreprocess(), name="vit_b32_random")
 
 
 def tiny_models(directory):
   """Returns the tiny test CLIP, built into `directory` and loaded like a real one."""
-  return clip.load_clip(str(clip.build_tiny_clip(pathlib.Path(directory) / "tiny", seed=0)))
+  return clip.load_clip(str(tiny.build_clip(pathlib.Path(directory) / "tiny", seed=0)))
 
 
 def best_time(fn, repeats):
@@ -67,13 +70,14 @@ def best_time(fn, repeats):
 def bench(models, images, batch, repeats):
   """Returns a dict of images/s for ours and PyTorch, model-only and end-to-end."""
   import torch  # pylint: disable=g-import-not-at-top
-  from transformers import CLIPImageProcessor, CLIPModel  # pylint: disable=g-import-not-at-top
+  from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel  # pylint: disable=g-import-not-at-top
   spec = models.preprocess
   scorer = clip.ClipScorer(models, parallel.make_mesh(), batch)
   scorer_one = clip.ClipScorer(models, parallel.make_mesh((-1,), jax.devices()[:1]), batch)
   crops = preprocess.preprocess_batch(images, spec)
-  reference = CLIPModel(models.model.config).eval()
-  state = {k: torch.from_numpy(v) for k, v in clip.to_pytorch_state_dict(models.params).items()}
+  reference = CLIPModel(CLIPConfig.from_dict(
+      clip_models.clip_config_dict(models.model.config))).eval()
+  state = {k: torch.from_numpy(v) for k, v in weights.to_pytorch_state_dict(models.params).items()}
   reference.load_state_dict(state, strict=False)
   processor = CLIPImageProcessor(
       size={"shortest_edge": spec.size}, crop_size={"height": spec.crop[0], "width": spec.crop[1]})
@@ -84,6 +88,7 @@ def bench(models, images, batch, repeats):
     with torch.no_grad():
       for start in range(0, len(pixel_values), batch):
         features = reference.get_image_features(pixel_values=pixel_values[start:start + batch])
+        features = getattr(features, "pooler_output", features)  # transformers 5 wraps it
         outputs.append(torch.nn.functional.normalize(features, dim=-1))
     return torch.cat(outputs).numpy()
 

@@ -60,8 +60,11 @@ from discl_jax.diffusion import models as models_lib
 from discl_jax.diffusion import sampler as sampler_lib
 from discl_jax.diffusion import schedules
 from discl_jax.diffusion import slot_memory
-from discl_jax.diffusion import unet as unet_lib
 from discl_jax.models import resnet
+from discl_jax.models import clip as clip_models
+from discl_jax.models import tiny
+from discl_jax.models import unet as unet_lib
+from discl_jax.models import vae as vae_lib
 from discl_jax.scoring import clip as clip_lib
 from discl_jax.scoring import preprocess
 from discl_jax.train import flyp, losses, optim, state as state_lib, steps as steps_lib
@@ -276,38 +279,35 @@ def rehearse_resnet(results, geo, args):
 
 
 def clip_config(geo, patch):
-  """Returns the CLIPConfig of ViT-B/`patch` (real) or a tiny one (`--quick`)."""
-  from transformers import CLIPConfig  # pylint: disable=g-import-not-at-top
+  """Returns the ClipConfig of ViT-B/`patch` (real) or a tiny one (`--quick`)."""
   if geo.quick:
     text = dict(CLIP_TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, image_size=geo.clip_image, patch_size=patch)
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
-  return CLIPConfig(text_config=CLIP_TEXT, vision_config=dict(CLIP_VISION, patch_size=patch),
-                    projection_dim=512)
+    return clip_models.clip_config(
+        {"text_config": text, "vision_config": vision, "projection_dim": 16})
+  return clip_models.clip_config({"text_config": CLIP_TEXT,
+                                  "vision_config": dict(CLIP_VISION, patch_size=patch),
+                                  "projection_dim": 512})
 
 
 def rehearse_clip(results, geo, args):
   """Compiles and times a CLIP scoring batch (normalised image embeddings) per ViT-B patch size."""
-  from transformers import FlaxCLIPModel  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   for patch in geo.clip_patches:
     name = f"clip_vit_b{patch}" if not geo.quick else f"clip_tiny_p{patch}"
     with stage(results, "clip", name, batch=geo.batch, input=f"{geo.clip_image}px") as row:
-      with models_lib.quiet():
-        model = FlaxCLIPModel(clip_config(geo, patch), _do_init=False)
-        params = random_tree(jax.eval_shape(
-            lambda: model.init_weights(jax.random.key(0), model.input_shape)), 0)
+      model = clip_models.CLIPModel(clip_config(geo, patch))
+      params = random_tree(jax.eval_shape(model.init_weights, jax.random.key(0)), 0)
       row["params"] = count(params)
       row["components"] = {k: count(v) for k, v in params.items()}
       spec = preprocess.ClipPreprocess(size=geo.clip_image, crop=(geo.clip_image,) * 2)
-      embed = jax.jit(functools.partial(clip_lib.embed_images, model.module, spec))
+      embed = jax.jit(functools.partial(clip_lib.embed_images, model, spec))
       pixels = jnp.asarray(rng.integers(0, 256, (geo.batch, geo.clip_image, geo.clip_image, 3),
                                         dtype=np.uint8))
-      with models_lib.quiet():
-        compiled, row["compile_s"], row["flops"], row["xla_bytes"] = compile_stats(
-            embed.lower(params, pixels))
+      compiled, row["compile_s"], row["flops"], row["xla_bytes"] = compile_stats(
+          embed.lower(params, pixels))
       compiled(params, pixels).block_until_ready()
       row["step_s"] = timed(lambda: compiled(params, pixels), args.steps)
       row["flops_per_item"] = row["flops"] / geo.batch
@@ -334,8 +334,7 @@ def rehearse_flyp(results, geo, args, name, model, params):
                             ).astype(np.float32),
         "label": rng.integers(0, classes, geo.batch).astype(np.int32),
         "template": rng.integers(0, 2, geo.batch).astype(np.int32)}, mesh)
-    with models_lib.quiet():
-      measure_train_step(row, step, state, batch, 1e-5, args.steps)
+    measure_train_step(row, step, state, batch, 1e-5, args.steps)
 
 
 # --------------------------------------------------------------- Stable Diffusion
@@ -346,7 +345,7 @@ def text_config(base, tokenizer, quick):
   if quick:
     base = dict(base, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                 num_attention_heads=4, projection_dim=32)
-  return dict(base, vocab_size=max(CLIP_VOCAB, len(tokenizer.encoder)),
+  return dict(base, vocab_size=max(CLIP_VOCAB, len(tokenizer.get_vocab())),
               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
               pad_token_id=tokenizer.eos_token_id)
 
@@ -357,30 +356,27 @@ def build_sd(family, quick, folder):
   The tokenizer is tiny (its vocabulary does not change the text encoder's
   cost); the embedding table keeps CLIP's 49,408 rows.
   """
-  from diffusers import FlaxAutoencoderKL  # pylint: disable=g-import-not-at-top
-  from transformers import CLIPTextConfig, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection  # pylint: disable=g-import-not-at-top
   refiner = family == "refiner"
-  tokenizer = models_lib.write_tiny_tokenizer(folder / "tokenizer",
-                                              pad_token="!" if refiner else "<|endoftext|>")
+  tokenizer = tiny.write_tokenizer(folder / "tokenizer",
+                                   pad_token="!" if refiner else "<|endoftext|>")
   if quick:
-    tiny = (models_lib.tiny_sdxl_configs("sdxl_refiner", len(tokenizer.encoder), 0, 1)
-            if refiner else models_lib.tiny_configs(len(tokenizer.encoder), 0, 1))
-    unet_cfg, vae_cfg = tiny[0], tiny[1]
+    vocab = len(tokenizer.get_vocab())
+    configs = (tiny.sdxl_configs("sdxl_refiner", vocab, 0, 1) if refiner
+               else tiny.sd_configs(vocab, 0, 1))
+    unet_cfg, vae_cfg = configs[0], configs[1]
     if refiner:
       unet_cfg = dict(unet_cfg, **QUICK_REFINER_UNET)
   else:
     unet_cfg, vae_cfg = (REFINER_UNET, REFINER_VAE) if refiner else (SD15_UNET, SD_VAE)
   text_cfg = text_config(BIGG_TEXT if refiner else CLIP_L_TEXT, tokenizer, quick)
   key = jax.random.PRNGKey(0)
-  with models_lib.quiet():
-    unet = unet_lib.from_config(dict(unet_cfg), source=f"{family} UNet config")
-    vae = FlaxAutoencoderKL(**vae_cfg)
-    text_cls = FlaxCLIPTextModelWithProjection if refiner else FlaxCLIPTextModel
-    text = text_cls(CLIPTextConfig(**text_cfg), _do_init=False)
-    params = {"unet": random_tree(jax.eval_shape(unet.init_weights, key), 1),
-              "vae": random_tree(jax.eval_shape(vae.init_weights, key), 2)}
-    encoder = "text_encoder_2" if refiner else "text_encoder"
-    params[encoder] = random_tree(text.params_shape_tree, 3)
+  unet = unet_lib.from_config(dict(unet_cfg), source=f"{family} UNet config")
+  vae = vae_lib.from_config(dict(vae_cfg), source=f"{family} VAE config")
+  text = clip_models.CLIPTextModel(clip_models.text_config(text_cfg), projection=refiner)
+  params = {"unet": random_tree(jax.eval_shape(unet.init_weights, key), 1),
+            "vae": random_tree(jax.eval_shape(vae.init_weights, key), 2)}
+  encoder = "text_encoder_2" if refiner else "text_encoder"
+  params[encoder] = random_tree(jax.eval_shape(text.init_weights, key), 3)
   common = dict(vae=vae, unet=unet, params=params, dtype=jnp.float32)
   if refiner:
     return models_lib.SDModels(
@@ -411,9 +407,8 @@ def rehearse_vae(results, family, models, size, args):
   rows = {}
   for name, fn, x in (("vae_encode", encode, pixels), ("vae_decode", decode, latents)):
     with stage(results, family, f"{family}_{name}", batch=1, input=f"{h}x{w}") as row:
-      with models_lib.quiet():
-        compiled, row["compile_s"], row["flops"], row["xla_bytes"] = compile_stats(
-            fn.lower(params, x))
+      compiled, row["compile_s"], row["flops"], row["xla_bytes"] = compile_stats(
+          fn.lower(params, x))
       row["params"] = count(params)
       row["components"] = {"vae": row["params"]}
       row["step_s"] = timed(lambda: compiled(params, x), args.vae_steps)

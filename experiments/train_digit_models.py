@@ -8,14 +8,14 @@ Data: scikit-learn's digits as 32x32 RGB (`discl_jax.data.digits`), only the
 split is never trained on. Every class is present (balanced-ish pool).
 
 Order and why:
-  1. CLIP (text + vision towers, FlaxCLIPModel) trained contrastively on
+  1. CLIP (text + vision towers, models/clip.py) trained contrastively on
      (image, caption) pairs (captions from `digit_training.CAPTION_TEMPLATES`);
   2. its text tower becomes the generator's frozen text encoder (like SD, whose
      text encoder is a frozen CLIP text tower), so captions are encoded once;
-  3. a VAE (FlaxAutoencoderKL, 32x32 -> 8x8x4: the digits are upscaled 8x8
+  3. a VAE (models/vae.py, 32x32 -> 8x8x4: the digits are upscaled 8x8
      images, so an 8x8 latent loses nothing essential) trained for
      reconstruction + a small KL, then frozen; the pool is encoded once;
-  4. the UNet (FlaxUNet2DConditionModel) trained on those latents with
+  4. the UNet (models/unet.py) trained on those latents with
      classifier-free-guidance dropout (empty caption) and an EMA of its weights.
 Outputs under --out: sd/ (diffusers layout), clip/ (transformers layout),
 curves.png, samples.png, spectrum.png, metrics.json, README.md (how they were
@@ -47,7 +47,10 @@ from discl_jax.diffusion import digit_training
 from discl_jax.diffusion import models as sd_models
 from discl_jax.diffusion import sampler as sampler_lib
 from discl_jax.diffusion import schedules
-from discl_jax.diffusion import unet as unet_lib
+from discl_jax.models import clip as clip_models
+from discl_jax.models import tiny
+from discl_jax.models import unet as unet_lib
+from discl_jax.models import vae as vae_lib
 from discl_jax.scoring import clip as clip_lib
 from discl_jax.scoring import digit_clip_training
 from discl_jax.scoring import preprocess
@@ -191,20 +194,20 @@ def final_value(values, window=50):
 
 
 def train_clip(args, size, pool, tokenizer, captions, caption_labels, key):
-  """Returns (FlaxCLIPModel, params, history, steps/s): the digit CLIP trained on the pool."""
-  from transformers import CLIPConfig, FlaxCLIPModel  # pylint: disable=g-import-not-at-top
-  common = dict(vocab_size=len(tokenizer.encoder), max_position_embeddings=size["max_length"],
+  """Returns (models.clip.CLIPModel, params, history, steps/s): the digit CLIP trained on the pool."""
+  common = dict(vocab_size=len(tokenizer.get_vocab()), max_position_embeddings=size["max_length"],
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.eos_token_id)
-  config = CLIPConfig(text_config=dict(size["clip_text"], **common),
-                      vision_config=dict(size["clip_vision"], image_size=IMAGE_SIZE),
-                      projection_dim=size["projection_dim"])
-  model = FlaxCLIPModel(config, _do_init=False)
+  model = clip_models.CLIPModel(clip_models.clip_config({
+      "text_config": dict(size["clip_text"], **common),
+      "vision_config": dict(size["clip_vision"], image_size=IMAGE_SIZE),
+      "projection_dim": size["projection_dim"]}))
   spec = preprocess.ClipPreprocess(size=IMAGE_SIZE, crop=(IMAGE_SIZE, IMAGE_SIZE))
   optimizer = digit_training.make_optimizer(size["lr"]["clip"], args.clip_steps,
                                             weight_decay=0.05)
-  state = digit_training.init_state(clip_lib.random_params(model, args.seed), optimizer)
-  step = digit_clip_training.make_clip_step(model.module, spec, optimizer)
+  shapes = jax.eval_shape(model.init_weights, jax.random.PRNGKey(0))
+  state = digit_training.init_state(tiny.random_params(shapes, args.seed, "clip"), optimizer)
+  step = digit_clip_training.make_clip_step(model, spec, optimizer)
   ids, mask = tokenize(tokenizer, captions, size["max_length"])
   rng = seeding.numpy_rng(args.seed, "digit-clip", "batches")
   batches = index_batches(len(pool.labels), size["batch"]["clip"], rng)
@@ -223,7 +226,7 @@ def train_clip(args, size, pool, tokenizer, captions, caption_labels, key):
 
 
 def vae_kwargs(size, scaling_factor=0.18215):
-  """Returns the FlaxAutoencoderKL arguments of geometry `size` (32x32 RGB, 4 latent channels)."""
+  """Returns the AutoencoderKL config of geometry `size` (32x32 RGB, 4 latent channels)."""
   depth = len(size["vae"]["block_out_channels"])
   return dict(in_channels=3, out_channels=3, latent_channels=4,
               down_block_types=("DownEncoderBlock2D",) * depth,
@@ -232,13 +235,11 @@ def vae_kwargs(size, scaling_factor=0.18215):
 
 
 def train_vae(args, size, pool, key):
-  """Returns (FlaxAutoencoderKL, params, history, steps/s)."""
-  from diffusers import FlaxAutoencoderKL  # pylint: disable=g-import-not-at-top
-  with sd_models.quiet():
-    vae = FlaxAutoencoderKL(**vae_kwargs(size))
+  """Returns (models.vae.AutoencoderKL, params, history, steps/s)."""
+  vae = vae_lib.from_config(vae_kwargs(size))
   shapes = jax.eval_shape(vae.init_weights, jax.random.PRNGKey(0))
   optimizer = digit_training.make_optimizer(size["lr"]["vae"], args.vae_steps)
-  state = digit_training.init_state(sd_models.random_params(shapes, args.seed, "vae"), optimizer)
+  state = digit_training.init_state(tiny.random_params(shapes, args.seed, "vae"), optimizer)
   step = digit_training.make_vae_step(vae, optimizer, args.kl_weight)
   rng = seeding.numpy_rng(args.seed, "digit-vae", "batches")
   batches = index_batches(len(pool.labels), size["batch"]["vae"], rng)
@@ -250,22 +251,20 @@ def train_vae(args, size, pool, key):
 
 def train_unet(args, size, pool, latents, context_table, caption_labels, scheduler_config,
                cross_attention_dim, key):
-  """Returns (FlaxUNet2DConditionModel, EMA params, history, steps/s).
+  """Returns (models.unet.UNet, EMA params, history, steps/s).
 
   `latents`: scaled posterior (mean, std) of every pool image, [N, 4, h, w] each.
   """
-  from diffusers import FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
   means, stds = latents
   depth = len(size["unet"]["block_out_channels"])
-  with sd_models.quiet():
-    unet = FlaxUNet2DConditionModel(
-        sample_size=means.shape[-1], in_channels=means.shape[1], out_channels=means.shape[1],
-        down_block_types=("CrossAttnDownBlock2D",) * depth,
-        up_block_types=("CrossAttnUpBlock2D",) * depth,
-        cross_attention_dim=cross_attention_dim, **size["unet"])
+  unet = unet_lib.from_config(dict(
+      sample_size=means.shape[-1], in_channels=means.shape[1], out_channels=means.shape[1],
+      down_block_types=("CrossAttnDownBlock2D",) * depth,
+      up_block_types=("CrossAttnUpBlock2D",) * depth,
+      cross_attention_dim=cross_attention_dim, **size["unet"]))
   shapes = jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0))
   optimizer = digit_training.make_optimizer(size["lr"]["unet"], args.unet_steps, warmup_steps=200)
-  params = sd_models.random_params(shapes, args.seed, "unet")
+  params = tiny.random_params(shapes, args.seed, "unet")
   state = digit_training.init_state(params, optimizer, ema=True)
   step = digit_training.make_unet_step(unet, optimizer, max_ema_decay=EMA_DECAY)
   acp = jnp.asarray(schedules.alphas_cumprod(scheduler_config))
@@ -305,29 +304,23 @@ def _staged(target, write):
 
 def save_clip(target, model, params, tokenizer):
   """Writes the CLIP in the transformers layout (+ tokenizer, preprocessor config); returns the path."""
-  from transformers import CLIPImageProcessor  # pylint: disable=g-import-not-at-top
 
   def write(folder):
-    model.save_pretrained(str(folder), params=params)
+    clip_models.save_clip_model(folder, model, params)
     tokenizer.save_pretrained(str(folder))
-    CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
-                       crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(str(folder))
+    tiny.write_preprocessor(folder, IMAGE_SIZE)
 
   return _staged(target, write)
 
 
-def save_sd(target, *, tokenizer, text_config, text_params, vae, vae_params, unet, unet_params,
+def save_sd(target, *, tokenizer, text_encoder, text_params, vae, vae_params, unet, unet_params,
             scheduler_config):
   """Writes the generator in the diffusers layout `load_sd` reads; returns the path."""
-  from transformers import FlaxCLIPTextModel  # pylint: disable=g-import-not-at-top
 
   def write(root):
-    with sd_models.quiet():
-      unet.save_pretrained(str(root / "unet"), params=unet_params)
-      vae.save_pretrained(str(root / "vae"), params=vae_params)
-      FlaxCLIPTextModel(text_config, _do_init=False).save_pretrained(
-          str(root / "text_encoder"), params=text_params)
-    unet_lib.mark_numerics(root / "unet", "flax")  # trained with diffusers' Flax modules
+    unet_lib.save(root / "unet", unet, unet_params)
+    vae_lib.save(root / "vae", vae, vae_params)
+    clip_models.save_text_encoder(root / "text_encoder", text_encoder, text_params)
     tokenizer.save_pretrained(str(root / "tokenizer"))
     sd_models.write_pipeline_files(root, scheduler_config)
 
@@ -364,12 +357,11 @@ def write_readme(out, summary):
       f"(wall time {summary['wall_seconds'] / 60:.1f} min on {summary['device']}).",
       f"- final losses (mean of the last 50 steps): CLIP {finals['clip']:.4f}, "
       f"VAE MSE {finals['vae_mse']:.5f} (KL {finals['vae_kl']:.3f}), UNet {finals['unet']:.4f}.",
-      "- `sd/`: diffusers layout (FlaxUNet2DConditionModel, FlaxAutoencoderKL, FlaxCLIPTextModel "
-      "= the digit CLIP's text tower, CLIPTokenizer, DDIM scheduler config); load with "
-      "`discl_jax.diffusion.models.load_sd`. The UNet was trained with diffusers' Flax modules "
-      "(tanh GELU, GroupNorm eps 1e-5): its config.json says `\"discl_numerics\": \"flax\"`, "
-      "so `load_sd` computes those functions for it (docs/design.md §5.9).",
-      "- `clip/`: transformers layout (FlaxCLIPModel); load with `discl_jax.scoring.clip.load_clip`.",
+      "- `sd/`: diffusers layout (UNet, AutoencoderKL, the digit CLIP's text tower as the text "
+      "encoder, CLIPTokenizer, DDIM scheduler config; Flax msgpack weights of discl_jax.models' "
+      "modules); load with `discl_jax.diffusion.models.load_sd`.",
+      "- `clip/`: transformers layout (CLIPModel, Flax msgpack); load with "
+      "`discl_jax.scoring.clip.load_clip`.",
       "",
       "## Quality",
       "",
@@ -500,8 +492,7 @@ def main(argv=None):
   """Trains both models, saves them under --out, evaluates them; returns the summary dict."""
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
-  with sd_models.quiet():
-    return run(args, argv)
+  return run(args, argv)
 
 
 def run(args, argv):
@@ -515,7 +506,7 @@ def run(args, argv):
   keys = {name: jax.random.fold_in(key, seeding.stable_hash("digit-models", name))
           for name in ("clip", "vae", "unet")}
   scratch = pathlib.Path(tempfile.mkdtemp(prefix="digit-tokenizer-"))
-  tokenizer = sd_models.write_tiny_tokenizer(scratch, model_max_length=size["max_length"])
+  tokenizer = tiny.write_tokenizer(scratch, model_max_length=size["max_length"])
   shutil.rmtree(scratch)
   captions, caption_labels = digit_training.caption_table(pool.class_names)
   print(f"pool {len(pool.labels)} images, test {len(test.labels)}, {len(captions) - 1} captions")
@@ -525,10 +516,8 @@ def run(args, argv):
       args, size, pool, tokenizer, captions, caption_labels, keys["clip"])
   clip_dir = save_clip(out / "clip", clip_model, clip_params, tokenizer)
 
-  from transformers import CLIPTextConfig, FlaxCLIPTextModel  # pylint: disable=g-import-not-at-top
-  text_config = CLIPTextConfig.from_dict(clip_model.config.text_config.to_dict())
   text_params = {"text_model": clip_params["text_model"]}
-  text_encoder = FlaxCLIPTextModel(text_config, _do_init=False)
+  text_encoder = clip_models.CLIPTextModel(clip_model.config.text_config)
   ids, _ = tokenize(tokenizer, captions, size["max_length"])
   context_table = np.asarray(digit_training.make_text_encoder(text_encoder)(text_params, ids))
 
@@ -536,13 +525,12 @@ def run(args, argv):
   means, stds = digit_training.encode_all(digit_training.make_encoder(vae), vae_params,
                                           pool.pixels, size["batch"]["vae"])
   scale = digit_training.scaling_factor(means, stds)
-  with sd_models.quiet():
-    vae = vae.__class__(**vae_kwargs(size, scale))
+  vae = vae_lib.from_config(vae_kwargs(size, scale))
   scheduler_config = dict(sd_models.SD_SCHEDULER_CONFIG)
   unet, unet_params, histories["unet"], rates["unet"] = train_unet(
       args, size, pool, (means * scale, stds * scale), context_table, caption_labels,
-      scheduler_config, text_config.hidden_size, keys["unet"])
-  sd_dir = save_sd(out / "sd", tokenizer=tokenizer, text_config=text_config,
+      scheduler_config, text_encoder.config.hidden_size, keys["unet"])
+  sd_dir = save_sd(out / "sd", tokenizer=tokenizer, text_encoder=text_encoder,
                    text_params=text_params, vae=vae, vae_params=vae_params, unet=unet,
                    unet_params=unet_params, scheduler_config=scheduler_config)
 

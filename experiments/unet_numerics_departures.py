@@ -29,7 +29,8 @@ import torch
 from discl_jax import seeding
 from discl_jax.diffusion import models
 from discl_jax.diffusion import sampler as sampler_lib
-from discl_jax.diffusion import unet as unet_lib
+from discl_jax.models import tiny
+from discl_jax.models import unet as unet_lib
 
 _TORCH = unet_lib.NUMERICS["pytorch"]
 VARIANTS = {
@@ -63,7 +64,7 @@ def unet_part(root):
   """Returns {geometry: {variant: max abs difference}} of one UNet evaluation."""
   from diffusers import UNet2DConditionModel  # pylint: disable=g-import-not-at-top
   out = {}
-  for geometry, config, hw in (("sd1 5x7", models.tiny_configs(100, 0, 1)[0], (5, 7)),
+  for geometry, config, hw in (("sd1 5x7", tiny.sd_configs(100, 0, 1)[0], (5, 7)),
                                ("refiner 20x28", REFINER_UNET, (20, 28))):
     folder = root / geometry.split()[0]
     torch.manual_seed(0)
@@ -110,9 +111,9 @@ def sd1_part(root):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from transformers import CLIPTextConfig, CLIPTextModel  # pylint: disable=g-import-not-at-top
   root = root / "sd"
-  tokenizer = models.write_tiny_tokenizer(root / "tokenizer")
-  unet_cfg, vae_cfg, text_cfg = models.tiny_configs(
-      len(tokenizer.encoder), tokenizer.bos_token_id, tokenizer.eos_token_id)
+  tokenizer = tiny.write_tokenizer(root / "tokenizer")
+  unet_cfg, vae_cfg, text_cfg = tiny.sd_configs(
+      len(tokenizer.get_vocab()), tokenizer.bos_token_id, tokenizer.eos_token_id)
   torch.manual_seed(0)
   unet = diffusers.UNet2DConditionModel(**unet_cfg).eval()
   vae = diffusers.AutoencoderKL(**vae_cfg).eval()

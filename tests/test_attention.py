@@ -11,22 +11,24 @@ import pytest
 
 from discl_jax import config as config_lib
 from discl_jax.diffusion import attention
-from discl_jax.diffusion import models
 from discl_jax.diffusion import sampler
 from discl_jax.diffusion import spectrum_run
-from discl_jax.diffusion import unet as unet_lib
+from discl_jax.models import tiny
+from discl_jax.models import unet as unet_lib
 
 HEADS, HEAD_DIM, BATCH = 2, 8, 2
 # 8 query rows per chunk on [BATCH * HEADS, chunk, Lk] scores: 37 queries are 4 chunks of 8 + 5.
 SMALL_CHUNK_BYTES = 4 * BATCH * HEADS * 77 * 8
 
 
-def _reference(q, k, v, heads):
-  """float64 numpy softmax(q k^T / sqrt(d)) v on [B, L, heads * d]."""
+def _reference(q, k, v, heads, mask=None):
+  """float64 numpy softmax(q k^T / sqrt(d)) v on [B, L, heads * d] (keys where `mask` is False left out)."""
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(0, 2, 1, 3)
   qh, kh, vh = split(q), split(k), split(v)
   scores = qh @ kh.transpose(0, 1, 3, 2) / np.sqrt(qh.shape[-1])
+  if mask is not None:
+    scores = np.where(np.asarray(mask)[:, None], scores, -np.inf)
   probs = np.exp(scores - scores.max(-1, keepdims=True))
   out = (probs / probs.sum(-1, keepdims=True)) @ vh
   return out.transpose(0, 2, 1, 3).reshape(q.shape[0], q.shape[1], -1)
@@ -60,6 +62,17 @@ def test_matches_float64_reference(name, lq, lk, dtype, atol):
   assert got.shape == q.shape and got.dtype == dtype
   np.testing.assert_allclose(np.asarray(got, np.float64), _reference(q, k, v, HEADS),
                              atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(IMPLEMENTATIONS_ON_CPU))
+def test_masked_attention_matches_float64_reference(name):
+  """The CLIP text encoder's masks: causal, and padding keys of the second row left out."""
+  q, k, v = _inputs(37, 37, jnp.float32)
+  mask = np.tril(np.ones((BATCH, 37, 37), bool))
+  mask[1, :, 30:] = False
+  got = jax.jit(functools.partial(IMPLEMENTATIONS_ON_CPU[name], heads=HEADS))(q, k, v, mask=mask)
+  np.testing.assert_allclose(np.asarray(got, np.float64), _reference(q, k, v, HEADS, mask),
+                             atol=2e-5, rtol=0)
 
 
 def test_query_chunk_bounds_the_score_block():
@@ -151,9 +164,9 @@ def test_bad_config_value_suggests_the_near_miss():
 def test_tiny_unet_chunked_matches_xla(monkeypatch):
   """A tiny SD UNet at 6x10 latents (60 and 15 tokens) in 8-query chunks: xla's output."""
   monkeypatch.setitem(attention.CHUNK_SCORE_BYTES, "cpu", 4)  # every chunk MIN_CHUNK queries
-  config = models.tiny_configs(100, 0, 1)[0]
+  config = tiny.sd_configs(100, 0, 1)[0]
   unet = unet_lib.from_config(config)
-  params = models.random_params(jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0)), 0, "u")
+  params = tiny.random_params(jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0)), 0, "u")
   rng = np.random.default_rng(0)
   sample = rng.normal(0, 1, (2, 4, 6, 10)).astype(np.float32)
   context = rng.normal(0, 1, (2, 77, config["cross_attention_dim"])).astype(np.float32)
@@ -172,14 +185,15 @@ def test_tiny_unet_chunked_matches_xla(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-  return models.build_tiny(tmp_path_factory.mktemp("attention") / "sd", seed=0)
+  return tiny.build_sd(tmp_path_factory.mktemp("attention") / "sd", seed=0)
 
 
 def test_sampler_and_config_choose_the_unet_attention(tiny_checkpoint):
   config = config_lib.base_config()
   config.diffusion.attention = "chunked"
   s = spectrum_run.make_sampler(config, str(tiny_checkpoint))
-  assert s.models.unet.attention == "chunked"
+  assert s.models.unet.attention == s.models.vae.attention == "chunked"
+  assert s.models.text_encoder.attention == "chunked"  # every network: diffusion.attention
   assert inspect.signature(sampler.SpectrumSampler).parameters["attention"].default == "auto"
   xla = dataclasses.replace(s.models, unet=s.models.unet.clone(attention="xla"))
   # Each implementation compiles its own step.

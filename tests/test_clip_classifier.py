@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from discl_jax.models import clip_classifier as cc
+from discl_jax.models import tiny
 from discl_jax.scoring import clip as clip_lib
 
 TEMPLATES = ("a photo of {c}.", "{c} in the wild.", "a real photo of the {c}.")
@@ -16,7 +17,7 @@ CLASSES = ("peccary", "agouti", "spotted paca", "ocelot")
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-  path = clip_lib.build_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny", seed=0)
+  path = tiny.build_clip(tmp_path_factory.mktemp("clip") / "tiny", seed=0)
   return clip_lib.load_clip(str(path))
 
 
@@ -31,9 +32,10 @@ def _pixels(n, seed=0):
 
 @functools.cache
 def _hf_features(model):
-  """Returns jitted (image, text) projections through transformers' own API (unnormalised)."""
-  image = jax.jit(lambda p, x: model.get_image_features(jnp.transpose(x, (0, 3, 1, 2)), params=p))
-  text = jax.jit(lambda p, ids, mask: model.get_text_features(ids, mask, params=p))
+  """Returns jitted (image, text) projections through the CLIP module's own methods (unnormalised)."""
+  image = jax.jit(lambda p, x: model.apply({"params": p}, x, method="get_image_features"))
+  text = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask,
+                                                  method="get_text_features"))
   return image, text
 
 

@@ -7,13 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from discl_jax.diffusion import convert
 from discl_jax.diffusion import models
+from discl_jax.models import tiny
+from discl_jax.models import weights
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-  return models.build_tiny(tmp_path_factory.mktemp("tiny_sd") / "sd", seed=0)
+  return tiny.build_sd(tmp_path_factory.mktemp("tiny_sd") / "sd", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +35,9 @@ def test_random_params_depend_only_on_seed_and_path():
   shapes = {"conv": {"kernel": jax.ShapeDtypeStruct((3, 3, 4, 8), jnp.float32),
                      "bias": jax.ShapeDtypeStruct((8,), jnp.float32)},
             "norm": {"scale": jax.ShapeDtypeStruct((8,), jnp.float32)}}
-  a = models.random_params(shapes, 0, "unet")
-  b = models.random_params(shapes, 0, "unet")
-  c = models.random_params(shapes, 1, "unet")
+  a = tiny.random_params(shapes, 0, "unet")
+  b = tiny.random_params(shapes, 0, "unet")
+  c = tiny.random_params(shapes, 1, "unet")
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
   assert not np.array_equal(a["conv"]["kernel"], c["conv"]["kernel"])
@@ -103,7 +104,7 @@ def test_converter_maps_names_and_layouts():
         "mid.attn.to_q.weight": rng.normal(size=(4, 4)),
         "layers.0.fc.weight": rng.normal(size=(6, 2)),
         "embeddings.position_ids": np.arange(3)}
-  out = convert.convert_state_dict(pt, shapes)
+  out = weights.convert_state_dict(pt, shapes)
   np.testing.assert_array_equal(out["down_blocks_0"]["attentions_0"]["to_q"]["kernel"],
                                 pt["down_blocks.0.attentions.0.to_q.weight"].T)
   np.testing.assert_array_equal(out["down_blocks_0"]["conv"]["kernel"],
@@ -114,4 +115,26 @@ def test_converter_maps_names_and_layouts():
   del pt["down_blocks.0.conv.bias"]
   pt["stray.weight"] = np.zeros((2, 2))
   with pytest.raises(ValueError, match=r"stray.weight.*down_blocks_0/conv/bias"):
-    convert.convert_state_dict(pt, shapes, source="unet")
+    weights.convert_state_dict(pt, shapes, source="unet")
+
+
+def test_build_once_builds_once_and_a_failed_build_leaves_nothing(tmp_path):
+  calls = []
+
+  def build(path):
+    calls.append(path)
+    path.mkdir()
+    (path / "model_index.json").write_text("{}")
+
+  for _ in range(2):
+    assert tiny.build_once(tmp_path / "sd", build, "model_index.json", "t") == tmp_path / "sd"
+  assert len(calls) == 1 and (tmp_path / "sd" / "model_index.json").is_file()
+
+  def killed(path):
+    path.mkdir()
+    (path / "half").write_text("")
+    raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    tiny.build_once(tmp_path / "other", killed, "model_index.json", "t")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["sd"]

@@ -11,6 +11,8 @@ import pytest
 from discl_jax import seeding
 from discl_jax.diffusion import digit_training
 from discl_jax.diffusion import models as sd_models
+from discl_jax.models import clip as clip_models
+from discl_jax.models import tiny
 from discl_jax.scoring import clip as clip_lib
 from discl_jax.scoring import digit_clip_training
 from discl_jax.scoring import preprocess
@@ -91,16 +93,15 @@ def test_pool_excludes_the_digits_lt_test_split(script):
 
 
 def test_clip_step_is_deterministic_from_the_seed(script):
-  config = clip_lib.tiny_config(600, 598, 599)
-  from transformers import FlaxCLIPModel  # pylint: disable=g-import-not-at-top
-  model = FlaxCLIPModel(config, _do_init=False)
+  model = clip_models.CLIPModel(clip_models.clip_config(tiny.clip_config(600, 598, 599)))
   spec = preprocess.ClipPreprocess(size=32, crop=(32, 32))
   optimizer = digit_training.make_optimizer(1e-3, 4)
-  step = digit_clip_training.make_clip_step(model.module, spec, optimizer)
+  step = digit_clip_training.make_clip_step(model, spec, optimizer)
   pool, _ = script.load_data(0, 50)
 
   def train(seed):
-    state = digit_training.init_state(clip_lib.random_params(model, seed), optimizer)
+    shapes = jax.eval_shape(model.init_weights, jax.random.PRNGKey(0))
+    state = digit_training.init_state(tiny.random_params(shapes, seed, "clip"), optimizer)
     rng = seeding.numpy_rng(seed, "test-clip")
     batches = script.index_batches(len(pool.labels), 8, rng)
     for _ in range(3):

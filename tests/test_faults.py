@@ -175,18 +175,18 @@ def test_a_discl_schedule_without_accepted_spectrum_says_which_stage_to_run(tmp_
 def test_a_truncated_model_file_is_named(tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
   from discl_jax import digit_models  # pylint: disable=g-import-not-at-top
-  from discl_jax.diffusion import convert  # pylint: disable=g-import-not-at-top
+  from discl_jax.models import weights  # pylint: disable=g-import-not-at-top
   from discl_jax.scoring import clip  # pylint: disable=g-import-not-at-top
   shutil.copytree(digit_models.path("clip"), tmp_path / "clip")
-  weights = tmp_path / "clip" / clip.FLAX_WEIGHTS
-  os.truncate(weights, weights.stat().st_size // 2)
-  with pytest.raises(ValueError, match=rf"cannot read model weights '{weights}' .*incomplete input"
+  msgpack = tmp_path / "clip" / clip.FLAX_WEIGHTS
+  os.truncate(msgpack, msgpack.stat().st_size // 2)
+  with pytest.raises(ValueError, match=rf"cannot read model weights '{msgpack}' .*incomplete input"
                      r".*truncated or damaged"):
     clip.load_clip(str(tmp_path / "clip"))
   torn = tmp_path / "model.safetensors"
   torn.write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{\"a\":")
   with pytest.raises(ValueError, match=rf"cannot read model weights '{torn}'"):
-    convert.read_safetensors([torn])
+    weights.read_safetensors([torn])
 
 
 def _metric_rows(epochs):

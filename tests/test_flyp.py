@@ -17,6 +17,7 @@ from PIL import Image
 import iwildcam_fixture
 from discl_jax import parallel
 from discl_jax.models import clip_classifier as cc
+from discl_jax.models import tiny
 from discl_jax.scoring import clip as clip_lib
 from discl_jax.train import flyp
 
@@ -48,7 +49,7 @@ def _unit(rng, shape):
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-  return clip_lib.build_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny", seed=1)
+  return tiny.build_clip(tmp_path_factory.mktemp("clip") / "tiny", seed=1)
 
 
 @pytest.fixture(scope="module")

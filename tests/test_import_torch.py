@@ -21,7 +21,7 @@ import jax  # pylint: disable=g-import-not-at-top
 from discl_jax import config as config_lib
 from discl_jax.models import resnet
 from discl_jax.train import checkpoint as checkpoint_lib
-from discl_jax.train import import_torch
+from discl_jax.models import resnet_weights as import_torch
 from discl_jax.train import optim
 from discl_jax.train import state as state_lib
 
@@ -171,7 +171,7 @@ def test_converted_safetensors_loads_without_torch(saved, ours, tmp_path, monkey
 def test_pickle_without_torch_says_how_to_get_it(saved, ours, monkeypatch):
   name, path, images, _ = saved
   monkeypatch.setitem(sys.modules, "torch", None)
-  with pytest.raises(ImportError, match=r"`torch` extra.*python -m discl_jax.train.import_torch "
+  with pytest.raises(ImportError, match=r"`torch` extra.*python -m discl_jax.models.resnet_weights "
                      rf"{path} .*{name}\.safetensors"):
     ours.logits(path, images)
 

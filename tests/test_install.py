@@ -71,3 +71,15 @@ def test_installed_jax_and_flax_are_inside_the_declared_bounds():
     assert tuple(int(p) for p in low.split(".")) <= version < tuple(
         int(p) for p in high.split(".")), (package, version, line)
   assert '"huggingface_hub' in text
+
+
+def test_runtime_needs_no_diffusers_and_pins_no_hugging_face_release():
+  """Our own models (discl_jax/models): diffusers is a test extra; transformers (tokenizers) and
+  huggingface_hub take any current release."""
+  import tomllib  # pylint: disable=g-import-not-at-top
+  project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+  runtime = {d.split(">")[0].split("<")[0].split("=")[0].strip(): d for d in project["dependencies"]}
+  assert "diffusers" not in runtime
+  for name in ("transformers", "huggingface_hub"):
+    assert "<" not in runtime[name] and "==" not in runtime[name], runtime[name]
+  assert any(d.startswith("diffusers") for d in project["optional-dependencies"]["torch"])

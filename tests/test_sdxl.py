@@ -17,6 +17,7 @@ import pytest
 from discl_jax.diffusion import models
 from discl_jax.diffusion import sampler
 from discl_jax.diffusion import schedules
+from discl_jax.models import tiny
 
 STEPS, GUIDANCE = 10, 10.0
 HEIGHT, WIDTH = 40, 56  # multiples of 8, not of 64 (docs/design.md §5.11)
@@ -42,15 +43,15 @@ def _write_torch_checkpoint(root, family):
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import AutoencoderKL, UNet2DConditionModel  # pylint: disable=g-import-not-at-top
   from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # pylint: disable=g-import-not-at-top
-  tokenizers = {"tokenizer_2": models.write_tiny_tokenizer(root / "tokenizer_2", pad_token="!")}
+  tokenizers = {"tokenizer_2": tiny.write_tokenizer(root / "tokenizer_2", pad_token="!")}
   if family == "sdxl_base":
-    tokenizers["tokenizer"] = models.write_tiny_tokenizer(root / "tokenizer")
+    tokenizers["tokenizer"] = tiny.write_tokenizer(root / "tokenizer")
   tok = tokenizers["tokenizer_2"]
-  unet_cfg, vae_cfg, text_cfgs = models.tiny_sdxl_configs(
-      family, len(tok.encoder), tok.bos_token_id, tok.eos_token_id)
+  unet_cfg, vae_cfg, text_cfgs = tiny.sdxl_configs(
+      family, len(tok.get_vocab()), tok.bos_token_id, tok.eos_token_id)
   torch.manual_seed(0)
   modules = {"unet": UNet2DConditionModel(**unet_cfg).eval(),
-             "vae": AutoencoderKL(**vae_cfg, force_upcast=True).eval()}
+             "vae": AutoencoderKL(**vae_cfg).eval()}
   for name, cfg in text_cfgs.items():
     cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
     modules[name] = cls(CLIPTextConfig(**cfg)).eval()

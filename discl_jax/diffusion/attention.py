@@ -1,8 +1,9 @@
 """The UNet's attention, softmax(q k^T / sqrt(d)) v, in interchangeable implementations.
 
 Every implementation takes the [B, L, heads * d] query, key and value
-projections and returns [B, Lq, heads * d] in the value's dtype; the name is
-`diffusion.attention` (IMPLEMENTATIONS):
+projections and an optional boolean `mask` [B or 1, Lq, Lk] (True: attend; the
+CLIP text encoder's causal and padding masks) and returns [B, Lq, heads * d]
+in the value's dtype; the name is `diffusion.attention` (IMPLEMENTATIONS):
 
 - `xla`: scores and softmax in float32 over whole score rows, then the weighted
   sum of values; on CPU in cache-sized blocks of (batch, head) pairs (the
@@ -63,7 +64,17 @@ def score_block(pairs, lq, lk, backend):
   return max(n for n in range(1, min(fit, pairs) + 1) if pairs % n == 0)
 
 
-def xla(query, key, value, heads):
+def _pair_mask(mask, batch, heads):
+  """Returns boolean `mask` [B or 1, Lq, Lk] as [B * heads, Lq, Lk] (the pairs' order)."""
+  mask = jnp.broadcast_to(mask[:, None], (batch, heads) + mask.shape[1:])
+  return mask.reshape((batch * heads,) + mask.shape[2:])
+
+
+def _masked(scores, mask):
+  return scores if mask is None else jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+
+
+def xla(query, key, value, heads, mask=None):
   """Returns softmax(q k^T / sqrt(d)) v, [B, Lq, heads * d], normalising whole score rows.
 
   Scores and softmax in float32 (as PyTorch's fused attention kernels compute
@@ -80,13 +91,16 @@ def xla(query, key, value, heads):
   def split(x):  # [B, L, H * d] -> [B * H / block, block, L, d]
     return _split_heads(x, heads).reshape(pairs // block, block, x.shape[1], d)
 
-  def one_block(qkv):
-    q, k, v = qkv
+  def one_block(qkvm):
+    q, k, v = qkvm[:3]
     scores = jnp.einsum("bid,bjd->bij", q, k, preferred_element_type=jnp.float32) * d**-0.5
+    scores = _masked(scores, qkvm[3] if len(qkvm) > 3 else None)
     probs = jax.nn.softmax(scores, axis=2).astype(v.dtype)
     return jnp.einsum("bij,bjd->bid", probs, v)
 
   blocks = (split(query), split(key), split(value))
+  if mask is not None:
+    blocks += (_pair_mask(mask, b, heads).reshape(pairs // block, block, lq, key.shape[1]),)
   out = one_block(tuple(x[0] for x in blocks))[None] if block == pairs else jax.lax.map(one_block, blocks)
   return out.reshape(b, heads, lq, d).transpose(0, 2, 1, 3).reshape(b, lq, inner)
 
@@ -101,15 +115,20 @@ def query_chunk(rows, lq, lk, max_score_bytes):
   return min(lq, -(-lq // -(-lq // fit)))
 
 
-def _deferred_block(q, k, v, scale):
-  """Returns softmax(q k^T scale) v for [R, c, d] queries, normalised after the product with v."""
-  scores = jnp.einsum("bid,bjd->bij", q, k, preferred_element_type=jnp.float32) * scale
+def _deferred_block(qm, k, v, scale):
+  """Returns softmax(q k^T scale) v for `qm` = (queries [R, c, d], mask [R, c, Lk] or None).
+
+  Normalised after the product with v.
+  """
+  q, mask = qm
+  scores = _masked(jnp.einsum("bid,bjd->bij", q, k, preferred_element_type=jnp.float32) * scale,
+                   mask)
   weights = jnp.exp(scores - scores.max(axis=2, keepdims=True))
   out = jnp.einsum("bij,bjd->bid", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return (out / weights.sum(axis=2, keepdims=True)).astype(v.dtype)
 
 
-def chunked(query, key, value, heads, max_score_bytes=None):
+def chunked(query, key, value, heads, mask=None, max_score_bytes=None):
   """Returns softmax(q k^T / sqrt(d)) v, [B, Lq, heads * d], over query chunks (`query_chunk`).
 
   Full chunks run under `lax.map` (one chunk's scores live at a time), a
@@ -119,18 +138,21 @@ def chunked(query, key, value, heads, max_score_bytes=None):
   b, lq, inner = query.shape
   d = inner // heads
   q, k, v = (_split_heads(x, heads) for x in (query, key, value))
+  m = None if mask is None else _pair_mask(mask, b, heads)
   if max_score_bytes is None:
     max_score_bytes = _per_backend(CHUNK_SCORE_BYTES, jax.default_backend())
   size = query_chunk(b * heads, lq, k.shape[1], max_score_bytes)
   block = functools.partial(_deferred_block, k=k, v=v, scale=d**-0.5)
   n = lq // size
   if size == lq:
-    out = block(q)
+    out = block((q, m))
   else:
-    full = q[:, :n * size].reshape(b * heads, n, size, d).transpose(1, 0, 2, 3)
+    cut = lambda x: x[:, :n * size].reshape((b * heads, n, size) + x.shape[2:]).swapaxes(0, 1)
+    full = (cut(q), None if m is None else cut(m))
     out = jax.lax.map(block, full).transpose(1, 0, 2, 3).reshape(b * heads, n * size, d)
     if lq % size:
-      out = jnp.concatenate([out, block(q[:, n * size:])], axis=1)
+      rest = (q[:, n * size:], None if m is None else m[:, n * size:])
+      out = jnp.concatenate([out, block(rest)], axis=1)
   return out.reshape(b, heads, lq, d).transpose(0, 2, 1, 3).reshape(b, lq, inner)
 
 
@@ -145,7 +167,7 @@ def cudnn_problem(backend, dtype, head_dim):
   return None
 
 
-def cudnn(query, key, value, heads):
+def cudnn(query, key, value, heads, mask=None):
   """Returns softmax(q k^T / sqrt(d)) v, [B, Lq, heads * d], from cuDNN's fused flash attention.
 
   Raises ValueError naming `diffusion.attention` off a GPU, for float32 inputs
@@ -159,6 +181,7 @@ def cudnn(query, key, value, heads):
                      "use 'auto', 'xla' or 'chunked'")
   split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, d)  # [B, L, H, d]
   out = jax.nn.dot_product_attention(split(query), split(key), split(value),
+                                     mask=None if mask is None else mask[:, None],
                                      implementation="cudnn")
   return out.reshape(b, lq, inner)
 
@@ -182,12 +205,17 @@ def choose(backend, dtype, q_len, k_len, heads, head_dim):
 IMPLEMENTATION_FNS = {"xla": xla, "chunked": chunked, "cudnn": cudnn}
 
 
-def attention(query, key, value, heads, implementation="xla"):
-  """Returns softmax(q k^T / sqrt(d)) v, [B, Lq, heads * d], computed by `implementation`."""
+def attention(query, key, value, heads, implementation="xla", mask=None):
+  """Returns softmax(q k^T / sqrt(d)) v, [B, Lq, heads * d], computed by `implementation`.
+
+  `mask`: optional boolean [B or 1, Lq, Lk], False where a query must not see a key.
+  """
   if implementation == "auto":
     implementation = choose(jax.default_backend(), query.dtype, query.shape[1], key.shape[1],
                             heads, query.shape[2] // heads)
+    if mask is not None and implementation == "cudnn":
+      implementation = "xla"  # masked (CLIP text, 77 tokens): small, and no GPU test of cuDNN masks yet
   if implementation not in IMPLEMENTATION_FNS:
     raise ValueError(f"diffusion.attention must be one of {IMPLEMENTATIONS}, "
                      f"got {implementation!r}")
-  return IMPLEMENTATION_FNS[implementation](query, key, value, heads)
+  return IMPLEMENTATION_FNS[implementation](query, key, value, heads, mask=mask)

@@ -1,9 +1,9 @@
-"""Training a small latent diffusion model (diffusers Flax classes) from scratch.
+"""Training a small latent diffusion model (our Flax modules, discl_jax/models) from scratch.
 
 Two stages, each a pure jitted step over a plain-dict train state
 {"params", "opt_state", "step"} (+ "ema" for the UNet):
-  1. the VAE (`FlaxAutoencoderKL`): reconstruction MSE + a small KL to N(0, I);
-  2. the UNet (`FlaxUNet2DConditionModel`): epsilon prediction on VAE latents
+  1. the VAE (`models.vae.AutoencoderKL`): reconstruction MSE + a small KL to N(0, I);
+  2. the UNet (`models.unet.UNet`): epsilon prediction on VAE latents
      noised by the scheduler's `alphas_cumprod`, conditioned on frozen text
      encoder hidden states looked up from a precomputed caption table (row 0 is
      the empty caption used for classifier-free-guidance dropout).
@@ -195,4 +195,5 @@ def make_unet_step(unet, optimizer, max_ema_decay=0.999):
 
 def make_text_encoder(text_encoder):
   """Returns jitted encode(params, input_ids [N, L]) -> float32 last hidden states [N, L, D]."""
-  return jax.jit(lambda params, ids: text_encoder(ids, params=params)[0].astype(jnp.float32))
+  return jax.jit(lambda params, ids: text_encoder.apply(
+      {"params": params}, ids).last_hidden_state.astype(jnp.float32))

@@ -102,10 +102,11 @@ def _build_functions(modules, schedule, mesh):
     """Returns {context, pooled}: SD the last hidden state, SDXL hidden_states[-2] (§5.2)."""
     if not xl:
       (name, encoder), = encoders
-      return {"context": encoder(ids[name], params=params[name])[0].astype(jnp.float32)}
+      out = encoder.apply({"params": params[name]}, ids[name])
+      return {"context": out.last_hidden_state.astype(jnp.float32)}
     hidden = []
     for name, encoder in encoders:
-      out = encoder(ids[name], params=params[name], output_hidden_states=True)
+      out = encoder.apply({"params": params[name]}, ids[name])
       hidden.append(out.hidden_states[-2])
     return {"context": jnp.concatenate(hidden, axis=-1).astype(jnp.float32),
             "pooled": out.text_embeds.astype(jnp.float32)}
@@ -170,20 +171,13 @@ def _build_functions(modules, schedule, mesh):
                       method=vae.decode).sample
     return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
 
-  def quiet(fn):  # the pinned modules log a deprecation line per submodule at trace time
-    @functools.wraps(fn)
-    def traced(*args):
-      with models_lib.quiet():
-        return fn(*args)
-    return traced
-
   return {
-      "encode_text": jax.jit(quiet(encode_text)),
-      "prepare": jax.jit(quiet(prepare), out_shardings=batch),
+      "encode_text": jax.jit(encode_text),
+      "prepare": jax.jit(prepare, out_shardings=batch),
       "refill": jax.jit(refill, donate_argnums=(0,), out_shardings=state_sharding),
-      "step": jax.jit(quiet(step), donate_argnums=(5,), out_shardings=state_sharding),
-      "steps": jax.jit(quiet(steps), donate_argnums=(5,), out_shardings=state_sharding),
-      "decode": jax.jit(quiet(decode), out_shardings=batch),
+      "step": jax.jit(step, donate_argnums=(5,), out_shardings=state_sharding),
+      "steps": jax.jit(steps, donate_argnums=(5,), out_shardings=state_sharding),
+      "decode": jax.jit(decode, out_shardings=batch),
   }
 
 
@@ -204,7 +198,7 @@ def _encoders(sd):
 def _signature(sd, schedule, mesh):
   encoders = _encoders(sd)
   key = json.dumps([_config(sd.unet.config), sd.unet.attention, _config(sd.vae.config),
-                    [_config(e.config.to_dict()) for _, e in encoders], sd.family,
+                    [dataclasses.asdict(e.config) for _, e in encoders], sd.family,
                     str(jnp.dtype(sd.dtype)), str(jnp.dtype(sd.vae_dtype)),
                     schedule.kind, schedule.num_steps,
                     schedule.prediction_type, schedule.clip_sample,
@@ -270,7 +264,10 @@ class SpectrumSampler:
     if attention not in attention_lib.IMPLEMENTATIONS:
       raise ValueError(f"diffusion.attention must be one of {attention_lib.IMPLEMENTATIONS}, "
                        f"got {attention!r}")
-    models = dataclasses.replace(models, unet=models.unet.clone(attention=attention))
+    models = dataclasses.replace(models, **{  # every network's attention: diffusion.attention
+        name: getattr(models, name).clone(attention=attention)
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+        if getattr(models, name) is not None})
     self.models = models
     self.schedule = schedules.make_schedule(models.scheduler_config, num_inference_steps, scheduler)
     self.mesh = _local_mesh(mesh)

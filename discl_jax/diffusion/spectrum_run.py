@@ -8,8 +8,6 @@ generation size, each image stored as it comes.
 
 import collections
 import math
-import os
-import shutil
 
 from absl import logging
 
@@ -19,6 +17,7 @@ from discl_jax import workdir as wd
 from discl_jax.diffusion import jobs
 from discl_jax.diffusion import models
 from discl_jax.diffusion import sampler as sampler_lib
+from discl_jax.models import tiny
 
 
 def checkpoint_dir(config, workdir):
@@ -34,19 +33,17 @@ def checkpoint_dir(config, workdir):
   family = config.diffusion.tiny_family
   if family not in models.FAMILIES:
     raise ValueError(f"diffusion.tiny_family must be one of {models.FAMILIES}, got {family!r}")
-  target = wd.path(workdir, wd.MODELS, family)
-  if wd.is_main_process() and not (target / "model_index.json").exists():
-    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
+  seed = seeding.generation_seed(config)
+
+  def build(path):
     if family == "sd":
-      models.build_tiny(staging, seed=seeding.generation_seed(config))
+      tiny.build_sd(path, seed=seed)
     else:
-      models.build_tiny_sdxl(staging, seed=seeding.generation_seed(config), family=family)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
-    logging.info("generate: built a tiny %s checkpoint at %s", family, target)
-  parallel.barrier("diffusion.spectrum_run.tiny_model")
-  return str(target)
+      tiny.build_sdxl(path, seed=seed, family=family)
+    logging.info("generate: built a tiny %s checkpoint for %s", family, workdir)
+
+  return str(tiny.build_once(wd.path(workdir, wd.MODELS, family), build, "model_index.json",
+                             "diffusion.spectrum_run.tiny_model"))
 
 
 def make_sampler(config, checkpoint):

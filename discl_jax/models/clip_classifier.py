@@ -1,4 +1,4 @@
-"""A CLIP (transformers `FlaxCLIPModel`) as an image classifier, for FLYP fine-tuning.
+"""A CLIP (our Flax `models.clip.CLIPModel`) as an image classifier, for FLYP fine-tuning.
 
 The classifier has no separate head: its class weights are the zero-shot head,
 the renormalised mean of the normalised text embeddings of each class's
@@ -6,10 +6,10 @@ captions, rebuilt from the current text encoder whenever it is needed
 (evaluation, the adaptive curriculum's true-class probabilities). Logits are
 `exp(logit_scale) * <image embedding, class weight>`, as in CLIP and FLYP.
 
-Everything here is a pure function of `(model, params, arrays)`: `model` only
-supplies the module structure (`model.module`), `params` is the plain pytree
-of `FlaxCLIPModel.params` (keys "text_model", "vision_model",
-"text_projection", "visual_projection", "logit_scale"), so the functions jit,
+Everything here is a pure function of `(model, params, arrays)`: `model` is
+the linen CLIPModel (structure only), `params` its plain pytree (keys
+"text_model", "vision_model", "text_projection", "visual_projection",
+"logit_scale", as transformers' FlaxCLIPModel named them), so the functions jit,
 differentiate and shard like any other. A loaded checkpoint comes from
 `discl_jax.scoring.clip.load_clip` (`.model`, `.params`, `.tokenizer`).
 Images are NHWC floats standardised with CLIP's statistics
@@ -30,15 +30,10 @@ def l2_normalize(x, axis=-1, eps=1e-12):
   return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
 
 
-def _image_embeds(module, pixels):
-  pooled = module.vision_model(pixel_values=pixels, deterministic=True)[1]
-  return module.visual_projection(pooled)
-
-
 def image_features(model, params, pixels):
   """Returns the L2-normalised image embeddings [B, D] (float32) of NHWC `pixels`."""
-  embeds = model.module.apply({"params": params}, jnp.asarray(pixels, model.dtype),
-                              method=_image_embeds)
+  embeds = model.apply({"params": params}, jnp.asarray(pixels, model.dtype),
+                       method="get_image_features")
   return l2_normalize(embeds)
 
 
@@ -47,7 +42,7 @@ def text_features(model, params, input_ids, attention_mask):
   input_ids = jnp.asarray(input_ids, jnp.int32)
   attention_mask = jnp.asarray(attention_mask, jnp.int32)
   length = input_ids.shape[-1]
-  embeds = clip_lib.embed_texts(model.module, params, input_ids.reshape(-1, length),
+  embeds = clip_lib.embed_texts(model, params, input_ids.reshape(-1, length),
                                 attention_mask.reshape(-1, length))
   return embeds.reshape(*input_ids.shape[:-1], -1)
 

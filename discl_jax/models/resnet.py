@@ -9,7 +9,7 @@
 - `tiny`: the CIFAR layout with 2 stages of one block (8/16) for tests.
 
 `padding="torch"` pads as PyTorch does, so imported PyTorch weights
-(`train/import_torch.py`) give PyTorch's logits: k // 2 on each side of every
+(`models/resnet_weights.py`) give PyTorch's logits: k // 2 on each side of every
 convolution and 1 on each side of the stem max pool. XLA's "SAME" instead puts
 the extra row and column of a stride-2 layer at the bottom and right;
 `resnet8` and `tiny` keep "same", the padding the shipped digits ResNet-8 was

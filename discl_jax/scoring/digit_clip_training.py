@@ -1,4 +1,4 @@
-"""Contrastive training of a small CLIP (transformers' FlaxCLIPModel) on labelled images + captions.
+"""Contrastive training of a small CLIP (our Flax CLIPModel, models/clip.py) on labelled images + captions.
 
 With few classes a batch holds many images of one class, so the usual
 one-positive-per-row CLIP loss would push apart matching pairs. The loss here
@@ -43,7 +43,7 @@ def clip_loss(module, spec, params, images, input_ids, attention_mask, labels):
 def make_clip_step(module, spec, optimizer):
   """Returns jitted step(state, images, input_ids, attention_mask, labels) -> (state, metrics).
 
-  `module` is the FlaxCLIPModel's linen module, `spec` its ClipPreprocess; the
+  `module` is the linen CLIPModel (models/clip.py), `spec` its ClipPreprocess; the
   state is `digit_training.init_state`'s dict; donates it.
   """
 

@@ -33,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from discl_jax.train import import_torch
+from discl_jax.models import resnet_weights as import_torch
 
 ITEMS = ("state", "curriculum", "data_iter", "plan", "meta")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

@@ -2,7 +2,7 @@
 
 `UNet` has the parameter tree and call signature of diffusers 0.39's
 `FlaxUNet2DConditionModel`, including SDXL's `addition_embed_type="text_time"`,
-so Flax msgpack checkpoints and `convert.py`'s safetensors load into it
+so Flax msgpack checkpoints and PyTorch weights (`weights.py`) load into it
 unchanged. It differs from that class where PyTorch's `UNet2DConditionModel`
 does (docs/design.md §5.9):
 
@@ -30,14 +30,12 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import serialization
-from flax import traverse_util
 
 from discl_jax.diffusion import attention as attention_lib
-from discl_jax.diffusion import convert
+from discl_jax.models import layers
+from discl_jax.models import weights
 
-NUMERICS_KEY = "discl_numerics"
+NUMERICS_KEY = layers.NUMERICS_KEY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,32 +81,8 @@ def timestep_embedding(timesteps, dim, flip_sin_to_cos, freq_shift, torch_order=
   return jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=1)
 
 
-def nearest_resize(x, size):
-  """Returns NHWC `x` resized to `size` = (h, w) as torch's nearest: src = floor(i * in / out).
-
-  The scale is float32 `in / out` as in torch's kernel; `jax.image.resize`
-  picks other pixels for sizes that are not 2x.
-  """
-  for axis, out in zip((1, 2), size):
-    n = x.shape[axis]
-    if out == 2 * n:
-      x = jnp.repeat(x, 2, axis=axis)
-    elif out != n:
-      scale = np.float32(n) / np.float32(out)
-      src = np.minimum(np.floor(np.arange(out, dtype=np.float32) * scale), n - 1).astype(np.int32)
-      x = jnp.take(x, src, axis=axis)
-  return x
-
-
 def _group_norm(groups, eps, numerics, name):
-  return nn.GroupNorm(num_groups=groups, epsilon=eps,
-                      use_fast_variance=not numerics.two_pass_variance, name=name)
-
-
-def _conv(features, dtype, name, kernel=3, stride=1):
-  pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)) if pad else "VALID", dtype=dtype, name=name)
+  return layers.group_norm(groups, eps, numerics.two_pass_variance, name)
 
 
 # ---------------------------------------------------------------- layers
@@ -127,13 +101,13 @@ class ResnetBlock2D(nn.Module):
     spec = _numerics(self.numerics)
     residual = x
     x = nn.swish(_group_norm(self.norm_num_groups, self.norm_eps, spec, "norm1")(x))
-    x = _conv(self.out_channels, self.dtype, "conv1")(x)
+    x = layers.conv(self.out_channels, self.dtype, "conv1")(x)
     temb = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.swish(temb))
     x = x + temb[:, None, None, :]
     x = nn.swish(_group_norm(self.norm_num_groups, self.norm_eps, spec, "norm2")(x))
-    x = _conv(self.out_channels, self.dtype, "conv2")(x)
+    x = layers.conv(self.out_channels, self.dtype, "conv2")(x)
     if residual.shape[-1] != self.out_channels:
-      residual = _conv(self.out_channels, self.dtype, "conv_shortcut", kernel=1)(residual)
+      residual = layers.conv(self.out_channels, self.dtype, "conv_shortcut", kernel=1)(residual)
     return x + residual
 
 
@@ -144,7 +118,7 @@ class Downsample2D(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return _conv(self.out_channels, self.dtype, "conv", stride=2)(x)
+    return layers.conv(self.out_channels, self.dtype, "conv", stride=2)(x)
 
 
 class Upsample2D(nn.Module):
@@ -154,8 +128,8 @@ class Upsample2D(nn.Module):
 
   @nn.compact
   def __call__(self, x, size=None):
-    x = nearest_resize(x, size or (2 * x.shape[1], 2 * x.shape[2]))
-    return _conv(self.out_channels, self.dtype, "conv")(x)
+    x = layers.nearest_resize(x, size or (2 * x.shape[1], 2 * x.shape[2]))
+    return layers.conv(self.out_channels, self.dtype, "conv")(x)
 
 
 class Attention(nn.Module):
@@ -251,7 +225,7 @@ class Transformer2D(nn.Module):
     if self.use_linear_projection:
       x = nn.Dense(inner, dtype=self.dtype, name="proj_in")(x.reshape(b, h * w, c))
     else:
-      x = _conv(inner, self.dtype, "proj_in", kernel=1)(x).reshape(b, h * w, inner)
+      x = layers.conv(inner, self.dtype, "proj_in", kernel=1)(x).reshape(b, h * w, inner)
     for i in range(self.depth):
       x = BasicTransformerBlock(inner, self.n_heads, self.d_head, self.only_cross_attention,
                                 self.numerics, self.dtype, self.attention,
@@ -259,7 +233,7 @@ class Transformer2D(nn.Module):
     if self.use_linear_projection:
       x = nn.Dense(c, dtype=self.dtype, name="proj_out")(x).reshape(b, h, w, c)
     else:
-      x = _conv(c, self.dtype, "proj_out", kernel=1)(x.reshape(b, h, w, inner))
+      x = layers.conv(c, self.dtype, "proj_out", kernel=1)(x.reshape(b, h, w, inner))
     return x + residual
 
 
@@ -403,8 +377,7 @@ class UNet(nn.Module):
   @property
   def config(self):
     """Returns the configuration (attribute and mapping access, like diffusers' config)."""
-    from diffusers.configuration_utils import FrozenDict  # pylint: disable=g-import-not-at-top
-    return FrozenDict({name: getattr(self, name) for name in CONFIG_FIELDS})
+    return layers.FrozenConfig({name: getattr(self, name) for name in CONFIG_FIELDS})
 
   def init_weights(self, rng):
     """Returns freshly initialised params (use under jax.eval_shape for the parameter shapes)."""
@@ -442,7 +415,7 @@ class UNet(nn.Module):
       temb = temb + _TimestepEmbedding(time_dim, self.dtype, name="add_embedding")(add_embeds)
 
     x = jnp.transpose(sample, (0, 2, 3, 1))
-    x = _conv(self.block_out_channels[0], self.dtype, "conv_in")(x)
+    x = layers.conv(self.block_out_channels[0], self.dtype, "conv_in")(x)
     skips = (x,)
     for i, kind in enumerate(self.down_block_types):
       block = DownBlock(self.block_out_channels[i], self.layers_per_block,
@@ -471,7 +444,7 @@ class UNet(nn.Module):
                 None if last else skips[-1].shape[1:3])
 
     x = nn.swish(_group_norm(self.norm_num_groups, self.norm_eps, spec, "conv_norm_out")(x))
-    x = _conv(self.out_channels, self.dtype, "conv_out")(x)
+    x = layers.conv(self.out_channels, self.dtype, "conv_out")(x)
     x = jnp.transpose(x, (0, 3, 1, 2))
     return UNetOutput(sample=x) if return_dict else (x,)
 
@@ -579,39 +552,15 @@ def _check(unet, source):
                      "and projection_class_embeddings_input_dim")
 
 
-def _check_params(params, shapes, source):
-  """Raises ValueError naming `source` unless `params` has exactly the tree and shapes of `shapes`."""
-  got = {k: tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(params).items()}
-  want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(shapes).items()}
-  missing = sorted("/".join(k) for k in want.keys() - got.keys())
-  unexpected = sorted("/".join(k) for k in got.keys() - want.keys())
-  wrong = sorted(f"{'/'.join(k)} {got[k]} != {want[k]}" for k in want.keys() & got.keys()
-                 if got[k] != want[k])
-  if missing or unexpected or wrong:
-    raise ValueError(f"UNet weights {source} do not fit its config: {len(missing)} missing "
-                     f"{missing[:8]}, {len(unexpected)} unexpected {unexpected[:8]}, "
-                     f"{len(wrong)} of another shape {wrong[:8]}")
-
-
 def load(folder, dtype=jnp.float32):
-  """Returns (UNet, float32 numpy params) of a diffusers `unet` folder (msgpack or safetensors)."""
+  """Returns (UNet, float32 numpy params) of a diffusers `unet` folder (any format weights.py reads)."""
   folder = pathlib.Path(folder)
   config_file = folder / "config.json"
   if not config_file.is_file():
     raise FileNotFoundError(f"missing UNet config {str(config_file)!r}")
   unet = from_config(json.loads(config_file.read_text()), dtype, source=str(config_file))
   shapes = jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0))
-  msgpack = folder / "diffusion_flax_model.msgpack"
-  if msgpack.is_file():
-    params = serialization.msgpack_restore(msgpack.read_bytes())
-    _check_params(params, shapes, str(msgpack))
-    return unet, jax.tree.map(lambda x: np.asarray(x, np.float32), params)
-  files = convert.safetensors_files(folder, "diffusion_pytorch_model")
-  if not files:
-    raise FileNotFoundError(f"no diffusion_flax_model.msgpack or "
-                            f"diffusion_pytorch_model*.safetensors in {str(folder)!r}")
-  return unet, convert.convert_state_dict(convert.read_safetensors(files), shapes,
-                                          source=str(folder))
+  return unet, weights.load_params(folder, shapes, "diffusers")
 
 
 def mark_numerics(folder, numerics):
@@ -622,3 +571,14 @@ def mark_numerics(folder, numerics):
   config[NUMERICS_KEY] = numerics
   config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
   return config_file
+
+
+def save(folder, unet, params):
+  """Writes `unet`'s config.json and params (Flax msgpack) into `folder`; returns the folder."""
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  config = {k: v for k, v in unet.config.items() if k != "numerics"}
+  config.update({"_class_name": "UNet2DConditionModel", NUMERICS_KEY: unet.numerics})
+  (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+  weights.save_msgpack(params, folder / weights.FLAX_WEIGHTS["diffusers"])
+  return folder

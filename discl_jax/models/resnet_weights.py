@@ -1,4 +1,5 @@
-"""PyTorch ResNet checkpoints -> this project's flax variables (`train.init_checkpoint`).
+"""PyTorch ResNet checkpoints -> this project's flax variables (`train.init_checkpoint`); the
+ResNets' own name mapping, beside `weights.py` (the diffusion and CLIP models' loader).
 
 The reference fine-tunes an ImageNet-LT ResNet-10 saved by LDMLR's code
 (docs/design.md §6): `torch.load(path)["state_dict"]["model"]`, keys with a
@@ -14,7 +15,7 @@ weight/bias -> scale/bias and running mean/var -> `batch_stats`, the linear
 layer -> `head`. Every key must be used and every shape must match.
 
 Convert once where torch is installed, then load the result without torch:
-  python -m discl_jax.train.import_torch IN.pth OUT.safetensors
+  python -m discl_jax.models.resnet_weights IN.pth OUT.safetensors
 """
 
 import pathlib
@@ -53,7 +54,7 @@ def _torch_state_dict(path):
         f"train.init_checkpoint {str(path)!r} is a PyTorch pickle, and reading one needs "
         "torch: install the `torch` extra (pip install 'discl-jax[torch]'), or convert it "
         "once where torch is installed and point train.init_checkpoint at the result: "
-        f"python -m discl_jax.train.import_torch {path} "
+        f"python -m discl_jax.models.resnet_weights {path} "
         f"{path.with_suffix(SAFETENSORS)}") from None
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -193,9 +194,9 @@ def convert(source, target):
 
 
 def main(argv):
-  """`python -m discl_jax.train.import_torch IN.pth OUT.safetensors`; returns the exit code."""
+  """`python -m discl_jax.models.resnet_weights IN.pth OUT.safetensors`; returns the exit code."""
   if len(argv) != 3 or not argv[2].endswith(SAFETENSORS):
-    print(f"usage: python -m discl_jax.train.import_torch IN.pth OUT{SAFETENSORS}",
+    print(f"usage: python -m discl_jax.models.resnet_weights IN.pth OUT{SAFETENSORS}",
           file=sys.stderr)
     return 2
   convert(argv[1], argv[2])
