@@ -162,11 +162,15 @@ def _cache_dir():
 
 
 def _cached(repo, kind):
-  """Returns (snapshot folder, [what it lacks]) of `repo` in the Hugging Face cache; (None, None): none."""
-  import huggingface_hub  # pylint: disable=g-import-not-at-top
-  try:
-    folder = pathlib.Path(huggingface_hub.snapshot_download(repo, local_files_only=True))
-  except OSError:  # LocalEntryNotFoundError: nothing cached
+  """Returns (snapshot folder, [what it lacks]) of `repo` in the Hugging Face cache; (None, None): none.
+
+  Reads the cache's layout (refs/main -> snapshots/COMMIT) itself: huggingface_hub 2's
+  offline snapshot_download refuses a snapshot that holds only the files we selected.
+  """
+  root = pathlib.Path(_cache_dir(), "models--" + repo.replace("/", "--"))
+  ref = root / "refs" / "main"
+  folder = root / "snapshots" / ref.read_text().strip() if ref.is_file() else None
+  if folder is None or not folder.is_dir():
     return None, None
   _, missing = select(kind, local_listing(folder), _read_index(folder))
   return folder, missing
@@ -182,6 +186,20 @@ def _unavailable(key, repo, reason, missing, hint):
   return HubUnavailable(f"{_describe(key, repo)} {cached} ({_cache_dir()}) and {reason}: {hint}")
 
 
+def _transport_errors():
+  """Returns the exception classes a failed connection raises in the installed HTTP clients
+  (huggingface_hub < 1 uses requests, later releases httpx or httpx2)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  classes = [ConnectionError, TimeoutError]
+  for module, name in (("requests.exceptions", "RequestException"), ("httpx", "TransportError"),
+                       ("httpx2", "TransportError")):
+    try:
+      classes.append(getattr(importlib.import_module(module), name))
+    except (ImportError, AttributeError):
+      continue
+  return tuple(classes)
+
+
 def _probe(repo, key):
   """Returns (ModelInfo, None) of `repo`, or (None, why the hub cannot be reached).
 
@@ -189,7 +207,6 @@ def _probe(repo, key):
   in this process; a repo the hub does not have raises HubUnavailable.
   """
   import huggingface_hub  # pylint: disable=g-import-not-at-top
-  import requests  # pylint: disable=g-import-not-at-top
   from huggingface_hub import constants  # pylint: disable=g-import-not-at-top
   from huggingface_hub import errors  # pylint: disable=g-import-not-at-top
   endpoint = constants.ENDPOINT
@@ -206,7 +223,7 @@ def _probe(repo, key):
         f"(HTTP {status}); check the id (e.g. openai/clip-vit-base-patch32, "
         f"stabilityai/stable-diffusion-xl-refiner-1.0), log in for a gated repo, or give a "
         f"local directory") from e
-  except requests.exceptions.RequestException as e:
+  except _transport_errors() as e:
     _UNREACHABLE[endpoint] = f"{endpoint} cannot be reached ({type(e).__name__})"
     return None, _UNREACHABLE[endpoint]
 
