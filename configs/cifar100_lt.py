@@ -16,13 +16,14 @@ and the curriculum runs the levels 0.5 -> 0.9.
 """
 
 from discl_jax import config as config_lib
+from discl_jax.configs import common
 
 
 def get_config(arg=None):
   """Returns the CIFAR100-LT ConfigDict; arg: ir, schedule, loss, sd, runlocal, base."""
   arg = config_lib.parse_arg(
       arg, ir=100, schedule="syn_to_real", loss="ce",
-      sd=config_lib.SDXL_REFINER, runlocal=False, base=False)
+      sd=common.SDXL_REFINER, runlocal=False, base=False)
   c = config_lib.base_config()
   c.data.name = "cifar100_lt"
   c.data.prepare = True  # downloads CIFAR-100 (160 MB) into data.data_dir on first use
@@ -32,15 +33,15 @@ def get_config(arg=None):
   c.data.image_size = 32
 
   c.prompts.templates = ("a photo of a {c}", "a blurry photo of a {c}", "a {c} in a natural scene")
-  config_lib.paper_longtail_recipe(c, model="resnet32", loss=arg.loss, schedule=arg.schedule)
-  config_lib.reference_generator(c, arg.sd)
+  common.paper_longtail_recipe(c, model="resnet32", loss=arg.loss, schedule=arg.schedule)
+  common.reference_generator(c, arg.sd)
   c.diffusion.resolution = 512  # 32x32 inputs: too small for the UNet's down-sampling
   c.diffusion.source_upsample = 128
   c.curriculum.levels = (0.5, 0.6, 0.7, 0.8, 0.9)
   c.train.require_init_checkpoint = True  # docs/design.md §6: DisCL fine-tunes a long-tail base
-  config_lib.reference_augmentation(c)
+  common.reference_augmentation(c)
   if arg.base:
-    config_lib.reference_base_recipe(c)
+    common.reference_base_recipe(c)
     # LDMLR's CIFAR-100-LT recipe, as its released checkpoint's metadata records it (read by
     # the issue #22 audit): SGD 0.1, wd 5e-4, x0.1 at epochs 100 and 150, 200 epochs,
     # mixup 0.5, batch 64; momentum, Nesterov and the 5 warm-up epochs stay the ImageNet-LT
@@ -50,6 +51,6 @@ def get_config(arg=None):
   c.curriculum.tail_fill = "pooled"  # the reference's one tail pool (docs/design.md §6)
 
   if arg.runlocal:
-    config_lib.smoke_sized(c)
+    common.smoke_sized(c)
     c.data.max_per_class = 50
   return c

@@ -10,6 +10,7 @@ variant trains (real data only, from scratch).
 """
 
 from discl_jax import config as config_lib
+from discl_jax.configs import common
 from discl_jax import digit_models
 
 
@@ -59,5 +60,5 @@ def get_config(arg=None):
     c.curriculum.schedule = "none"
 
   if arg.runlocal:
-    config_lib.smoke_sized(c)
+    common.smoke_sized(c)
   return c

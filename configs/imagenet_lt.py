@@ -16,13 +16,14 @@
 """ImageNet-LT (file lists) with ResNet-10, Adam 1e-3, 65 epochs (syn_to_real: 14/15/15/17 + 4)."""
 
 from discl_jax import config as config_lib
+from discl_jax.configs import common
 
 
 def get_config(arg=None):
   """Returns the ImageNet-LT ConfigDict; arg: schedule, loss, sd, runlocal, base."""
   arg = config_lib.parse_arg(
       arg, schedule="syn_to_real", loss="ce",
-      sd=config_lib.SDXL_REFINER, runlocal=False, base=False)
+      sd=common.SDXL_REFINER, runlocal=False, base=False)
   c = config_lib.base_config()
   c.data.name = "imagenet_lt"
   c.data.image_size = 224
@@ -33,13 +34,13 @@ def get_config(arg=None):
   # JSON {class name: [descriptions]}: the reference's LLM-written scene descriptions.
   c.prompts.descriptions_file = "prompts/imagenet_lt_descriptions.json"
   c.prompts.description_format = "a 8k real photo: {d}"
-  config_lib.paper_longtail_recipe(c, model="resnet10", loss=arg.loss, schedule=arg.schedule)
-  config_lib.reference_generator(c, arg.sd)
+  common.paper_longtail_recipe(c, model="resnet10", loss=arg.loss, schedule=arg.schedule)
+  common.reference_generator(c, arg.sd)
   c.train.require_init_checkpoint = True  # docs/design.md §6: DisCL fine-tunes a long-tail base
   if arg.base:
-    config_lib.reference_base_recipe(c)
+    common.reference_base_recipe(c)
   c.curriculum.tail_fill = "pooled"  # the reference's one tail pool (docs/design.md §6)
-  config_lib.reference_augmentation(c)
+  common.reference_augmentation(c)
   c.score.regenerate = True  # the reference's CLIP-guided retry, up to 5 attempts
   c.score.max_regenerations = 5
   if c.curriculum.schedule == "syn_to_real":
@@ -49,5 +50,5 @@ def get_config(arg=None):
     c.curriculum.stage_epochs = (14, 15, 15, 17)
 
   if arg.runlocal:
-    config_lib.smoke_sized(c)
+    common.smoke_sized(c)
   return c

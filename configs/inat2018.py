@@ -3,6 +3,7 @@
 """iNaturalist 2018 (TFDS i_naturalist2018) with ResNet-50 and a DisCL curriculum."""
 
 from discl_jax import config as config_lib
+from discl_jax.configs import common
 
 
 def get_config(arg=None):
@@ -15,7 +16,7 @@ def get_config(arg=None):
   c.data.val_per_class = 1
   c.data.image_size = 224
   c.data.num_workers = 8
-  config_lib.reference_augmentation(c)
+  common.reference_augmentation(c)
 
   c.prompts.templates = ("a photo of a {c}", "a {c} in the wild")
   c.diffusion.model = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -31,5 +32,5 @@ def get_config(arg=None):
   c.curriculum.curriculum_epochs = 80
 
   if arg.runlocal:
-    config_lib.smoke_sized(c)
+    common.smoke_sized(c)
   return c

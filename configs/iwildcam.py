@@ -15,11 +15,12 @@
 """iWildCam with FLYP-style CLIP fine-tuning and the adaptive (DoCL-style) curriculum."""
 
 from discl_jax import config as config_lib
+from discl_jax.configs import common
 
 
 def get_config(arg=None):
   """Returns the iWildCam ConfigDict; arg: schedule, sd, runlocal."""
-  arg = config_lib.parse_arg(arg, schedule="adaptive", sd=config_lib.SDXL_REFINER, runlocal=False)
+  arg = config_lib.parse_arg(arg, schedule="adaptive", sd=common.SDXL_REFINER, runlocal=False)
   c = config_lib.base_config()
   c.data.name = "iwildcam"
   c.data.image_size = 224
@@ -30,7 +31,7 @@ def get_config(arg=None):
   c.prompts.templates = ("a photo of {c} in the wild",)
   # The reference's generator (SDXL refiner 1.0; :sd= swaps it), every image resized to
   # 480x270 first and run at 480x264 (rounded down to a multiple of 8).
-  config_lib.reference_generator(c, arg.sd)
+  common.reference_generator(c, arg.sd)
   c.diffusion.source_size = (480, 270)
   # The reference kept image guidance >= 0.5 for iWildCam.
   c.diffusion.strengths = (0.1, 0.2, 0.3, 0.4, 0.5)
@@ -66,5 +67,5 @@ def get_config(arg=None):
   c.curriculum.val_sources = 2_000
 
   if arg.runlocal:
-    config_lib.smoke_sized(c)
+    common.smoke_sized(c)
   return c

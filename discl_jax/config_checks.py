@@ -1,46 +1,50 @@
-"""Every enum, range and input path of a config, checked once before the first stage.
+"""Every key, enum, range and input path of a config, checked once before the first stage.
 
-`check_values(config)` raises one ValueError listing every bad value, with a
+`validate(config)` rejects a key the schema (`config.base_config`) does not
+know, naming it, then `check_values(config)` raises one ValueError listing every bad value, with a
 "did you mean" suggestion for a near-miss enum value; `check_inputs(config,
 stages)` raises one FileNotFoundError naming every missing file or folder the
 chosen stages read. A typo fails in seconds, not hours later in the stage
 that reads the key.
 
 Adding a key: an enum is one line in `enums()`, `"section.key": VALUES`, with
-the tuple imported from the module that interprets the key (so a value added
+the tuple imported from the module that implements the values (so a value added
 there is accepted here without an edit); a number range is one line in
 `RANGES`. Keys a config does not have are skipped.
 """
 
-import difflib
 import math
 import pathlib
 
+import ml_collections
+
+from discl_jax import config as config_lib
 from discl_jax import hub
+from discl_jax.curriculum import sampling
+from discl_jax.curriculum import state as curriculum_state
 from discl_jax.data import class_names
+from discl_jax.data import datasets
+from discl_jax.data import filelists
+from discl_jax.diffusion import attention as diffusion_attention
+from discl_jax.diffusion import models as diffusion_models
+from discl_jax.diffusion import prompts
+from discl_jax.diffusion import schedules
+from discl_jax.evaluation import metrics
+from discl_jax.models import resnet
+from discl_jax.scoring import clip
+from discl_jax.train import clip_trainer
+from discl_jax.train import hardness
+from discl_jax.train import losses
+from discl_jax.train import optim
 
 
 def enums():
-  """Returns {dotted key: tuple of allowed values}, each from the module that owns it."""
-  # pylint: disable=g-import-not-at-top  (heavy modules, imported when checking)
-  from discl_jax.curriculum import state as curriculum_state
-  from discl_jax.data import datasets
-  from discl_jax.data import filelists
-  from discl_jax.diffusion import attention as diffusion_attention
-  from discl_jax.diffusion import models as diffusion_models
-  from discl_jax.diffusion import prompts
-  from discl_jax.diffusion import schedules
-  from discl_jax.models import resnet
-  from discl_jax.scoring import clip
-  from discl_jax.stages import hard_stage
-  from discl_jax.train import losses
-  from discl_jax.train import loop
-  from discl_jax.train import optim
+  """Returns {dotted key: tuple of allowed values}, each from the module that implements them."""
   return {
       "data.name": datasets.NAMES,
       "data.on_bad_image": filelists.ON_BAD_IMAGE,
       "data.verify_images": filelists.VERIFY,
-      "hard.rule": tuple(hard_stage.RULES),
+      "hard.rule": hardness.RULES,
       "prompts.source": prompts.SOURCES,
       "prompts.choice": prompts.CHOICES,
       "diffusion.dtype": diffusion_models.DTYPES,
@@ -48,19 +52,39 @@ def enums():
       "diffusion.scheduler": schedules.KINDS,
       "diffusion.attention": diffusion_attention.IMPLEMENTATIONS,
       "score.dtype": tuple(clip.DTYPES),
-      "train.model": tuple(resnet.MODELS) + (CLIP_MODEL,),
-      "train.loss": losses.LOSSES + (FLYP_LOSS,),
+      "train.model": tuple(resnet.MODELS) + (clip_trainer.MODEL,),
+      "train.loss": losses.LOSSES + (clip_trainer.LOSS,),
       "train.optimizer": optim.OPTIMIZERS,
       "train.lr_schedule": optim.LR_SCHEDULES,
       "curriculum.schedule": curriculum_state.SCHEDULES,
       "curriculum.signal": curriculum_state.SIGNALS,
       "curriculum.tail_fill": curriculum_state.TAIL_FILLS,
-      "eval.select_metric": loop.SELECT_METRICS,
+      "eval.select_metric": metrics.SELECT_METRICS,
   }
 
 
-CLIP_MODEL = "clip"  # train.model: FLYP fine-tuning of a CLIP (train/clip_trainer.py)
-FLYP_LOSS = "flyp"   # train.loss of train.model="clip"
+def validate(config):
+  """Returns `config` after checking every key against `base_config()` and every value.
+
+  Raises KeyError naming the first unknown key by its full dotted path, and
+  ValueError listing every enum value, range or rule a value breaks
+  (`check_values`).
+  """
+  _check_keys(config, config_lib.base_config(), prefix="")
+  return check_values(config)
+
+
+def _check_keys(config, schema, prefix):
+  for key in config.keys():
+    path = f"{prefix}{key}"
+    if key not in schema:
+      raise KeyError(
+          f"unknown config key {path!r}{config_lib.suggestion(key, schema.keys())}; "
+          f"valid keys here: {sorted(schema.keys())}")
+    if isinstance(schema[key], ml_collections.ConfigDict):
+      if not isinstance(config[key], ml_collections.ConfigDict):
+        raise TypeError(f"config key {path!r} must be a section, got {config[key]!r}")
+      _check_keys(config[key], schema[key], prefix=path + ".")
 
 
 class Range:
@@ -170,18 +194,12 @@ def get(config, dotted):
   return node
 
 
-def suggestion(value, allowed):
-  """Returns " (did you mean 'x'?)" for the allowed value closest to `value`, or ""."""
-  close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.6)
-  return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def enum_error(key, value, allowed):
   """Returns the message for `key`=`value` outside `allowed`, or None when it is allowed."""
   if value in allowed:
     return None
   return (f"{key}={value!r} is not one of {', '.join(map(str, allowed))}"
-          f"{suggestion(value, allowed)}")
+          f"{config_lib.suggestion(value, allowed)}")
 
 
 def range_error(key, value, allowed):
@@ -198,7 +216,7 @@ def range_error(key, value, allowed):
 def _rule_errors(config):
   """Yields the messages of rules that tie several keys together."""
   model, loss = get(config, "train.model"), get(config, "train.loss")
-  if (model == CLIP_MODEL) != (loss == FLYP_LOSS) and _MISSING not in (model, loss):
+  if (model == clip_trainer.MODEL) != (loss == clip_trainer.LOSS) and _MISSING not in (model, loss):
     yield (f"train.model={model!r} with train.loss={loss!r}: train.model='clip' trains "
            f"with train.loss='flyp' and train.loss='flyp' needs train.model='clip'")
   splits = get(config, "eval.splits")
@@ -208,7 +226,7 @@ def _rule_errors(config):
   elif select is not _MISSING and splits is not _MISSING:
     if select not in splits:
       yield (f"eval.select_split={select!r} is not one of eval.splits={tuple(splits)}"
-             f"{suggestion(select, splits)}")
+             f"{config_lib.suggestion(select, splits)}")
     elif "test" in select:
       yield (f"eval.select_split={select!r}: the best epoch is chosen on a validation "
              "split, never on a test split")
@@ -231,7 +249,6 @@ def _rule_errors(config):
 
 
 def _prompt_errors(config):
-  from discl_jax.diffusion import prompts  # pylint: disable=g-import-not-at-top
   source = get(config, "prompts.source")
   if source == "templates":
     try:
@@ -256,7 +273,6 @@ def _prompt_errors(config):
 def _protocol_errors(config):
   """Yields the messages of the crop range, the epoch plan and the evaluate-only run (epochs=0:
   the ResNet of train.init_checkpoint, or the CLIP as loaded for train.model='clip')."""
-  from discl_jax.curriculum import state as curriculum_state  # pylint: disable=g-import-not-at-top
   crop = get(config, "data.crop_scale")
   if isinstance(crop, (list, tuple)) and (len(crop) != 2 or crop[0] > crop[1]):
     yield f"data.crop_scale={tuple(crop)} must be (low, high) with low <= high"
@@ -268,7 +284,7 @@ def _protocol_errors(config):
     except ValueError as e:
       yield str(e)
   if get(config, "train.epochs") == 0:
-    if not get(config, "train.init_checkpoint") and get(config, "train.model") != CLIP_MODEL:
+    if not get(config, "train.init_checkpoint") and get(config, "train.model") != clip_trainer.MODEL:
       yield "train.epochs=0 evaluates train.init_checkpoint as it is; set train.init_checkpoint"
     if get(config, "curriculum.schedule") != "none":
       yield ("train.epochs=0 evaluates train.init_checkpoint without training; set "
@@ -304,9 +320,6 @@ def level_errors(config):
   A level is image guidance lambda = 1 - strength; `text_only` trains on
   lambda 0 (strength 1.0); `none` and `resample` read no spectrum.
   """
-  # pylint: disable=g-import-not-at-top  (heavy modules, imported when checking)
-  from discl_jax.curriculum import sampling
-  from discl_jax.curriculum import state as curriculum_state
   schedule = config.curriculum.schedule
   if schedule in curriculum_state.REAL_ONLY_SCHEDULES:
     return []
@@ -418,7 +431,7 @@ def inputs(config, stages):
   models = []
   if "generate" in stages and not config.diffusion.tiny:
     models.append(("diffusion.model", config.diffusion.model))
-  uses_clip = (config.train.model == CLIP_MODEL and stages & {"train", "eval"}) or (
+  uses_clip = (config.train.model == clip_trainer.MODEL and stages & {"train", "eval"}) or (
       config.hard.rule == "misclassified" and not config.hard.classes and "hard" in stages)
   if uses_clip:
     models.append(("train.clip_model", config.train.clip_model))

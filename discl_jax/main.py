@@ -34,6 +34,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from discl_jax import config as config_lib
+from discl_jax import config_checks
 from discl_jax import host_devices
 from discl_jax import hub
 from discl_jax import parallel
@@ -99,7 +100,7 @@ def main(argv):
   names = stages.ORDER if _STAGE.value == "all" else (_STAGE.value,)
   try:
     try:
-      config = config_lib.validate(_CONFIG.value)
+      config = config_checks.validate(_CONFIG.value)
     except (KeyError, TypeError, ValueError) as e:
       filename = config_flags.get_config_filename(flags.FLAGS["config"])
       raise type(e)(f"bad config {filename!r}: {e.args[0] if e.args else e}") from e

@@ -39,6 +39,7 @@ from absl import logging
 
 import table_runs
 from discl_jax import config as config_lib
+from discl_jax import config_checks
 from discl_jax import pipeline
 from discl_jax import workdir as wd
 
@@ -113,7 +114,7 @@ def base_train_config(protocol):
   """Returns the config of the base run (`--base=train`): the `:base` variant, seed of the first."""
   c = _load(protocol, "base")
   c.seed = protocol["seeds"][0]
-  return config_lib.validate(c)
+  return config_checks.validate(c)
 
 
 def run_config(protocol, method, seed, base, spectrum_dir=None):
@@ -126,7 +127,7 @@ def run_config(protocol, method, seed, base, spectrum_dir=None):
     c.train.epochs = 0
   if spectrum_dir is not None and schedule == "syn_to_real":
     c.data.spectrum_dir = str((pathlib.Path(spectrum_dir) / wd.SPECTRUM).resolve())
-  return config_lib.validate(c)
+  return config_checks.validate(c)
 
 
 def run_figures(run_dir):

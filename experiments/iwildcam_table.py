@@ -33,6 +33,7 @@ from absl import logging
 
 import table_runs
 from discl_jax import config as config_lib
+from discl_jax import config_checks
 from discl_jax import host_devices
 from discl_jax import pipeline
 from discl_jax import workdir as wd
@@ -81,7 +82,7 @@ def run_config(protocol, schedule, seed, model_checkpoint=""):
   c.seed = seed
   c.curriculum.schedule = schedule
   c.hard.model_checkpoint = str(model_checkpoint)
-  return config_lib.validate(c)
+  return config_checks.validate(c)
 
 
 def link_spectrum(spectrum_dir, run_dir):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from discl_jax import config as config_lib
+from discl_jax import config_checks
 from discl_jax.diffusion import attention
 from discl_jax.diffusion import sampler
 from discl_jax.diffusion import spectrum_run
@@ -158,7 +159,7 @@ def test_bad_config_value_suggests_the_near_miss():
   config.diffusion.attention = "chunkd"
   with pytest.raises(ValueError, match=r"diffusion.attention='chunkd' is not one of "
                      r".*did you mean 'chunked'"):
-    config_lib.validate(config)
+    config_checks.validate(config)
 
 
 def test_tiny_unet_chunked_matches_xla(monkeypatch):

@@ -8,6 +8,7 @@ import ml_collections
 import pytest
 
 from discl_jax import config as config_lib
+from discl_jax import config_checks
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
@@ -24,7 +25,7 @@ def load_config_file(name, arg=None):
 ])
 def test_every_config_file_validates(name, arg):
   config = load_config_file(name, arg)
-  assert config_lib.validate(config) is config
+  assert config_checks.validate(config) is config
 
 
 def test_cifar_variant_arguments_reach_the_config():
@@ -44,14 +45,14 @@ def test_unknown_key_in_a_config_names_its_path():
   config = config_lib.base_config()
   config.train.lerning_rate = 0.1
   with pytest.raises(KeyError, match="train.lerning_rate.*did you mean 'learning_rate'"):
-    config_lib.validate(config)
+    config_checks.validate(config)
 
 
 def test_unknown_section_names_it():
   config = config_lib.base_config()
   config.trian = ml_collections.ConfigDict({"epochs": 3})
   with pytest.raises(KeyError, match="'trian'"):
-    config_lib.validate(config)
+    config_checks.validate(config)
 
 
 def test_parse_arg_types_and_unknown_names():

@@ -38,7 +38,7 @@ def test_every_enum_family_is_checked_with_a_suggestion(key, typo, suggested):
   section, name = key.split(".")
   config[section][name] = typo
   with pytest.raises(ValueError, match=rf"{key}='{typo}' is not one of .*did you mean '{suggested}'"):
-    config_lib.validate(config)
+    config_checks.validate(config)
 
 
 @pytest.mark.parametrize("key,value,words", [
@@ -64,7 +64,7 @@ def test_ranges_are_checked(key, value, words):
   section, name = key.split(".")
   config[section][name] = value
   with pytest.raises(ValueError, match=rf"{key}=.*{words}"):
-    config_lib.validate(config)
+    config_checks.validate(config)
 
 
 def test_rules_across_keys_and_every_error_at_once():
@@ -75,7 +75,7 @@ def test_rules_across_keys_and_every_error_at_once():
   config.score.text_template = "a photo"
   config.train.epochs = 0
   with pytest.raises(ValueError) as info:
-    config_lib.validate(config)
+    config_checks.validate(config)
   message = str(info.value)
   for part in ("train.loss='flyp'", "never on a test split", "must contain '{c}'",
                "train.epochs=0"):

@@ -19,6 +19,7 @@ from discl_jax import config as config_lib
 from discl_jax import config_checks
 from discl_jax import hub
 from discl_jax import stages as stages_lib
+from discl_jax.configs import common
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LISTINGS = pathlib.Path(__file__).parent / "data" / "hub_listings"
@@ -130,7 +131,7 @@ def test_configured_models_agree_with_the_input_check():
 def test_iwildcam_needs_three_hub_models():
   config = config_lib.load_file(REPO / "configs" / "iwildcam.py")
   assert hub.configured_models(config, stages_lib.ORDER) == [
-      ("diffusion.model", config_lib.SDXL_REFINER),
+      ("diffusion.model", common.SDXL_REFINER),
       ("train.clip_model", "openai/clip-vit-base-patch16"),
       ("score.model", "openai/clip-vit-base-patch32")]
 

@@ -15,11 +15,11 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 _CHECK = """
 import pathlib, sys
 import discl_jax
-from discl_jax import config as config_lib, shipped_configs
+from discl_jax import config as config_lib, config_checks, shipped_configs
 assert "site" in discl_jax.__file__, discl_jax.__file__
 spec = shipped_configs.resolve("demo:runlocal")
 file, _, arg = spec.partition(":")
-config = config_lib.validate(config_lib.load_file(file, arg))
+config = config_checks.validate(config_lib.load_file(file, arg))
 assert config.train.epochs == 2 and pathlib.Path(config.diffusion.model).is_dir()
 print("OK", spec)
 """

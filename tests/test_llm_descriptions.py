@@ -11,6 +11,7 @@ import threading
 import pytest
 
 from discl_jax import config as config_lib
+from discl_jax import config_checks
 from discl_jax import pipeline
 from discl_jax import provenance
 from discl_jax import workdir as wd
@@ -167,7 +168,7 @@ def test_llm_keys_are_checked_before_any_stage():
   config.prompts.update(source="llm", llm_base_url="127.0.0.1:8000/v1", llm_model="",
                         llm_descriptions=0)
   with pytest.raises(ValueError) as e:
-    config_lib.validate(config)
+    config_checks.validate(config)
   for part in ("prompts.llm_base_url='127.0.0.1:8000/v1' must be an http:// or https:// URL",
                "prompts.source='llm' needs prompts.llm_model",
                "prompts.llm_descriptions=0 must be an integer >= 1"):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from discl_jax import config as config_lib
+from discl_jax import config_checks
 from discl_jax import workdir as wd
 from discl_jax.curriculum import CurriculumSpec, plan_epoch
 from discl_jax.data import transforms
@@ -19,7 +20,7 @@ GROUPS = np.array(["many", "medium", "few", "few"])
 
 
 def _config(name, arg=None):
-  return config_lib.validate(config_lib.load_file(ROOT / "configs" / f"{name}.py", arg))
+  return config_checks.validate(config_lib.load_file(ROOT / "configs" / f"{name}.py", arg))
 
 
 def _train_and_rows(levels):
@@ -58,12 +59,12 @@ def test_equal_stages_without_stage_epochs_and_bad_stage_epochs_are_refused():
   config.curriculum.stage_epochs = (14, 15, 15)
   with pytest.raises(ValueError, match=r"curriculum.stage_epochs=\(14, 15, 15\) has 3 entries; "
                                        r".*has 4 stages"):
-    config_lib.validate(config)
+    config_checks.validate(config)
   config.curriculum.stage_epochs = (14, 15, 15, 16)
   with pytest.raises(ValueError, match="sums to 60, not curriculum.curriculum_epochs=61"):
-    config_lib.validate(config)
+    config_checks.validate(config)
   config.curriculum.schedule = "none"  # a schedule without stages does not use the key
-  assert config_lib.validate(config).curriculum.stage_epochs == (14, 15, 15, 16)
+  assert config_checks.validate(config).curriculum.stage_epochs == (14, 15, 15, 16)
 
 
 @pytest.mark.parametrize("name", ["imagenet_lt", "cifar100_lt", "inat2018"])
@@ -125,4 +126,4 @@ def test_epochs_zero_reports_the_shipped_base_classifier_as_it_is(tmp_path):
   config.train.update(epochs=0, init_checkpoint="")
   with pytest.raises(ValueError, match="train.epochs=0 evaluates train.init_checkpoint as it is; "
                                        "set train.init_checkpoint.*set curriculum.schedule='none'"):
-    config_lib.validate(config)
+    config_checks.validate(config)

@@ -240,8 +240,10 @@ def test_imagenet_lt_runlocal_with_tiny_refiner(tmp_path, tmp_path_factory):
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from discl_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from discl_jax import config_checks  # pylint: disable=g-import-not-at-top
   from discl_jax import pipeline  # pylint: disable=g-import-not-at-top
   from discl_jax import workdir as wd  # pylint: disable=g-import-not-at-top
+  from discl_jax.configs import common  # pylint: disable=g-import-not-at-top
   from discl_jax.data import spectrum_store  # pylint: disable=g-import-not-at-top
   root, lists = tmp_path / "images", {}
   rng = np.random.default_rng(0)
@@ -260,7 +262,7 @@ def test_imagenet_lt_runlocal_with_tiny_refiner(tmp_path, tmp_path_factory):
   (tmp_path / "descriptions.json").write_text(json.dumps(
       {"tench": ["a photo of the wild"], "goldfish": ["a real photo in the wild"]}))
   c = config_lib.load_file("configs/imagenet_lt.py", "runlocal")
-  assert c.diffusion.model == config_lib.SDXL_REFINER and c.diffusion.resolution == 0
+  assert c.diffusion.model == common.SDXL_REFINER and c.diffusion.resolution == 0
   c.data.root, c.data.num_workers = str(root), 0
   c.data.train_list, c.data.val_list, c.data.test_list = (str(lists[s]) for s in ("train", "val", "test"))
   c.data.class_names_file = str(tmp_path / "classnames.txt")
@@ -269,7 +271,7 @@ def test_imagenet_lt_runlocal_with_tiny_refiner(tmp_path, tmp_path_factory):
   c.diffusion.dtype, c.diffusion.strengths, c.diffusion.grid_sources = "float32", (0.5, 1.0), 1
   c.diffusion.num_inference_steps, c.diffusion.slots = STEPS, len(STRENGTHS)
   c.score.model, c.score.tiny, c.score.batch_size = "", True, 8
-  config_lib.validate(c)
+  config_checks.validate(c)
   workdir = tmp_path / "wd"
   pipeline.run_stages(c, str(workdir), ("hard", "prompts", "generate", "score"))
   rows = spectrum_store.SpectrumStore(wd.path(str(workdir), wd.SPECTRUM)).rows()

@@ -7,6 +7,8 @@ A group with no evaluation images has accuracy NaN.
 import numpy as np
 
 GROUPS = ("many", "medium", "few")
+# eval.select_metric: the metrics `split_metrics` reports that the best epoch may be chosen on.
+SELECT_METRICS = ("all", "macro_f1") + GROUPS
 
 
 def _as_ints(preds, labels):

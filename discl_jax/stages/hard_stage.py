@@ -106,7 +106,7 @@ def misclassified(config, splits, workdir):
   return np.flatnonzero(selection.mask), "misclassified", extra, figures
 
 
-RULES = {"few_classes": few_classes, "misclassified": misclassified}
+RULES = dict(zip(hardness.RULES, (few_classes, misclassified)))  # hard.rule -> its function
 
 
 def listed_classes(class_names, wanted, key="hard.classes"):

@@ -36,6 +36,9 @@ from discl_jax.scoring import clip as clip_lib
 from discl_jax.train import flyp
 from discl_jax.train import optim
 
+MODEL = "clip"  # train.model: FLYP fine-tuning of a CLIP (this trainer)
+LOSS = "flyp"   # train.loss of train.model=MODEL
+
 
 def clip_model_path(config, workdir):
   """Returns the CLIP to fine-tune: train.clip_model, score.model, or the workdir's tiny CLIP."""
@@ -51,7 +54,7 @@ class ClipTrainer:
     self.config = config
     self.mesh = mesh
     tc = config.train
-    if tc.loss != "flyp":
+    if tc.loss != LOSS:
       raise ValueError(f"train.model='clip' trains with train.loss='flyp', got {tc.loss!r}")
     _, self.eval_batch = parallel.batch_sizes(tc.batch_size, config.eval.batch_size, mesh)
     alpha = float(tc.wise_ft_alpha)

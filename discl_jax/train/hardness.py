@@ -15,6 +15,10 @@ import dataclasses
 
 import numpy as np
 
+# hard.rule: the rules `stages/hard_stage` applies (every class of the Few split, or the
+# train images a CLIP misclassifies).
+RULES = ("few_classes", "misclassified")
+
 
 @dataclasses.dataclass(frozen=True)
 class HardSelection:

@@ -28,7 +28,6 @@ import jax
 import numpy as np
 from absl import logging
 
-from discl_jax import config as config_lib
 from discl_jax import parallel
 from discl_jax import progress
 from discl_jax import provenance
@@ -53,7 +52,6 @@ from discl_jax.train import optim
 from discl_jax.train import state as state_lib
 from discl_jax.train import steps as steps_lib
 
-SELECT_METRICS = ("all", "macro_f1", "many", "medium", "few")
 _SEGMENT_SEEDS = 1_000_000  # a stream segment's loader seed: epoch * this + its first batch
 
 
@@ -165,7 +163,7 @@ def load_data(config, workdir):
   spec = curriculum.CurriculumSpec.from_config(
       config.curriculum, train=train, groups=groups, synthetic_rows=rows,
       seed=config.seed, hard_ids=hard_ids,
-      rows_per_image=len(config.train.clip_templates) if config.train.model == "clip" else 1)
+      rows_per_image=len(config.train.clip_templates) if config.train.model == clip_trainer.MODEL else 1)
   return Data(train=train, eval_splits={name: splits[name] for name in eval_names},
               synthetic=synthetic, groups=groups, spec=spec,
               accepted_ids=tuple(str(row["job_id"]) for row in rows))
@@ -193,9 +191,9 @@ def check_eval_splits(eval_config, splits, data_name="data"):
   if "test" in select:
     raise ValueError(f"eval.select_split={select!r}: the best epoch is chosen on a "
                      "validation split, never on a test split")
-  if eval_config.select_metric not in SELECT_METRICS:
+  if eval_config.select_metric not in metrics_lib.SELECT_METRICS:
     raise ValueError(f"eval.select_metric={eval_config.select_metric!r}; "
-                     f"valid: {', '.join(SELECT_METRICS)}")
+                     f"valid: {', '.join(metrics_lib.SELECT_METRICS)}")
   return names
 
 
@@ -248,11 +246,11 @@ class Trainer:
 
 def make_trainer(config, data, mesh, workdir):
   """Returns the trainer `train.model` asks for: ClipTrainer for "clip", else Trainer."""
-  if config.train.model == "clip":
+  if config.train.model == clip_trainer.MODEL:
     if config.train.mixup_alpha > 0:
       raise ValueError("train.mixup_alpha > 0 needs a ResNet train.model; FLYP ('clip') has no mixup")
     return clip_trainer.ClipTrainer(config, data.train.class_names, mesh, workdir)
-  if config.train.loss == "flyp":
+  if config.train.loss == clip_trainer.LOSS:
     raise ValueError(f"train.loss='flyp' needs train.model='clip', got {config.train.model!r}")
   return Trainer(config, data.train.class_counts(), mesh)
 
@@ -286,7 +284,6 @@ def train_and_evaluate(config, workdir):
   multi-host preemption notice) after saving a mid-epoch checkpoint. With
   `train.epochs=0` it evaluates `train.init_checkpoint` as it is (`evaluate_as_is`).
   """
-  config = config_lib.validate(config)
   workdir = pathlib.Path(workdir)
   tc = config.train
   mesh = parallel.make_mesh(config.mesh.shape)
