@@ -14,7 +14,6 @@ from discl_jax import provenance
 from discl_jax import stages
 from discl_jax import workdir as wd
 from discl_jax.data import spectrum_store
-from discl_jax.diffusion import jobs
 from discl_jax.stages import hard_stage
 from discl_jax.train import loop
 
@@ -128,10 +127,9 @@ def check_recorded(config, workdir, names):
     if not target.exists():
       continue  # a fresh output
     if name == "generate":
-      provenance.check_unchanged(target, jobs.generation_fingerprint(config),
-                                 what=f"generate: {spectrum}", outputs=[spectrum], recorded=None)
-      continue
-    if name == "hard":
+      current = provenance.fingerprint(config, "generate")
+      outputs = [spectrum]
+    elif name == "hard":
       current = provenance.fingerprint(config, "hard")
       outputs = [wd.path(workdir, wd.HARD), wd.path(workdir, wd.HARD_SUMMARY)]
     elif name == "prompts":

@@ -21,7 +21,6 @@ import ml_collections
 
 from discl_jax import seeding
 from discl_jax import workdir as wd
-from discl_jax.curriculum import state as curriculum_state
 
 UNSET = "<unset>"
 
@@ -105,6 +104,22 @@ def read_record(target):
                      "output to start fresh") from e
 
 
+def recorded_fingerprint(record):
+  """Returns the fingerprint of provenance `record`; {} for None.
+
+  A spectrum/generation.json written before generate used `check` holds the
+  bare fingerprint (no "fingerprint" field): it is returned as it is.
+  """
+  if record is None:
+    return {}
+  return record["fingerprint"] if "fingerprint" in record else record
+
+
+def stored_fingerprint(target):
+  """Returns the fingerprint recorded at provenance file `target` (either format), or {}."""
+  return recorded_fingerprint(read_record(target))
+
+
 def check(target, fingerprint, *, what, outputs, config=None, write=None):
   """Records `fingerprint` (and `config`) at `target` on first use; returns True if it did.
 
@@ -115,7 +130,7 @@ def check(target, fingerprint, *, what, outputs, config=None, write=None):
   current = canonical(fingerprint)
   stored = read_record(target)
   if stored is not None:
-    differing = differences(stored.get("fingerprint", {}), current)
+    differing = differences(recorded_fingerprint(stored), current)
     if differing:
       raise ValueError(mismatch_message(what, target, differing, outputs))
     return False
@@ -127,20 +142,18 @@ def check(target, fingerprint, *, what, outputs, config=None, write=None):
   return True
 
 
-def check_unchanged(target, fingerprint, *, what, outputs, recorded="fingerprint"):
+def check_unchanged(target, fingerprint, *, what, outputs):
   """Returns None; raises ValueError (as `check` would) when `target` records other values
   for the keys of `fingerprint`.
 
-  For checking a stage before any stage runs: `fingerprint` may be the part
-  of the stage's fingerprint the config alone decides, so only its keys are
-  compared. `recorded` is the record's field holding the fingerprint (None:
-  the whole record, as spectrum/generation.json).
+  For checking a stage before any stage runs (or before its model loads):
+  `fingerprint` may be the part of the stage's fingerprint the config alone
+  decides, so only its keys are compared.
   """
   stored = read_record(target)
   if stored is None:
     return
-  if recorded is not None:
-    stored = stored.get(recorded, {})
+  stored = recorded_fingerprint(stored)
   keys = set(flatten(canonical(fingerprint)))
   differing = [d for d in differences(stored, fingerprint) if d[0] in keys]
   if differing:
@@ -196,14 +209,26 @@ def stored_config(target):
   return ml_collections.ConfigDict(record["config"])
 
 
-# The config keys each stage's output depends on (a section name takes all its keys);
-# `fingerprint` adds content hashes of the files a stage reads.
+# The one table of which stages' outputs a config key changes: per stage, (keys, excluded
+# keys); a section name takes all its keys. `fingerprint` adds the keys that count only
+# under some values and content hashes of the files a stage reads.
 _DATA_MOVABLE = ("data.num_workers", "data.augment", "data.verify_images", "data.on_bad_image",
                  "data.data_dir", "data.manual_dir", "data.root", "data.spectrum_dir")
 STAGE_KEYS = {
     "hard": (("hard", "data"), _DATA_MOVABLE),
     # The endpoint may move (a local server's port); the model and the answers count.
     "prompts": (("prompts",), ("prompts.descriptions_file", "prompts.llm_base_url")),
+    # The keys that change a job's image. Strengths and seeds_per_level (they add or leave
+    # out jobs: readers take only their config's jobs, `jobs.grid_rows`), slots and the mesh
+    # (outputs do not depend on batching) and data paths (source ids name the images) may
+    # change freely.
+    "generate": (("diffusion.model", "diffusion.tiny", "diffusion.tiny_family", "diffusion.dtype",
+                  "diffusion.scheduler", "diffusion.num_inference_steps",
+                  "diffusion.guidance_scale", "diffusion.negative_prompt",
+                  "diffusion.aesthetic_score", "diffusion.negative_aesthetic_score",
+                  "diffusion.source_size", "diffusion.resolution", "prompts.source",
+                  "prompts.templates", "prompts.description_format", "data.name",
+                  "data.tfds_name"), ()),
     "score": (("score.model", "score.tiny", "score.dtype", "score.text_template", "data.name",
                "data.tfds_name"), ()),
     # train.init_checkpoint counts by content (the loop adds its hash), not by path.
@@ -213,30 +238,32 @@ STAGE_KEYS = {
 }
 # hard.rule="misclassified" predicts with the CLIP FLYP fine-tunes.
 _MISCLASSIFIED_KEYS = ("train.clip_model", "train.clip_templates", "score.model", "score.tiny")
+# train of a schedule that reads the spectrum: the job grid and the regeneration attempts
+# pick the synthetic rows it reads (`jobs.grid_rows`, `acceptance.accepted_rows`).
+_SPECTRUM_READER_KEYS = ("diffusion.strengths", "diffusion.seeds_per_level", "score.regenerate")
 
 
-def fingerprint(config, stage, workdir=None):
-  """Returns {dotted key: value} that `stage`'s output depends on.
+def fingerprint(config, stage, workdir=None, *, reads_spectrum=False):
+  """Returns {dotted key: value} that `stage`'s output depends on (`STAGE_KEYS`).
 
-  "prompts" also counts workdir/hard.jsonl and the descriptions file by content
-  and the spectrum seed; "score" counts the class-names file by content (and
-  the spectrum seed for a tiny CLIP); "train" of a schedule that reads the
-  spectrum counts the job grid (`diffusion.strengths`, `seeds_per_level`) and
-  the regeneration attempts (`score.regenerate`, `max_regenerations`). The
-  train loop adds its own hashes (init checkpoint, accepted synthetic set, the
-  spectrum's fingerprints).
+  "generate": nested by section, as spectrum/generation.json holds it
+  (`generation_fingerprint`). "prompts" also counts workdir/hard.jsonl and the
+  descriptions file by content and the spectrum seed; "score" counts the
+  class-names file by content (and the spectrum seed for a tiny CLIP); "train"
+  with `reads_spectrum` (its schedule reads synthetic images) counts the job
+  grid and the regeneration attempts. The train loop adds its own hashes (init
+  checkpoint, accepted synthetic set, the spectrum's fingerprints).
   """
+  if stage == "generate":
+    return generation_fingerprint(config)
   keys, exclude = STAGE_KEYS[stage]
   out = select(config, keys, exclude)
   if stage == "hard" and config.hard.rule == "misclassified" and not config.hard.classes:
     out.update(select(config, _MISCLASSIFIED_KEYS))
   seed = seeding.generation_seed(config)
-  if stage == "train" and config.curriculum.schedule not in curriculum_state.REAL_ONLY_SCHEDULES:
-    # The job grid and the regeneration attempts pick the synthetic rows train reads
-    # (`jobs.grid_rows`, `acceptance.accepted_rows`).
+  if stage == "train" and reads_spectrum:
+    out.update(select(config, _SPECTRUM_READER_KEYS))
     out["diffusion.strengths"] = sorted(float(s) for s in config.diffusion.strengths)
-    out["diffusion.seeds_per_level"] = int(config.diffusion.seeds_per_level)
-    out["score.regenerate"] = bool(config.score.regenerate)
     if config.score.regenerate:
       out["score.max_regenerations"] = int(config.score.max_regenerations)
   if stage == "prompts":
@@ -249,6 +276,35 @@ def fingerprint(config, stage, workdir=None):
     if config.score.tiny:
       out["spectrum_seed"] = seed
   return out
+
+
+def generation_fingerprint(config):
+  """Returns {"seed", "diffusion": {...}, "prompts": {...}, "data": {...}}: the values that
+  determine each generated image (`STAGE_KEYS["generate"]`).
+
+  Keys added later are recorded only when set away from the value stores made
+  before them had, so older stores stay valid. A descriptions file counts by
+  its content (sha256), not its path.
+  """
+  flat = {"seed": seeding.generation_seed(config), **select(config, STAGE_KEYS["generate"][0])}
+  if config.diffusion.source_upsample:
+    flat["diffusion.source_upsample"] = config.diffusion.source_upsample
+  if config.prompts.choice != "per_image":
+    flat["prompts.choice"] = config.prompts.choice
+  if config.prompts.source == "llm":
+    flat.update(select(config, ("prompts.llm_model", "prompts.llm_descriptions")))
+  descriptions = ""
+  if config.prompts.source == "file":
+    path = pathlib.Path(config.prompts.descriptions_file)
+    if not path.is_file():
+      raise FileNotFoundError(f"prompts.descriptions_file not found: {str(path)!r}")
+    descriptions = sha256_file(path)
+  flat["prompts.descriptions_sha256"] = descriptions
+  nested = {}
+  for dotted, value in flat.items():
+    section, _, key = dotted.rpartition(".")
+    (nested.setdefault(section, {}) if section else nested)[key] = value
+  return nested
 
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "diffusers",

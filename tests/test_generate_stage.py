@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from discl_jax import config as config_lib
+from discl_jax import provenance
 from discl_jax import seeding
 from discl_jax import workdir as wd
 from discl_jax.data import datasets
@@ -149,14 +150,14 @@ def test_fingerprint_counts_description_file_content_not_path(tmp_path):
   config.prompts.source = "file"
   config.prompts.descriptions_file = str(tmp_path / "a.json")
   with pytest.raises(FileNotFoundError, match="a.json"):
-    jobs.generation_fingerprint(config)
+    provenance.generation_fingerprint(config)
   (tmp_path / "a.json").write_text('{"nine": ["a nine on a wall"]}')
   (tmp_path / "b.json").write_text('{"nine": ["a nine on a wall"]}')
-  first = jobs.generation_fingerprint(config)
+  first = provenance.generation_fingerprint(config)
   config.prompts.descriptions_file = str(tmp_path / "b.json")
-  assert jobs.generation_fingerprint(config) == first
+  assert provenance.generation_fingerprint(config) == first
   (tmp_path / "b.json").write_text('{"nine": ["a nine on a boat"]}')
-  assert jobs.generation_fingerprint(config) != first
+  assert provenance.generation_fingerprint(config) != first
 
 
 # --- generate: bad inputs ---------------------------------------------------------
@@ -312,7 +313,7 @@ def test_generate_refuses_a_store_from_another_generation_config(killed_then_res
     generate_stage.run(config, k["workdir"])
   config = make_config()
   config.diffusion.strengths = (0.5, 0.7, 1.0)  # more levels extend the store
-  assert jobs.generation_fingerprint(config) == jobs.generation_fingerprint(k["config"])
+  assert provenance.generation_fingerprint(config) == provenance.generation_fingerprint(k["config"])
 
 
 def test_spectrum_grid_has_real_column_and_one_per_level(killed_then_resumed):

@@ -11,10 +11,10 @@ from PIL import Image
 
 from discl_jax import config as config_lib
 from discl_jax import pipeline
+from discl_jax import provenance
 from discl_jax import workdir as wd
 from discl_jax.data import class_names as class_names_lib
 from discl_jax.data import upsample
-from discl_jax.diffusion import jobs
 from discl_jax.diffusion import prompts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -150,9 +150,9 @@ def test_cifar100_lt_follows_the_rebuttal_and_records_upsampling():
   c = config_lib.load_file(ROOT / "configs/cifar100_lt.py", "ir=100")
   assert c.diffusion.source_upsample == 128
   assert tuple(c.curriculum.levels) == (0.5, 0.6, 0.7, 0.8, 0.9)
-  assert jobs.generation_fingerprint(c)["diffusion"]["source_upsample"] == 128
+  assert provenance.generation_fingerprint(c)["diffusion"]["source_upsample"] == 128
   demo = config_lib.load_file(ROOT / "configs/demo.py")
-  assert "source_upsample" not in jobs.generation_fingerprint(demo)["diffusion"]
+  assert "source_upsample" not in provenance.generation_fingerprint(demo)["diffusion"]
 
 
 def test_tfds_class_names_file_replaces_wordnet_ids(tmp_path):

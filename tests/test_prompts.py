@@ -7,6 +7,7 @@ import ml_collections
 import pytest
 
 from discl_jax import config as config_lib
+from discl_jax import provenance
 from discl_jax import seeding
 from discl_jax import workdir as wd
 from discl_jax.diffusion import prompts
@@ -137,7 +138,6 @@ def test_prompts_document_per_seed_and_per_image():
 def test_demo_keeps_its_per_image_prompts_and_store():
   # The demo chooses per image, as before prompts.choice existed: its prompts and
   # its generation fingerprint (so its existing spectrum) are unchanged.
-  from discl_jax.diffusion import jobs  # pylint: disable=g-import-not-at-top
   demo = config_lib.load_file(ROOT / "configs" / "demo.py")
   assert demo.prompts.choice == "per_image"
   document = prompts.build_prompts(demo.prompts, HARD, seed=0, seeds_per_level=2)
@@ -145,17 +145,17 @@ def test_demo_keeps_its_per_image_prompts_and_store():
   for row in HARD[:6]:
     old = candidates[seeding.stable_hash("prompt", 0, "nine", row["source_id"]) % len(candidates)]
     assert document["sources"][row["source_id"]] == [old, old]
-  assert "choice" not in jobs.generation_fingerprint(demo)["prompts"]
+  assert "choice" not in provenance.generation_fingerprint(demo)["prompts"]
   demo.prompts.choice = "per_seed"
-  assert jobs.generation_fingerprint(demo)["prompts"]["choice"] == "per_seed"
+  assert provenance.generation_fingerprint(demo)["prompts"]["choice"] == "per_seed"
 
 
 def test_a_store_made_under_another_prompt_choice_is_refused(tmp_path):
   from discl_jax.data import spectrum_store  # pylint: disable=g-import-not-at-top
   from discl_jax.diffusion import jobs  # pylint: disable=g-import-not-at-top
   config = config_lib.load_file(ROOT / "configs" / "demo.py")
-  store = spectrum_store.SpectrumStore(tmp_path, 0, 1)
-  store.check_fingerprint(jobs.generation_fingerprint(config))
+  store = spectrum_store.SpectrumStore(tmp_path / "spectrum", 0, 1)
+  jobs.check_provenance(config, tmp_path, store)
   config.prompts.choice = "per_seed"
   with pytest.raises(ValueError, match=r"prompts\.choice is 'per_seed' now but was '<unset>'"):
-    store.check_fingerprint(jobs.generation_fingerprint(config))
+    jobs.check_provenance(config, tmp_path, store)

@@ -75,7 +75,9 @@ def test_score_refuses_another_model_dtype_or_template(tmp_path, key, value):
 def _write_scored_spectrum(workdir, config):
   """Writes 4 spectrum images (2 levels x 2 sources), one scored below the threshold."""
   store = spectrum_store.SpectrumStore(wd.path(workdir, wd.SPECTRUM), 0, 1)
-  store.check_fingerprint({"diffusion": {"model": "my/generator", "tiny": False}})
+  # a generation.json of the older format: the bare fingerprint
+  wd.atomic_write_json(store.root / spectrum_store.GENERATION,
+                       {"diffusion": {"model": "my/generator", "tiny": False}})
   scores = []
   for source in ("a", "b"):
     for strength in (0.3, 0.7):

@@ -2,12 +2,18 @@
 
 import json
 
+import ml_collections
 import numpy as np
 import pytest
 
+from discl_jax import config as config_lib
+from discl_jax import pipeline
+from discl_jax import provenance
 from discl_jax import seeding
+from discl_jax import workdir as wd
 from discl_jax.data import records
 from discl_jax.data import spectrum_store as ss
+from discl_jax.diffusion import jobs
 
 
 def _row(source="img7", strength=0.3, seed=0, label=2, class_name="two"):
@@ -203,33 +209,57 @@ def test_processes_write_own_shards_and_leave_foreign_files(tmp_path):
   assert counts["kept"] + ss.SpectrumStore(tmp_path, 1, 2).reconcile()["kept"] == 12
 
 
-def test_fingerprint_written_once_then_checked(tmp_path):
-  store = ss.SpectrumStore(tmp_path, 0, 1)
-  config = {"diffusion": {"guidance_scale": 10.0, "scheduler": "ddim"},
-            "seed": 0, "strengths": (0.1, 0.2)}
-  store.check_fingerprint(config)
-  assert json.loads((tmp_path / "generation.json").read_text())["seed"] == 0
-  store.check_fingerprint(config)  # tuples vs lists do not count as a change
-  changed = {"diffusion": {"guidance_scale": 7.5, "scheduler": "ddim"},
-             "seed": 1, "strengths": (0.1, 0.2)}
+def _generation_config():
+  config = config_lib.base_config()
+  config.diffusion.update(tiny=True, guidance_scale=10.0, scheduler="ddim")
+  return config
+
+
+def test_generation_fingerprint_recorded_once_then_checked(tmp_path):
+  store = ss.SpectrumStore(tmp_path / "spectrum", 0, 1)
+  config = _generation_config()
+  assert not jobs.check_provenance(config, tmp_path, store, record=False)
+  assert not (store.root / ss.GENERATION).exists()  # compared only: nothing written
+  assert jobs.check_provenance(config, tmp_path, store)
+  record = json.loads((store.root / ss.GENERATION).read_text())
+  assert record["fingerprint"]["seed"] == 0 and record["config"]["diffusion"]["tiny"] is True
+  assert "generate" in json.loads((tmp_path / "config.json").read_text())
+  assert not jobs.check_provenance(ml_collections.ConfigDict(config.to_dict()), tmp_path, store)
+  config.diffusion.guidance_scale, config.seed = 7.5, 1
   with pytest.raises(ValueError) as e:
-    ss.SpectrumStore(tmp_path, 0, 1).check_fingerprint(changed)
+    jobs.check_provenance(config, tmp_path, store, record=False)
   message = str(e.value)
+  assert message.startswith("generate: ") and "generation.json" in message
   assert "diffusion.guidance_scale" in message and "seed" in message
-  assert "scheduler" not in message
-  assert "10.0" in message and "7.5" in message
+  assert "scheduler" not in message and "10.0" in message and "7.5" in message
 
 
-def test_only_process_zero_records_the_fingerprint(tmp_path):
+def test_a_generation_json_of_the_older_format_still_reads(tmp_path):
+  # Before generate used provenance.check_stage, generation.json held the bare fingerprint.
+  store = ss.SpectrumStore(tmp_path / "spectrum", 0, 1)
+  config = _generation_config()
+  store.root.mkdir()
+  old = json.dumps(provenance.canonical(provenance.generation_fingerprint(config)))
+  (store.root / ss.GENERATION).write_text(old)
+  assert not jobs.check_provenance(config, tmp_path, store)  # continues, rewrites nothing
+  assert (store.root / ss.GENERATION).read_text() == old
+  assert provenance.stored_fingerprint(store.root / ss.GENERATION)["diffusion"]["tiny"] is True
+  pipeline.check_recorded(config, tmp_path, ("generate",))
+  config.diffusion.scheduler = "euler"
+  with pytest.raises(ValueError, match=r"^generate: .*diffusion\.scheduler is 'euler' now "
+                                       r"but was 'ddim'"):
+    jobs.check_provenance(config, tmp_path, store)
+  with pytest.raises(ValueError, match=r"diffusion\.scheduler is 'euler' now"):
+    pipeline.check_recorded(config, tmp_path, ("generate",))
+
+
+def test_only_process_zero_records_the_fingerprint(tmp_path, monkeypatch):
   # Process 0's reconcile removes temp files of generation.json, so a second
   # writer could lose its rename (a two-process generate crashed on this).
-  config = {"seed": 0}
-  ss.SpectrumStore(tmp_path, 1, 2).check_fingerprint(config)
-  assert not (tmp_path / "generation.json").exists()
-  ss.SpectrumStore(tmp_path, 0, 2).check_fingerprint(config)
-  assert json.loads((tmp_path / "generation.json").read_text()) == config
-  with pytest.raises(ValueError, match="seed"):
-    ss.SpectrumStore(tmp_path, 1, 2).check_fingerprint({"seed": 1})
+  config = _generation_config()
+  monkeypatch.setattr(wd, "is_main_process", lambda: False)
+  jobs.check_provenance(config, tmp_path, ss.SpectrumStore(tmp_path / "spectrum", 1, 2))
+  assert not (tmp_path / "spectrum" / ss.GENERATION).exists()
 
 
 def test_scores_merge_into_rows(tmp_path):

@@ -6,7 +6,7 @@ Layout under `root` (= workdir/spectrum):
   {class}/{source}/lambda{L:.2f}_seed{S}_retry{A}.png   regeneration attempt A
   manifest-{process:05d}.jsonl                  one row per image (its sha256, bytes), per process
   scores-{process:05d}.jsonl                    CLIP scores (of which sha256), per process
-  generation.json                               the generation config fingerprint
+  generation.json                               the generation fingerprint (`provenance`)
   score.provenance.json                         the scoring config fingerprint (`provenance`)
 
 Each process writes only its own shards and its own image files; readers merge
@@ -32,7 +32,6 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from discl_jax import provenance
 from discl_jax import seeding
 from discl_jax import workdir as wd
 from discl_jax.data import records
@@ -166,29 +165,6 @@ class SpectrumStore:
     self.scores_path = self.root / f"scores-{self.process_index:05d}.jsonl"
     self._done = None
     self._warned = set()
-
-  def check_fingerprint(self, generation_config, record=True):
-    """Records `generation_config` on first use (process 0 only, when `record`); returns None.
-
-    Raises ValueError naming the first differing key (and every other) when
-    the store was made by a different generation config. `generate` checks
-    with `record=False` before its model loads and records once it loaded, so
-    a model that fails to load (a typo) leaves no record that would refuse the
-    corrected config. Only process 0 writes: its `reconcile` removes the temp
-    files of this record's atomic writes, so a second writer's rename could
-    find its temp file gone.
-    """
-    current = provenance.canonical(generation_config)
-    target = self.root / GENERATION
-    stored = provenance.read_record(target)
-    if stored is None:
-      if record and self.process_index == 0:
-        wd.atomic_write_json(target, current)
-      return
-    differing = provenance.differences(stored, current)
-    if differing:
-      raise ValueError(provenance.mismatch_message(
-          f"generate: {self.root}", target, differing, [self.root]))
 
   def reconcile(self, expected_rows=None):
     """Makes this process's manifest shard agree with the files; returns counts.

@@ -10,54 +10,31 @@ scaled to that shorter side, aspect kept.
 """
 
 import collections
-import hashlib
-import pathlib
 
 import numpy as np
 from PIL import Image
 
-from discl_jax import seeding
+from discl_jax import provenance
 from discl_jax.data import records
 from discl_jax.data import spectrum_store as ss
 
-# The generation config keys that change a job's image: a store made under other
-# values is refused. Strengths and seeds_per_level (they add or leave out jobs:
-# readers take only their config's jobs, `grid_rows`), slots and the mesh
-# (outputs do not depend on batching) and data paths (source ids name the
-# images) may change freely.
-FINGERPRINT_KEYS = {
-    "diffusion": ("model", "tiny", "tiny_family", "dtype", "scheduler", "num_inference_steps",
-                  "guidance_scale", "negative_prompt", "aesthetic_score",
-                  "negative_aesthetic_score", "source_size", "resolution"),
-    "prompts": ("source", "templates", "description_format"),
-    "data": ("name", "tfds_name"),
-}
 
+def check_provenance(config, workdir, store, *, record=True):
+  """Checks the generation fingerprint at `store`'s generation.json (`provenance.check_stage`);
+  returns True when it recorded it, a fresh spectrum.
 
-def generation_fingerprint(config):
-  """Returns the dict of config values that determine each job's image.
-
-  A descriptions file counts by its content (sha256), not its path.
+  `record=False` only compares (`generate` checks so before its model loads and
+  records once it loaded, so a model that fails to load leaves no record that
+  would refuse the corrected config); writes nothing then.
   """
-  fingerprint = {"seed": seeding.generation_seed(config)}
-  for section, keys in FINGERPRINT_KEYS.items():
-    fingerprint[section] = {k: config[section][k] for k in keys}
-  if config.diffusion.source_upsample:  # recorded when set, so older stores stay valid
-    fingerprint["diffusion"]["source_upsample"] = config.diffusion.source_upsample
-  if config.prompts.choice != "per_image":  # stores made before the key chose per image
-    fingerprint["prompts"]["choice"] = config.prompts.choice
-  if config.prompts.source == "llm":  # recorded only then, so older stores stay valid
-    fingerprint["prompts"].update(llm_model=config.prompts.llm_model,
-                                  llm_descriptions=config.prompts.llm_descriptions)
-  descriptions = ""
-  if config.prompts.source == "file":
-    path = pathlib.Path(config.prompts.descriptions_file)
-    if not path.is_file():
-      raise FileNotFoundError(f"prompts.descriptions_file not found: {str(path)!r}")
-    descriptions = hashlib.sha256(path.read_bytes()).hexdigest()
-  fingerprint["prompts"]["descriptions_sha256"] = descriptions
-  return fingerprint
-
+  fingerprint = provenance.fingerprint(config, "generate")
+  target, outputs = store.root / ss.GENERATION, [store.root]
+  if not record:
+    provenance.check_stage_unchanged(workdir, "generate", fingerprint, target=target,
+                                     outputs=outputs)
+    return False
+  return provenance.check_stage(workdir, "generate", config, fingerprint, target=target,
+                                outputs=outputs)
 
 def validate_strengths(strengths):
   """Returns `strengths` as a tuple of floats; ValueError names a bad value.

@@ -96,7 +96,7 @@ def run_summary(config, workdir, rows):
 def _synthetic(config, workdir, spectrum, store_rows, rows):
   """Returns the synthetic-data summary: models, threshold, acceptance per level, links."""
   accepted = acceptance.build_report(store_rows, config.score.threshold)
-  generation = provenance.read_record(spectrum / spectrum_store.GENERATION) or {}
+  generation = provenance.stored_fingerprint(spectrum / spectrum_store.GENERATION)
   diffusion = generation.get("diffusion", {})
   scoring = provenance.stored_record(spectrum / spectrum_store.SCORE_PROVENANCE).get(
       "fingerprint", {})

@@ -65,18 +65,17 @@ def _check_sources(train, index, todo, on_bad_image):
   return [r for r in todo if r["source_id"] in by_id], by_id
 
 
-def _generate(config, checkpoint, store, train, index, owned, todo, sizes):
+def _generate(config, workdir, checkpoint, store, train, index, owned, todo, sizes):
   """Runs the sampler over `todo`, storing each image; returns the number made.
 
   The store records the generation fingerprint once the model has loaded,
   before the first image.
   """
-  fingerprint = jobs.generation_fingerprint(config)
   if not todo:
-    store.check_fingerprint(fingerprint)
+    jobs.check_provenance(config, workdir, store)
     return 0
   sampler = spectrum_run.make_sampler(config, checkpoint)
-  store.check_fingerprint(fingerprint)
+  jobs.check_provenance(config, workdir, store)
   start = time.perf_counter()
   with tqdm(total=len(owned), initial=len(owned) - len(todo), unit="img",
             desc="generate", dynamic_ncols=True) as bar:
@@ -126,7 +125,7 @@ def run(config, workdir):
   expected = jobs.build_rows(hard_rows, prompt_doc.get("sources", {}), strengths,
                              config.diffusion.seeds_per_level)
   store = spectrum_store.SpectrumStore(wd.path(workdir, wd.SPECTRUM))
-  store.check_fingerprint(jobs.generation_fingerprint(config), record=False)
+  jobs.check_provenance(config, workdir, store, record=False)
   counts = store.reconcile(expected)
   logging.info("generate: store reconciled: %s", counts)
   done = store.done_job_ids()
@@ -139,7 +138,7 @@ def run(config, workdir):
   index = _source_index(train, hard_rows)
   todo, sizes = _check_sources(train, index, todo, config.data.on_bad_image)
   checkpoint = spectrum_run.checkpoint_dir(config, workdir)
-  _generate(config, checkpoint, store, train, index, owned, todo, sizes)
+  _generate(config, workdir, checkpoint, store, train, index, owned, todo, sizes)
   parallel.barrier("stages.generate.generated")
   if wd.is_main_process():
     write_grids(config, workdir, store, train, index, hard_rows)

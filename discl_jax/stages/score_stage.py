@@ -249,7 +249,7 @@ def regenerate(config, workdir, store, scoring, threshold, last_attempt):
   early when no job needs another attempt.
   """
   prompt_document = _read_prompts(workdir)
-  store.check_fingerprint(jobs.generation_fingerprint(config))
+  jobs.check_provenance(config, workdir, store)
   sampler, made = None, 0
 
   def source_image(source_id):  # as `generate` saw it (docs/design.md §6: CIFAR sources upsampled)

@@ -117,7 +117,8 @@ def config_fingerprint(config):
   `provenance.fingerprint(config, "train")` and the content hash of
   `train.init_checkpoint`; the pipeline checks it before any stage runs.
   """
-  out = provenance.fingerprint(config, "train")
+  out = provenance.fingerprint(config, "train", reads_spectrum=config.curriculum.schedule
+                               not in curriculum.REAL_ONLY_SCHEDULES)
   if config.train.init_checkpoint:
     out["train.init_checkpoint_sha256"] = checkpoint_lib.init_checkpoint_sha256(
         config.train.init_checkpoint)
@@ -137,7 +138,7 @@ def train_fingerprint(config, workdir, accepted_ids):
   out["synthetic.accepted_sha256"] = provenance.sha256_bytes("\n".join(ids))
   if ids:
     root = spectrum_root(config, workdir)
-    out["synthetic.generation"] = provenance.read_record(root / spectrum_store.GENERATION) or {}
+    out["synthetic.generation"] = provenance.stored_fingerprint(root / spectrum_store.GENERATION)
     scored = provenance.read_record(root / spectrum_store.SCORE_PROVENANCE) or {}
     out["synthetic.score"] = scored.get("fingerprint", {})
   return out
