@@ -47,7 +47,11 @@ def initialize(config):
 
 
 def make_mesh(shape=(-1,), devices=None):
-  """Returns a 1-D mesh with axis `data` over `devices` (default: all of them)."""
+  """Returns a 1-D `jax.make_mesh` with axis `data` over the first devices of `devices`
+  (default: all of them); -1 takes every device.
+
+  The axis is Auto-sharded (jit propagates shardings), as the project's code expects.
+  """
   devices = jax.devices() if devices is None else list(devices)
   shape = tuple(shape)
   if len(shape) != 1:
@@ -55,7 +59,8 @@ def make_mesh(shape=(-1,), devices=None):
   size = len(devices) if shape[0] == -1 else shape[0]
   if size > len(devices) or size < 1:
     raise ValueError(f"mesh.shape {shape} needs {size} devices, have {len(devices)}")
-  return jax.sharding.Mesh(np.asarray(devices[:size]), (DATA_AXIS,))
+  return jax.make_mesh((size,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices[:size])
 
 
 def batch_sharding(mesh):

@@ -49,6 +49,16 @@ _SCRIPT = textwrap.dedent("""
       result["bad_batch"] = ""
     except ValueError as e:
       result["bad_batch"] = str(e)
+    subset = parallel.make_mesh((4,), jax.devices()[::-1])
+    result["subset"] = [d.id for d in subset.devices.flat] == [d.id for d in jax.devices()[::-1][:4]]
+    result["auto"] = subset.axis_types == (jax.sharding.AxisType.Auto,) == mesh.axis_types
+    result["mesh_errors"] = []
+    for bad in ((9,), (0,), (2, 4)):
+      try:
+        parallel.make_mesh(bad)
+        result["mesh_errors"].append("")
+      except ValueError as e:
+        result["mesh_errors"].append(str(e))
     print("RESULT" + json.dumps(result))
 """)
 
@@ -72,3 +82,8 @@ def test_put_batch_shards_over_8_cpu_devices():
   assert result["replicated"]
   assert result["batch_sizes"] == [16, 24]   # eval padded to a multiple of the 8 devices
   assert result["bad_batch"].startswith("train.batch_size=12 must be divisible by the 8 devices")
+  # make_mesh: the first devices of the list given, in its order; Auto axis; one-line errors.
+  assert result["subset"] and result["auto"]
+  assert result["mesh_errors"] == ["mesh.shape (9,) needs 9 devices, have 8",
+                                   "mesh.shape (0,) needs 0 devices, have 8",
+                                   "mesh.shape must have one entry (data axis), got (2, 4)"]
