@@ -1,4 +1,4 @@
-"""The one-way layering (pyproject's [tool.importlinter] contract) and no import cycle."""
+"""The one-way layering and independent stages (pyproject's [tool.importlinter]); no import cycle."""
 
 import os
 import pathlib
@@ -17,7 +17,7 @@ def test_the_layer_contract_holds():
   result = subprocess.run([sys.executable, "-c", script, "--no-cache"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-  assert "1 kept, 0 broken" in result.stdout
+  assert "0 broken" in result.stdout
 
 
 def test_no_module_imports_itself_back():
