@@ -109,7 +109,7 @@ def test_a_failed_model_load_records_nothing_and_the_corrected_rerun_works(tmp_p
   assert not generation.exists()
   config.diffusion.update(model="", tiny=True)   # the corrected command, same workdir
   pipeline.run_stages(config, work, ("generate",))
-  assert json.loads(generation.read_text())["diffusion"]["tiny"] is True
+  assert json.loads(generation.read_text())["fingerprint"]["diffusion"]["tiny"] is True
   assert len(spectrum_store.SpectrumStore(wd.path(work, wd.SPECTRUM), 0, 1).rows()) == 6
 
 
