@@ -216,7 +216,8 @@ def range_error(key, value, allowed):
 def _rule_errors(config):
   """Yields the messages of rules that tie several keys together."""
   model, loss = get(config, "train.model"), get(config, "train.loss")
-  if (model == clip_trainer.MODEL) != (loss == clip_trainer.LOSS) and _MISSING not in (model, loss):
+  is_clip, is_flyp = model == clip_trainer.MODEL, loss == clip_trainer.LOSS
+  if is_clip != is_flyp and _MISSING not in (model, loss):
     yield (f"train.model={model!r} with train.loss={loss!r}: train.model='clip' trains "
            f"with train.loss='flyp' and train.loss='flyp' needs train.model='clip'")
   splits = get(config, "eval.splits")
@@ -284,7 +285,8 @@ def _protocol_errors(config):
     except ValueError as e:
       yield str(e)
   if get(config, "train.epochs") == 0:
-    if not get(config, "train.init_checkpoint") and get(config, "train.model") != clip_trainer.MODEL:
+    resnet_model = get(config, "train.model") != clip_trainer.MODEL
+    if not get(config, "train.init_checkpoint") and resnet_model:
       yield "train.epochs=0 evaluates train.init_checkpoint as it is; set train.init_checkpoint"
     if get(config, "curriculum.schedule") != "none":
       yield ("train.epochs=0 evaluates train.init_checkpoint without training; set "

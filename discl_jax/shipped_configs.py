@@ -15,8 +15,8 @@ ROOT = pathlib.Path(str(importlib.resources.files("discl_jax").joinpath("configs
 def names():
   """Returns the sorted names of the shipped configs ("demo", "cifar100_lt", ...): the files
   that define `get_config` (`common.py` holds shared pieces)."""
-  return sorted(p.stem for p in ROOT.glob("*.py")
-                if not p.name.startswith("_") and "\ndef get_config(" in p.read_text(encoding="utf-8"))
+  return sorted(p.stem for p in ROOT.glob("*.py") if not p.name.startswith("_")
+                and "\ndef get_config(" in p.read_text(encoding="utf-8"))
 
 
 def path(name):

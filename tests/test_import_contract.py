@@ -1,4 +1,4 @@
-"""The one-way layering and independent stages (pyproject's [tool.importlinter]); no import cycle."""
+"""The one-way layers and independent stages (pyproject's [tool.importlinter]); no cycle."""
 
 import os
 import pathlib
@@ -13,7 +13,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 def test_the_layer_contract_holds():
   pytest.importorskip("importlinter")  # the `test` extra installs it (README's test command)
   env = dict(os.environ, PYTHONPATH=str(REPO))
-  script = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+  script = ("import sys; from importlinter.cli import lint_imports_command; "
+            "sys.exit(lint_imports_command())")
   result = subprocess.run([sys.executable, "-c", script, "--no-cache"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]

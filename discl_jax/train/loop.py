@@ -164,7 +164,8 @@ def load_data(config, workdir):
   spec = curriculum.CurriculumSpec.from_config(
       config.curriculum, train=train, groups=groups, synthetic_rows=rows,
       seed=config.seed, hard_ids=hard_ids,
-      rows_per_image=len(config.train.clip_templates) if config.train.model == clip_trainer.MODEL else 1)
+      rows_per_image=(len(config.train.clip_templates)
+                      if config.train.model == clip_trainer.MODEL else 1))
   return Data(train=train, eval_splits={name: splits[name] for name in eval_names},
               synthetic=synthetic, groups=groups, spec=spec,
               accepted_ids=tuple(str(row["job_id"]) for row in rows))
