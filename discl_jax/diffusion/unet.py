@@ -34,6 +34,7 @@ import numpy as np
 from flax import serialization
 from flax import traverse_util
 
+from discl_jax import workdir as wd
 from discl_jax.diffusion import attention as attention_lib
 from discl_jax.diffusion import convert
 
@@ -603,7 +604,8 @@ def load(folder, dtype=jnp.float32):
   shapes = jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0))
   msgpack = folder / "diffusion_flax_model.msgpack"
   if msgpack.is_file():
-    params = serialization.msgpack_restore(msgpack.read_bytes())
+    with wd.reading_weights(msgpack):
+      params = serialization.msgpack_restore(msgpack.read_bytes())
     _check_params(params, shapes, str(msgpack))
     return unet, jax.tree.map(lambda x: np.asarray(x, np.float32), params)
   files = convert.safetensors_files(folder, "diffusion_pytorch_model")
