@@ -33,7 +33,7 @@ def _image(label, size, rng):
   return np.clip(base + rng.normal(0, 25, (height, width, 3)), 0, 255).astype(np.uint8)
 
 
-def write_oltr(root, train_per_class=(4, 3, 2), size=(28, 36), seed=0):
+def write_oltr(root, train_per_class=(4, 3, 2), size=(32, 32), seed=0):
   """Writes ImageNet-LT's inputs under `root`; returns {input key: path}.
 
   Keys: data.root, data.train_list / val_list / test_list (OLTR's `path label`
