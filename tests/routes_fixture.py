@@ -33,10 +33,10 @@ def _image(label, size, rng):
   return np.clip(base + rng.normal(0, 25, (height, width, 3)), 0, 255).astype(np.uint8)
 
 
-def write_oltr(root, train_per_class=(4, 3, 2), size=(32, 32), seed=0):
+def write_oltr(root, train_per_class=(24, 3, 2), size=(32, 32), seed=0):
   """Writes ImageNet-LT's inputs under `root`; returns {input key: path}.
 
-  Keys: data.root, data.train_list / val_list / test_list (OLTR's `path label`
+  The first class is Medium (>= 20 images), the others Few. Keys: data.root, data.train_list / val_list / test_list (OLTR's `path label`
   lines, paths relative to data.root as in ImageNet_LT_*.txt), data.class_names_file,
   prompts.descriptions_file.
   """
