@@ -94,7 +94,8 @@ def base(tmp_path_factory):
 
 def discl(base, argv):
   """Runs `discl ARGV` in `base` offline; returns the CompletedProcess (its return code checked)."""
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
+  path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+  env = dict(os.environ, PYTHONPATH=path, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
              DISCL_JAX_CACHE_DIR=str(base / "jax_cache"))
   result = subprocess.run([sys.executable, "-m", "discl_jax.main", *argv], cwd=base, env=env,
                           capture_output=True, text=True, timeout=900, check=False)

@@ -61,7 +61,8 @@ def test_cifar100_preparation_names_the_prepare_extra(tmp_path):
       except ImportError as e:
         print("ERROR", e)
   """)
-  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(ROOT),
+                                                                  os.environ.get("PYTHONPATH")))))
   out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                        timeout=300, check=False)
   assert "ERROR data.prepare=True: preparing TFDS dataset 'cifar100' needs 'importlib_resources'" \
