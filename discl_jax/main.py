@@ -27,6 +27,7 @@ Errors print one line; --verbosity=1 adds the traceback.
 
 import logging as std_logging
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -121,15 +122,29 @@ def main(argv):
 
 def _parse_flags(argv):
   """Returns the arguments absl leaves; a bad flag or config file exits with one line."""
+  verbose = any(a.startswith(("--verbosity=", "-v=")) and not a.endswith(("=0", "=-1"))
+                for a in argv)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    verbose = any(a.startswith(("--verbosity=", "-v=")) and not a.endswith(("=0", "=-1"))
-                  for a in argv)
     if len(lines) > 1 and not verbose:  # a config file that raised: where, then what
       lines = [lines[0].rstrip(":"), lines[-1]]
     sys.exit("discl: " + " | ".join(lines))
+  except Exception as e:  # pylint: disable=broad-except  (a config file that raised or does not parse)
+    if verbose:
+      traceback.print_exc()
+    sys.exit(f"discl: config file {_config_file(argv)!r} failed to load: {one_line(e)}")
+
+
+def _config_file(argv):
+  """Returns the config file path that --config names in `argv` (without its variants)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg[len("--config="):].split(":", 1)[0]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":", 1)[0]
+  return None
 
 
 def _resolve_config_flag(argv):

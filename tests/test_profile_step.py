@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import experiment_scripts
 
@@ -36,6 +37,21 @@ def test_parts_and_op_names():
          'metadata={op_name="jit(step)/UNet/attn1/reduce_max" stack_frame_id=1}\n'
          '  ROOT %tuple.1 = (f32[2]) tuple(%b)\n')
   assert profile_step.op_names(hlo) == {"ynn_fusion.8": "jit(step)/UNet/attn1/reduce_max"}
+
+
+def test_ops_count_on_whichever_thread_ran_them():
+  """On a busy machine XLA:CPU runs much of a step on the client or caller thread, not its workers."""
+  profile_step = experiment_scripts.load("profile_step")
+  line = lambda name, events: types.SimpleNamespace(name=name, events=events)
+  profile = types.SimpleNamespace(planes=[types.SimpleNamespace(lines=[
+      line("tf_XLAEigen/1", [Event("fusion.1", 0, 2_000_000)]),
+      line("tf_XLAPjRtCpuClient/2", [Event("fusion.2", 0, 6_000_000)]),
+      line("python", [Event("convolution.3", 0, 4_000_000), Event("jit_step", 0, 9_000_000)])])])
+  names = {"fusion.1": "jit(step)/UNet/attn1/dot_general",
+           "fusion.2": "jit(step)/UNet/attn2/dot_general",
+           "convolution.3": "jit(step)/UNet/conv_in/conv_general_dilated"}
+  assert profile_step.thread_ms_by_part(profile, names, repeats=2) == {
+      "cross-attention": 3.0, "convolutions": 2.0, "self-attention": 1.0}
 
 
 def test_profiles_a_real_step(tmp_path):

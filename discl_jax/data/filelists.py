@@ -29,8 +29,8 @@ import pathlib
 
 import numpy as np
 from PIL import Image
-import tqdm
 
+from discl_jax import progress
 from discl_jax.data import longtail
 from discl_jax.data.records import BadImageError, LabeledImages, read_rgb
 
@@ -67,8 +67,7 @@ def check_images(paths, verify="exists", description="checking images"):
     raise ValueError(f"data.verify_images must be one of {VERIFY}, got {verify!r}")
   with concurrent.futures.ThreadPoolExecutor(VERIFY_THREADS) as pool:
     results = pool.map(lambda path: check_image(path, verify), paths)
-    return list(tqdm.tqdm(results, total=len(paths), desc=description, unit="image",
-                          disable=None, leave=False))
+    return list(progress.counted(results, len(paths), description, lambda result: 1))
 
 
 def _read_lines(path, what):

@@ -28,6 +28,10 @@ from discl_jax.data import longtail
 from discl_jax.data.records import LabeledImages
 
 
+# What TFDS's builders need to prepare a dataset but not to read one (the `prepare` extra).
+PREPARE_MODULES = ("tensorflow", "importlib_resources")
+
+
 def _tfds():
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   return tfds
@@ -58,6 +62,13 @@ def builder(name, data_dir="", manual_dir="", prepare=False):
         file_format="array_record",
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None))
   except Exception as e:  # pylint: disable=broad-except
+    missing = _missing_prepare_module(e)
+    if missing:
+      raise ImportError(
+          f"data.prepare=True: preparing TFDS dataset {name!r} needs {missing!r}, which a "
+          f"default install leaves out: pip install 'discl-jax[prepare]' (TensorFlow and "
+          f"importlib_resources), or prepare it elsewhere with `tfds build {name} "
+          f"--file_format=array_record` and point data.data_dir at it") from e
     raise RuntimeError(
         f"TFDS dataset {name!r} is not prepared in data_dir "
         f"{data_dir or tfds.core.constants.DATA_DIR!r} and preparing it failed "
@@ -66,6 +77,15 @@ def builder(name, data_dir="", manual_dir="", prepare=False):
         + (f" --manual_dir={manual_dir}" if manual_dir else "")
         + "` (needs tensorflow) and point data.data_dir at it.") from e
   return b
+
+
+def _missing_prepare_module(error):
+  """Returns the name of the module (PREPARE_MODULES) whose absence caused `error`, or None."""
+  while error is not None:
+    if isinstance(error, ImportError) and error.name in PREPARE_MODULES:
+      return error.name
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def _source(b, split, **kwargs):

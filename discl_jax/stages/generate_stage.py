@@ -12,9 +12,9 @@ import json
 import time
 
 from absl import logging
-from tqdm import tqdm
 
 from discl_jax import parallel
+from discl_jax import progress
 from discl_jax import seeding
 from discl_jax import workdir as wd
 from discl_jax.data import datasets
@@ -77,8 +77,7 @@ def _generate(config, workdir, checkpoint, store, train, index, owned, todo, siz
   sampler = spectrum_run.make_sampler(config, checkpoint)
   jobs.check_provenance(config, workdir, store)
   start = time.perf_counter()
-  with tqdm(total=len(owned), initial=len(owned) - len(todo), unit="img",
-            desc="generate", dynamic_ncols=True) as bar:
+  with progress.bar(len(owned), "generate", initial=len(owned) - len(todo)) as bar:
     made = spectrum_run.run_rows(
         sampler, store, todo, lambda source: train.image(index[source]), sizes.__getitem__,
         config, order=lambda r: (index[r["source_id"]], r["strength"], r["seed"]), progress=bar)

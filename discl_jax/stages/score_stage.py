@@ -18,10 +18,10 @@ import json
 
 import jax
 import numpy as np
-import tqdm
 from absl import logging
 
 from discl_jax import parallel
+from discl_jax import progress
 from discl_jax import provenance
 from discl_jax import seeding
 from discl_jax import workdir as wd
@@ -85,7 +85,7 @@ def _load_chunk(store, chunk, spec):
   return rows, crops, errors
 
 
-def score_rows(scorer, store, rows, text_embeddings, sources, progress=None):
+def score_rows(scorer, store, rows, text_embeddings, sources, bar=None):
   """Scores `rows` batch by batch, appending each batch's score rows to `store`.
 
   `text_embeddings` maps label -> embedding; `sources` is a SourceImages.
@@ -115,8 +115,8 @@ def score_rows(scorer, store, rows, text_embeddings, sources, progress=None):
         logging.warning("score: %s", error["error"])
       store.add_scores(scores)
       done += len(scores)
-      if progress is not None:
-        progress.update(len(scores))
+      if bar is not None:
+        bar.update(len(scores))
   return done
 
 
@@ -186,9 +186,8 @@ class Scoring:
     if labels:
       texts = class_texts(self.config.score.text_template, [self._names[l] for l in labels])
       self._texts.update(zip(labels, self._scorer.text_embeddings(texts)))
-    with tqdm.tqdm(total=len(rows), desc=desc, unit="img",
-                   disable=not wd.is_main_process()) as progress:
-      return score_rows(self._scorer, store, rows, self._texts, self.sources, progress)
+    with progress.bar(len(rows), desc) as bar:
+      return score_rows(self._scorer, store, rows, self._texts, self.sources, bar)
 
 
 def run(config, workdir):
