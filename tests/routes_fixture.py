@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from discl_jax.diffusion import models
-from discl_jax.scoring import clip
+from discl_jax.models import tiny
 
 IMAGENET_NAMES = ("tench", "goldfish", "great white shark")
 WNIDS = ("n01440764", "n01443537", "n01484850")
@@ -111,14 +111,14 @@ def write_tiny_pipeline(root, family):
   from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(root)
   if family == "sd":
-    tok = models.write_tiny_tokenizer(root / "tokenizer")
-    unet_cfg, vae_cfg, text_cfg = models.tiny_configs(
+    tok = tiny.write_tokenizer(root / "tokenizer")
+    unet_cfg, vae_cfg, text_cfg = tiny.sd_configs(
         len(tok.encoder), tok.bos_token_id, tok.eos_token_id)
     text = {"text_encoder": (CLIPTextModel, text_cfg)}
     scheduler = models.SD_SCHEDULER_CONFIG
   else:
-    tok = models.write_tiny_tokenizer(root / "tokenizer_2", pad_token="!")
-    unet_cfg, vae_cfg, text_cfgs = models.tiny_sdxl_configs(
+    tok = tiny.write_tokenizer(root / "tokenizer_2", pad_token="!")
+    unet_cfg, vae_cfg, text_cfgs = tiny.sdxl_configs(
         family, len(tok.encoder), tok.bos_token_id, tok.eos_token_id)
     vae_cfg = dict(vae_cfg, force_upcast=True)
     text = {"text_encoder_2": (CLIPTextModelWithProjection, text_cfgs["text_encoder_2"])}
@@ -134,7 +134,7 @@ def write_tiny_pipeline(root, family):
 
 def write_tiny_clip(root):
   """Writes a tiny random CLIP folder (transformers layout, model.safetensors); returns it."""
-  return clip.build_tiny_clip(root, seed=0, weights_format="safetensors")
+  return tiny.build_clip(root, seed=0, weights_format="safetensors")
 
 
 def _png(pixels):
