@@ -32,7 +32,7 @@ def enums():
   from discl_jax.diffusion import schedules
   from discl_jax.models import resnet
   from discl_jax.scoring import clip
-  from discl_jax.stages import hard_stage
+  from discl_jax.train import hard_selection
   from discl_jax.train import losses
   from discl_jax.train import loop
   from discl_jax.train import optim
@@ -40,7 +40,7 @@ def enums():
       "data.name": datasets.NAMES,
       "data.on_bad_image": filelists.ON_BAD_IMAGE,
       "data.verify_images": filelists.VERIFY,
-      "hard.rule": tuple(hard_stage.RULES),
+      "hard.rule": tuple(hard_selection.RULES),
       "prompts.source": prompts.SOURCES,
       "prompts.choice": prompts.CHOICES,
       "diffusion.dtype": diffusion_models.DTYPES,

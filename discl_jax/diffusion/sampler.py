@@ -435,7 +435,7 @@ class SpectrumSampler:
       yield from self._finish(done)
 
   def _enqueue(self, jobs, ready, size):
-    """Prepares the next `vae_batch` jobs onto `ready`; returns their image size, None when none was left."""
+    """Prepares the next `vae_batch` jobs onto `ready`; returns their size (None: no job left)."""
     chunk = list(itertools.islice(jobs, self.vae_batch))
     if not chunk:
       return None
@@ -447,7 +447,8 @@ class SpectrumSampler:
     return size
 
   def _advance(self, state, size, slot_index, active):
-    """Returns the slot state run (one dispatch) up to the nearest finish among `active`; moves `slot_index`."""
+    """Returns the slot state run up to the nearest finish among `active` (one dispatch);
+    advances `slot_index`."""
     count = int(self.schedule.num_steps - slot_index[active].max())
     state = self._fns["steps"](self._params["unet"], self._tables, self._uncond, self._guidance,
                                self._time_ids_for(size), state, np.int32(count))
