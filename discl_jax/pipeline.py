@@ -14,8 +14,8 @@ from discl_jax import provenance
 from discl_jax import stages
 from discl_jax import workdir as wd
 from discl_jax.data import spectrum_store
-from discl_jax.stages import hard_stage
-from discl_jax.train import loop
+from discl_jax.stages import train_stage
+from discl_jax.train import hard_selection
 
 
 SPECTRUM_STAGES = ("hard", "prompts", "generate", "score")
@@ -71,7 +71,7 @@ def preflight(config, names=stages.ORDER):
   """
   config_checks.check_values(config)
   digit_models.check_heldout(config)
-  hard_stage.check_config(config)
+  hard_selection.check_config(config)
   tc = config.train
   if "train" in names and tc.require_init_checkpoint and not tc.init_checkpoint:
     raise ValueError(
@@ -140,8 +140,8 @@ def check_recorded(config, workdir, names):
       current = provenance.fingerprint(config, "score")
       outputs = [spectrum / spectrum_store.SCORES_GLOB]
     elif name == "train":
-      current = loop.config_fingerprint(config)
-      outputs = [wd.path(workdir, output) for output in loop.TRAIN_OUTPUTS]
+      current = train_stage.config_fingerprint(config)
+      outputs = [wd.path(workdir, output) for output in train_stage.TRAIN_OUTPUTS]
     else:
       continue
     provenance.check_stage_unchanged(workdir, name, current, target=target, outputs=outputs)

@@ -40,10 +40,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+import digit_clip_training
+import digit_training
 from discl_jax import parallel
 from discl_jax import seeding
 from discl_jax.data import digits
-from discl_jax.diffusion import digit_training
 from discl_jax.diffusion import models as sd_models
 from discl_jax.diffusion import sampler as sampler_lib
 from discl_jax.diffusion import schedules
@@ -52,7 +53,6 @@ from discl_jax.models import tiny
 from discl_jax.models import unet as unet_lib
 from discl_jax.models import vae as vae_lib
 from discl_jax.scoring import clip as clip_lib
-from discl_jax.scoring import digit_clip_training
 from discl_jax.scoring import preprocess
 
 FULL_STEPS = {"clip": 400, "vae": 600, "unet": 1600}

@@ -8,6 +8,7 @@ import pytest
 from etils import epath
 
 from discl_jax.train import checkpoint as checkpoint_lib
+from discl_jax.train import loop
 
 _META = {"epoch": 1, "batches_done": 0, "mid_epoch": False}
 
@@ -138,3 +139,17 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_naming_the_folder(tmp_path,
   again = checkpoint_lib.Checkpointer(tmp_path / "ckpt", 2, enable_async=False)
   assert again.latest_step() == 10                          # nothing lost
   again.close()
+
+
+def test_the_loops_progress_is_the_checkpoint_meta_of_earlier_versions():
+  """A checkpoint's meta dict (as versions with the mutable `meta` dict wrote it) reads into
+  `loop.Progress` and writes back unchanged; a fresh run's has no history yet."""
+  meta = {"epoch": 3, "batches_done": 2, "segment_start": 1, "mid_epoch": True,
+          "best_epoch": 1, "best_val": 0.5, "best": {"val/all": 0.5},
+          "plan": {"curriculum_phase": "synthetic"}, "epoch_loss_sum": 1.5,
+          "epoch_acc_sum": 0.25, "history": [{"epoch": 0}, {"epoch": 1}, {"epoch": 2}]}
+  assert loop.Progress.from_meta(meta).to_meta() == meta
+  assert list(loop.Progress.from_meta(meta).to_meta()) == list(meta)
+  assert loop.Progress().to_meta() == {
+      "epoch": 0, "batches_done": 0, "segment_start": 0, "mid_epoch": False, "best_epoch": -1,
+      "best_val": -1.0, "best": {}, "plan": None, "epoch_loss_sum": 0.0, "epoch_acc_sum": 0.0}

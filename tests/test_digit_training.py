@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 
 from discl_jax import seeding
-from discl_jax.diffusion import digit_training
 from discl_jax.diffusion import models as sd_models
 from discl_jax.models import clip as clip_models
 from discl_jax.models import tiny
 from discl_jax.scoring import clip as clip_lib
-from discl_jax.scoring import digit_clip_training
 from discl_jax.scoring import preprocess
 
 import experiment_scripts
+
+digit_training = experiment_scripts.load("digit_training")
+digit_clip_training = experiment_scripts.load("digit_clip_training")
 
 # The tiny CLIP first collapses to constant embeddings (loss log(batch)) and needs
 # ~100 steps to break out of it; its steps are cheap.

@@ -149,10 +149,10 @@ def _digits_config():
 
 def test_a_discl_schedule_without_accepted_spectrum_says_which_stage_to_run(tmp_path):
   from discl_jax.data import datasets, spectrum_store  # pylint: disable=g-import-not-at-top
-  from discl_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from discl_jax.stages import train_stage  # pylint: disable=g-import-not-at-top
   config = _digits_config()
   with pytest.raises(FileNotFoundError, match="syn_to_real.*run the generate and score stages"):
-    loop.train_and_evaluate(config, tmp_path)
+    train_stage.train_and_evaluate(config, tmp_path)
   train = datasets.load(config.data)["train"]
   store = spectrum_store.SpectrumStore(wd.path(tmp_path, wd.SPECTRUM), 0, 1)
   rows = [spectrum_store.make_row(source_id=train.ids[i], label=int(train.labels[i]),
@@ -161,14 +161,14 @@ def test_a_discl_schedule_without_accepted_spectrum_says_which_stage_to_run(tmp_
   for row in rows:
     store.add(row, train.image(0))
   with pytest.raises(ValueError, match="none of the 2 spectrum images .* is scored: run the score"):
-    loop.train_and_evaluate(config, tmp_path)
+    train_stage.train_and_evaluate(config, tmp_path)
   store.add_scores([dict(job_id=r["job_id"], clip_text=0.2, clip_source=0.9, error=None)
                     for r in rows])
   with pytest.raises(ValueError, match=r"reaches score.threshold=0.5 \(best 0.200\)"):
-    loop.train_and_evaluate(config, tmp_path)
+    train_stage.train_and_evaluate(config, tmp_path)
   assert not wd.path(tmp_path, wd.METRICS).exists()
   config.score.threshold = 0.1
-  assert [r["job_id"] for r in loop.accepted_rows(config, tmp_path)] == sorted(
+  assert [r["job_id"] for r in train_stage.accepted_rows(config, tmp_path)] == sorted(
       r["job_id"] for r in rows)
 
 
@@ -225,12 +225,12 @@ def test_metrics_missing_rows_without_a_copy_are_refused_with_the_remedy(tmp_pat
 
 
 def test_spectrum_dir_may_name_the_workdir_that_holds_the_spectrum(tmp_path):
-  from discl_jax.train import loop  # pylint: disable=import-outside-toplevel
+  from discl_jax.stages import train_stage  # pylint: disable=import-outside-toplevel
   other = tmp_path / "other"
   (other / wd.SPECTRUM).mkdir(parents=True)
   (other / wd.HARD).write_text("")
   c = _digits_config()
   for given in (other, other / wd.SPECTRUM):
     c.data.spectrum_dir = str(given)
-    assert loop.spectrum_root(c, tmp_path / "w") == other / wd.SPECTRUM
-    assert loop.hard_path(c, tmp_path / "w") == other / wd.HARD
+    assert train_stage.spectrum_root(c, tmp_path / "w") == other / wd.SPECTRUM
+    assert train_stage.hard_path(c, tmp_path / "w") == other / wd.HARD

@@ -29,6 +29,7 @@ from discl_jax.evaluation import spectrum_grid
 from discl_jax.stages import generate_stage
 from discl_jax.stages import hard_stage
 from discl_jax.stages import prompts_stage
+from discl_jax.train import hard_selection
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NUM_HARD = 6  # digit "nine" is the only class below few_threshold=7 (6 images)
@@ -83,7 +84,7 @@ def test_hard_stage_takes_every_image_of_few_classes(tmp_path):
   assert {(r["label"], r["class_name"], r["reason"], r["class_count"]) for r in rows} == {
       (9, "nine", "few_class", NUM_HARD)}
   config.data.few_threshold = 15  # demo: seven, eight and nine are Few
-  assert {r["class_name"] for r in hard_stage.select_hard(config, {"train": train}, tmp_path)} == {
+  assert {r["class_name"] for r in hard_selection.select_hard(config, {"train": train}, tmp_path)} == {
       "seven", "eight", "nine"}
 
 
@@ -91,17 +92,17 @@ def test_hard_stage_explicit_classes_and_errors(tmp_path):
   config = make_config()
   train = datasets.load(config.data)["train"]
   config.hard.classes = ("two", "nine")
-  rows = hard_stage.select_hard(config, {"train": train}, tmp_path)
+  rows = hard_selection.select_hard(config, {"train": train}, tmp_path)
   assert {r["class_name"] for r in rows} == {"two", "nine"}
   assert len(rows) == train.class_counts()[2] + train.class_counts()[9]
   assert {r["reason"] for r in rows} == {"listed_class"}
   config.hard.classes = ("two", "ten")
   with pytest.raises(ValueError, match=r"unknown class\(es\) \['ten'\].*'zero'"):
-    hard_stage.select_hard(config, {"train": train}, tmp_path)
+    hard_selection.select_hard(config, {"train": train}, tmp_path)
   config.hard.classes = ()
   config.hard.rule = "hardest"
   with pytest.raises(ValueError, match="'hardest'.*few_classes"):
-    hard_stage.select_hard(config, {"train": train}, tmp_path)
+    hard_selection.select_hard(config, {"train": train}, tmp_path)
 
 
 # --- job list -----------------------------------------------------------------

@@ -14,9 +14,9 @@ from discl_jax import config as config_lib
 from discl_jax import parallel
 from discl_jax import pipeline
 from discl_jax.data import datasets
-from discl_jax.stages import hard_stage
 from discl_jax.train import checkpoint as checkpoint_lib
 from discl_jax.train import clip_trainer
+from discl_jax.train import hard_selection
 from discl_jax.train import hardness
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -129,7 +129,7 @@ def test_hard_set_is_the_checkpoint_models_errors_without_empty(trained):
   config.hard.model_checkpoint = str(root / "baseline" / "ckpt")
   config.hard.exclude_classes = ("empty",)
   config.hard.prob_quantile = 0.99
-  rows, figures = hard_stage.select_hard_with_figures(config, {"train": train}, root / "work")
+  rows, figures = hard_selection.select_hard_with_figures(config, {"train": train}, root / "work")
   out = trainer.predict(state, train)
   labels = np.asarray(train.labels)
   unexcluded = hardness.select_hard(out["prob_true"], out["pred"], labels, 4, prob_quantile=0.99)
@@ -144,11 +144,11 @@ def test_hard_set_is_the_checkpoint_models_errors_without_empty(trained):
   assert figures["model"] == config.hard.model_checkpoint
   config.hard.exclude_classes = ("emptty",)
   with pytest.raises(ValueError, match=r"hard.exclude_classes names unknown class\(es\) \['emptty'\]"):
-    hard_stage.select_hard_with_figures(config, {"train": train}, root / "work")
+    hard_selection.select_hard_with_figures(config, {"train": train}, root / "work")
   config.hard.exclude_classes = ()
   config.hard.model_checkpoint = str(root / "missing")
   with pytest.raises(ValueError, match="hard.model_checkpoint=.*missing"):
-    hard_stage.select_hard_with_figures(config, {"train": train}, root / "work")
+    hard_selection.select_hard_with_figures(config, {"train": train}, root / "work")
 
 
 def test_a_discl_schedule_without_the_checkpoint_is_refused_before_any_stage(tmp_path):

@@ -32,6 +32,7 @@ from discl_jax import workdir as wd
 from discl_jax.data import class_names as class_names_lib
 from discl_jax.data import datasets
 from discl_jax.stages import hard_stage
+from discl_jax.train import hard_selection
 from discl_jax.train import loop
 
 TESTS = pathlib.Path(__file__).resolve().parent
@@ -144,8 +145,8 @@ _CHILD = textwrap.dedent("""
           return step(state, batch, lr)
         return counted
       flyp.make_train_step = make_train_step
-      from discl_jax.train import loop
-      result = loop.train_and_evaluate(config, workdir)
+      from discl_jax.stages import train_stage
+      result = train_stage.train_and_evaluate(config, workdir)
       assert result["preempted"] and result["epoch"] == 1, result
       flyp.make_train_step = make_step
       # 2) resume here; SIGKILL once epoch 2's row is written (before its checkpoint).
@@ -155,7 +156,7 @@ _CHILD = textwrap.dedent("""
         if rows[-1].get("epoch") == 2:
           os.kill(os.getpid(), signal.SIGKILL)
       wd.append_jsonl = append_then_die
-      loop.train_and_evaluate(config, workdir)
+      train_stage.train_and_evaluate(config, workdir)
     else:  # resume: train and eval after the kill
       pipeline.run_stages(config, workdir, ("train", "eval"))
     print("DONE")
@@ -327,4 +328,4 @@ def test_misclassified_rule_needs_the_clip_model(root):
   config.train.model = "resnet32"
   splits = datasets.load(config.data)
   with pytest.raises(ValueError, match="hard.rule='misclassified'.*train.model='resnet32'"):
-    hard_stage.select_hard(config, splits, root / "unused")
+    hard_selection.select_hard(config, splits, root / "unused")

@@ -30,7 +30,7 @@ from discl_jax.data import class_names as class_names_lib
 from discl_jax.data import spectrum_store
 from discl_jax.stages import generate_stage
 from discl_jax.stages import score_stage
-from discl_jax.train import loop
+from discl_jax.stages import train_stage
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -133,18 +133,18 @@ def test_train_and_score_read_only_the_config_job_grid(tmp_path):
   _scored_store(tmp_path)  # 2 strengths x 2 seeds: a larger grid's run added images
   config = _demo()
   config.diffusion.update(strengths=(0.7,), seeds_per_level=1)
-  assert [r["job_id"] for r in loop.accepted_rows(config, tmp_path)] == ["a|s0.700|seed0"]
+  assert [r["job_id"] for r in train_stage.accepted_rows(config, tmp_path)] == ["a|s0.700|seed0"]
   score_stage.run(config, tmp_path)  # every row is scored: only the report is written
   report = json.loads(wd.path(tmp_path, score_stage.ACCEPTANCE_JSON).read_text())
   assert report["overall"]["scored"] == 1
   config.diffusion.update(strengths=(0.3, 0.7), seeds_per_level=2)
-  assert len(loop.accepted_rows(config, tmp_path)) == 4
+  assert len(train_stage.accepted_rows(config, tmp_path)) == 4
 
 
 def _trained(workdir, config):
   """Records `config`'s train fingerprint, as a finished train stage leaves it."""
-  ids = [r["job_id"] for r in loop.accepted_rows(config, workdir)]
-  provenance.check_stage(workdir, "train", config, loop.train_fingerprint(config, workdir, ids),
+  ids = [r["job_id"] for r in train_stage.accepted_rows(config, workdir)]
+  provenance.check_stage(workdir, "train", config, train_stage.train_fingerprint(config, workdir, ids),
                          target=wd.path(workdir, wd.PROVENANCE % "train"), outputs=[])
   wd.atomic_write_json(wd.path(workdir, "acceptance.json"), {"overall": {"accepted": 1}})
 

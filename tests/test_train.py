@@ -52,7 +52,7 @@ _CHILD = textwrap.dedent("""
     from discl_jax import workdir as wd
     from discl_jax.data import pipeline
     from discl_jax.train import checkpoint as checkpoint_lib
-    from discl_jax.train import loop
+    from discl_jax.stages import train_stage
     from discl_jax.train import steps as steps_lib
 
     def make_config():
@@ -93,9 +93,9 @@ _CHILD = textwrap.dedent("""
             pathlib.Path(workdir, "epoch1_started").touch()
           return make_loader(*args, **kwargs)
         pipeline.train_loader = train_loader
-        print("RESULT", loop.train_and_evaluate(make_config(), workdir), flush=True)
+        print("RESULT", train_stage.train_and_evaluate(make_config(), workdir), flush=True)
         return
-      result = loop.train_and_evaluate(make_config(), workdir)
+      result = train_stage.train_and_evaluate(make_config(), workdir)
       assert "preempted" not in result, result
       print("RESULT", result)
 
@@ -112,7 +112,7 @@ _CHILD = textwrap.dedent("""
           return step(state, batch, lr)
         return counted
       steps_lib.make_train_step = make_train_step
-      result = loop.train_and_evaluate(make_config(), workdir)
+      result = train_stage.train_and_evaluate(make_config(), workdir)
       assert result["preempted"] and result["epoch"] == 1, result
       steps_lib.make_train_step = make_step
       # 2) resume in this process, saving every CHECKPOINT_EVERY steps (synchronously, so
@@ -302,26 +302,26 @@ def test_process_group_sigterm_with_workers_checkpoints_and_exits(runs):
 
 def test_changed_key_on_a_finished_run_is_refused_and_names_it(runs):
   from discl_jax import provenance  # pylint: disable=g-import-not-at-top
-  from discl_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from discl_jax.stages import train_stage  # pylint: disable=g-import-not-at-top
   _, full = runs
   result = (full / "train_result.json").read_text()
   stored = provenance.stored_config(full / "train.provenance.json")
   stored.train.epochs = 2
   with pytest.raises(ValueError, match=r"^train: .*train\.epochs is 2 now but was 3.*"
                                        r"another --workdir, or delete .*ckpt"):
-    loop.train_and_evaluate(stored, full)
+    train_stage.train_and_evaluate(stored, full)
   stored = provenance.stored_config(full / "train.provenance.json")
   stored.curriculum.schedule = "none"
   with pytest.raises(ValueError, match=r"curriculum\.schedule is 'none' now"):
-    loop.train_and_evaluate(stored, full)
+    train_stage.train_and_evaluate(stored, full)
   stored = provenance.stored_config(full / "train.provenance.json")
   stored.score.threshold = 0.6  # accepts none of the synthetic images: refused up front
   with pytest.raises(ValueError, match=r"none of the \d+ scored spectrum images reaches "
                                        r"score\.threshold=0\.6"):
-    loop.train_and_evaluate(stored, full)
+    train_stage.train_and_evaluate(stored, full)
   stored.score.threshold = 0.05  # also accepts the images scored 0.1: another accepted set
   with pytest.raises(ValueError, match=r"score\.threshold is 0\.05 now.*synthetic\.accepted"):
-    loop.train_and_evaluate(stored, full)
+    train_stage.train_and_evaluate(stored, full)
   assert (full / "train_result.json").read_text() == result
 
 

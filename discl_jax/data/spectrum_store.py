@@ -322,6 +322,10 @@ class SpectrumStore:
     """Returns the absolute pathlib.Path of the image of manifest `row`."""
     return self.root / row["path"]
 
+  def owned(self, rows):
+    """Returns the rows of `rows` whose job this process owns (all of them on one process)."""
+    return [r for r in rows if self._owns(r["job_id"])]
+
   def _owns(self, job):
     return self.process_count == 1 or seeding.process_owns(
         job, self.process_index, self.process_count)

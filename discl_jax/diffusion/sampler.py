@@ -404,52 +404,60 @@ class SpectrumSampler:
     encoded and the finished jobs decoded `vae_batch` at a time.
     """
     jobs = iter(jobs)
-    n_steps = self.schedule.num_steps
     ready = collections.deque()  # (job, start latent, start index)
-    slot_job, slot_index, done, size, exhausted, state = None, None, [], None, False, None
+    size = self._enqueue(jobs, ready, None)
+    if size is None:
+      return
+    state = self._first_state(ready[0][1].shape, size)
+    slot_job, slot_index = [None] * self.slots, np.zeros(self.slots, np.int64)
+    done, exhausted = [], False
     while True:
-      free = [] if slot_job is None else [j for j, job in enumerate(slot_job) if job is None]
-      while (slot_job is None or len(ready) < len(free)) and not exhausted:
-        chunk = list(itertools.islice(jobs, self.vae_batch))
-        if not chunk:
-          exhausted = True
-          break
-        starts = []
-        for job in chunk:
-          starts.append(self._check(job, size))
-          size = job.image.shape[:2]
-        ready.extend(zip(chunk, self._prepare(chunk, starts), starts))
-        if slot_job is None:
-          break
-      if state is None:
-        if not ready:
-          return
-        state = self._first_state(ready[0][1].shape, size)
-        slot_job, slot_index = [None] * self.slots, np.zeros(self.slots, np.int64)
-        continue
+      free = [j for j, job in enumerate(slot_job) if job is None]
+      while len(ready) < len(free) and not exhausted:
+        next_size = self._enqueue(jobs, ready, size)
+        exhausted = next_size is None
+        size = size if exhausted else next_size
       if free and ready:
         state = self._refill(state, free, ready, slot_job, slot_index)
       active = [j for j, job in enumerate(slot_job) if job is not None]
       if not active:
         break
-      count = int(n_steps - slot_index[active].max())  # steps until the nearest finish
-      state = self._fns["steps"](self._params["unet"], self._tables, self._uncond, self._guidance,
-                                 self._time_ids_for(size), state, np.int32(count))
-      self.stats["steps"] += count
-      self.stats["dispatches"] += 1
-      self.stats["slot_evals"] += self.slots * count
-      self.stats["useful_evals"] += len(active) * count
-      slot_index[active] += count
-      finished = [j for j in active if slot_index[j] == n_steps]
+      state = self._advance(state, size, slot_index, active)
       latents = np.asarray(state["latents"])
-      for j in finished:
-        done.append((slot_job[j], latents[j]))
-        slot_job[j] = None
+      for j in active:
+        if slot_index[j] == self.schedule.num_steps:
+          done.append((slot_job[j], latents[j]))
+          slot_job[j] = None
       while len(done) >= self.vae_batch:
         yield from self._finish(done[:self.vae_batch])
         done = done[self.vae_batch:]
     if done:
       yield from self._finish(done)
+
+  def _enqueue(self, jobs, ready, size):
+    """Prepares the next `vae_batch` jobs onto `ready`; returns their size (None: no job left)."""
+    chunk = list(itertools.islice(jobs, self.vae_batch))
+    if not chunk:
+      return None
+    starts = []
+    for job in chunk:
+      starts.append(self._check(job, size))
+      size = job.image.shape[:2]
+    ready.extend(zip(chunk, self._prepare(chunk, starts), starts))
+    return size
+
+  def _advance(self, state, size, slot_index, active):
+    """Returns the slot state run up to the nearest finish among `active` (one dispatch);
+    advances `slot_index`."""
+    count = int(self.schedule.num_steps - slot_index[active].max())
+    state = self._fns["steps"](self._params["unet"], self._tables, self._uncond, self._guidance,
+                               self._time_ids_for(size), state, np.int32(count))
+    self.stats["steps"] += count
+    self.stats["dispatches"] += 1
+    self.stats["slot_evals"] += self.slots * count
+    self.stats["useful_evals"] += len(active) * count
+    slot_index[active] += count
+    return state
 
   def _finish(self, batch):
     images = self._decode(np.stack([lat for _, lat in batch]))

@@ -155,3 +155,36 @@ def _read_or_none(read):
     return read()
   except records.BadImageError:
     return None
+
+
+def write_spectrum_grids(config, workdir, store, train_image, index, hard_rows):
+  """Writes workdir/spectrum_grid_{class}.png per hard class; returns their paths.
+
+  `train_image(i)` is the (upsampled) source image of train row i; `index` maps source id -> i.
+  """
+  if config.diffusion.grid_sources <= 0:
+    return []
+  levels = sorted({spectrum_store.image_guidance(s) for s in config.diffusion.strengths},
+                  reverse=True)
+  rows = store.rows()
+  by_class = collections.defaultdict(list)
+  for hard in hard_rows:
+    if len(by_class[hard["class_name"]]) < config.diffusion.grid_sources:
+      by_class[hard["class_name"]].append(hard["source_id"])
+  titles = ["real"] + [f"lambda {level:.2f}" for level in levels]
+  load = lambda row: records.read_rgb(store.image_path(row))
+  written = []
+  for class_name, sources in by_class.items():
+    real = []
+    for source in sources:
+      try:
+        real.append((source, train_image(index[source])))
+      except records.BadImageError:
+        real.append((source, None))
+    cells = spectrum_cells(real, rows, levels, load)
+    grid = make_grid(cells, titles)
+    target = wd.path(workdir, f"spectrum_grid_{spectrum_store.safe_component(class_name)}.png")
+    wd.atomic_write_bytes(target, spectrum_store.encode_png(grid))
+    written.append(target)
+  logging.info("generate: wrote %d spectrum grid(s) to %s", len(written), workdir)
+  return written

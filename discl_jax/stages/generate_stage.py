@@ -7,7 +7,6 @@ comes, so a killed run resumes where it stopped. Process 0 then draws
 workdir/spectrum_grid_{class}.png.
 """
 
-import collections
 import json
 import time
 
@@ -15,7 +14,6 @@ from absl import logging
 
 from discl_jax import parallel
 from discl_jax import progress
-from discl_jax import seeding
 from discl_jax import workdir as wd
 from discl_jax.data import datasets
 from discl_jax.data import upsample
@@ -87,36 +85,6 @@ def _generate(config, workdir, checkpoint, store, train, index, owned, todo, siz
   return made
 
 
-def write_grids(config, workdir, store, train, index, hard_rows):
-  """Writes workdir/spectrum_grid_{class}.png per hard class; returns their paths."""
-  if config.diffusion.grid_sources <= 0:
-    return []
-  levels = sorted({spectrum_store.image_guidance(s) for s in config.diffusion.strengths},
-                  reverse=True)
-  rows = store.rows()
-  by_class = collections.defaultdict(list)
-  for hard in hard_rows:
-    if len(by_class[hard["class_name"]]) < config.diffusion.grid_sources:
-      by_class[hard["class_name"]].append(hard["source_id"])
-  titles = ["real"] + [f"lambda {level:.2f}" for level in levels]
-  load = lambda row: records.read_rgb(store.image_path(row))
-  written = []
-  for class_name, sources in by_class.items():
-    real = []
-    for source in sources:
-      try:
-        real.append((source, train.image(index[source])))
-      except records.BadImageError:
-        real.append((source, None))
-    cells = spectrum_grid.spectrum_cells(real, rows, levels, load)
-    grid = spectrum_grid.make_grid(cells, titles)
-    target = wd.path(workdir, f"spectrum_grid_{spectrum_store.safe_component(class_name)}.png")
-    wd.atomic_write_bytes(target, spectrum_store.encode_png(grid))
-    written.append(target)
-  logging.info("generate: wrote %d spectrum grid(s) to %s", len(written), workdir)
-  return written
-
-
 def run(config, workdir):
   """Generates every missing spectrum image of this process, then (process 0) the grids."""
   strengths = jobs.validate_strengths(config.diffusion.strengths)
@@ -128,8 +96,7 @@ def run(config, workdir):
   counts = store.reconcile(expected)
   logging.info("generate: store reconciled: %s", counts)
   done = store.done_job_ids()
-  owned = [r for r in expected if seeding.process_owns(
-      r["job_id"], store.process_index, store.process_count)]
+  owned = store.owned(expected)
   todo = [r for r in owned if r["job_id"] not in done]
   logging.info("generate: %d jobs in all, %d for this process, %d still to do",
                len(expected), len(owned), len(todo))
@@ -140,4 +107,4 @@ def run(config, workdir):
   _generate(config, workdir, checkpoint, store, train, index, owned, todo, sizes)
   parallel.barrier("stages.generate.generated")
   if wd.is_main_process():
-    write_grids(config, workdir, store, train, index, hard_rows)
+    spectrum_grid.write_spectrum_grids(config, workdir, store, train.image, index, hard_rows)

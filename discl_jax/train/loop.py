@@ -1,15 +1,19 @@
 """The training loop: curriculum epochs, evaluation, metrics and checkpoints.
 
-`train_and_evaluate(config, workdir)` loads the data and the accepted synthetic
-images, builds the curriculum, and per epoch: plans the epoch's samples, trains
-on them with the jitted step, evaluates on the `eval.splits` (long-tail: val
-and test; iWildCam: id_val, id_test, val, test), appends a row to
-`metrics.jsonl` (and TensorBoard under `tb/`) and checkpoints (named by the
-global step; also every `train.checkpoint_every_steps` steps inside an epoch).
-A killed run resumes from the latest checkpoint to the same result as an
-uninterrupted one; a resumed run does not load `train.init_checkpoint` again.
-The best epoch is chosen on `{eval.select_split}/{eval.select_metric}` (a
-validation split, never a test split); its numbers on every split are reported.
+`train(config, data, out_dir)` takes the data and accepted synthetic images the
+train stage read (`load_data`) and runs a step-indexed loop over segments of
+records (a plain epoch's plan, or stretches of an adaptive run's phase stream).
+Around the steps, periodic events: TensorBoard every `train.log_every_steps`,
+a mid-epoch checkpoint every `train.checkpoint_every_steps` (or on
+preemption), and at the end of an epoch the evaluation on the `eval.splits`
+(long-tail: val and test; iWildCam: id_val, id_test, val, test), a row appended
+to `metrics.jsonl` (and TensorBoard under `tb/`) and a checkpoint (named by the
+global step). Where the run stands is a small `Progress` record, kept as every
+checkpoint's meta. A killed run resumes from the latest checkpoint to the same
+result as an uninterrupted one; a resumed run does not load
+`train.init_checkpoint` again. The best epoch is chosen on
+`{eval.select_split}/{eval.select_metric}` (a validation split, never a test
+split); its numbers on every split are reported.
 
 One loop, two trainers picked by the config: `Trainer` (ResNets, CE or
 Balanced Softmax) and, for `train.model == "clip"`,
@@ -30,7 +34,6 @@ from absl import logging
 
 from discl_jax import parallel
 from discl_jax import progress
-from discl_jax import provenance
 from discl_jax import seeding
 from discl_jax import workdir as wd
 from discl_jax import curriculum
@@ -39,11 +42,10 @@ from discl_jax.data import longtail
 from discl_jax.data import pipeline
 from discl_jax.data import spectrum_store
 from discl_jax.data import transforms
-from discl_jax.diffusion import jobs
 from discl_jax.evaluation import metrics as metrics_lib
 from discl_jax.evaluation import sharded_predict
 from discl_jax.evaluation import report
-from discl_jax.scoring import acceptance
+from discl_jax.scoring import clip as clip_lib
 from discl_jax.models import resnet
 from discl_jax.train import checkpoint as checkpoint_lib
 from discl_jax.train import clip_trainer
@@ -57,7 +59,7 @@ _SEGMENT_SEEDS = 1_000_000  # a stream segment's loader seed: epoch * this + its
 
 @dataclasses.dataclass
 class Data:
-  """Everything the loop reads from the workdir and the dataset."""
+  """What the loop trains and evaluates on: splits, synthetic images, groups, curriculum."""
   train: object
   eval_splits: dict
   synthetic: object
@@ -66,106 +68,25 @@ class Data:
   accepted_ids: tuple = ()
 
 
-TRAIN_OUTPUTS = (wd.CKPT, wd.METRICS, wd.TRAIN_RESULT, wd.PREDICTIONS, wd.TENSORBOARD,
-                 wd.TIMINGS)
-
-
-def spectrum_root(config, workdir):
-  """Returns the spectrum directory training reads: `data.spectrum_dir` (or its spectrum/ when
-  it names a workdir), else workdir/spectrum.
-
-  Raises FileNotFoundError when `data.spectrum_dir` is set and is not a directory.
-  """
-  if not config.data.spectrum_dir:
-    return wd.path(workdir, wd.SPECTRUM)
-  root = pathlib.Path(config.data.spectrum_dir)
-  if not root.is_dir():
-    raise FileNotFoundError(f"data.spectrum_dir {str(root)!r} is not a directory (give "
-                            f"another workdir's {wd.SPECTRUM}/ folder)")
-  return wd.spectrum_folder(root)
-
-
-def hard_path(config, workdir):
-  """Returns workdir/hard.jsonl, or the one beside `data.spectrum_dir` when this workdir has none."""
-  own = wd.path(workdir, wd.HARD)
-  if own.exists() or not config.data.spectrum_dir:
-    return own
-  return wd.spectrum_folder(config.data.spectrum_dir).parent / wd.HARD
-
-
-def accepted_rows(config, workdir):
-  """Returns the spectrum rows of this config's job grid (`jobs.grid_rows`) whose CLIP
-  text score is >= `score.threshold`, by job id.
-
-  Raises FileNotFoundError / ValueError naming the stage to run when the
-  curriculum has no spectrum, no scores or no accepted image to train on.
-  """
-  root = spectrum_root(config, workdir)
-  rows = spectrum_store.SpectrumStore(root).rows() if root.is_dir() else []
-  rows = jobs.grid_rows(rows, config.diffusion)
-  accepted = acceptance.accepted_rows(rows, config.score.threshold,
-                                      acceptance.max_attempt(config.score))
-  if not accepted:
-    acceptance.raise_nothing_accepted(rows, config.score.threshold, root,
-                                      config.curriculum.schedule)
-  return accepted
-
-
-def config_fingerprint(config):
-  """Returns the part of a training run's fingerprint the config alone decides.
-
-  `provenance.fingerprint(config, "train")` and the content hash of
-  `train.init_checkpoint`; the pipeline checks it before any stage runs.
-  """
-  out = provenance.fingerprint(config, "train", reads_spectrum=config.curriculum.schedule
-                               not in curriculum.REAL_ONLY_SCHEDULES)
-  if config.train.init_checkpoint:
-    out["train.init_checkpoint_sha256"] = checkpoint_lib.init_checkpoint_sha256(
-        config.train.init_checkpoint)
-  return out
-
-
-def train_fingerprint(config, workdir, accepted_ids):
-  """Returns the provenance fingerprint of a training run (`provenance.STAGE_KEYS["train"]`).
-
-  `config_fingerprint`, plus the accepted synthetic set (count and a hash of
-  its job ids) and the fingerprints of the spectrum it comes from
-  (generation and score).
-  """
-  out = config_fingerprint(config)
-  ids = sorted(accepted_ids)
-  out["synthetic.accepted"] = len(ids)
-  out["synthetic.accepted_sha256"] = provenance.sha256_bytes("\n".join(ids))
-  if ids:
-    root = spectrum_root(config, workdir)
-    out["synthetic.generation"] = provenance.stored_fingerprint(root / spectrum_store.GENERATION)
-    scored = provenance.read_record(root / spectrum_store.SCORE_PROVENANCE) or {}
-    out["synthetic.score"] = scored.get("fingerprint", {})
-  return out
-
-
-def load_data(config, workdir):
+def load_data(config, synthetic_rows, synthetic_root, hard_ids):
   """Returns the loop's `Data`: splits, synthetic images, class groups, curriculum spec.
 
-  The hard images are those of workdir/hard.jsonl (the `hard` stage) when it
-  exists, else every training image of a Few class.
+  `synthetic_rows` are the accepted spectrum rows (their images under
+  `synthetic_root`); `hard_ids` the source ids of the hard images, or None for
+  every training image of a Few class.
   """
   splits = datasets.load(config.data)
   eval_names = check_eval_splits(config.eval, splits, config.data.name)
   train = splits["train"]
   groups = longtail.class_groups(train.class_counts(), config.data.many_threshold,
                                  config.data.few_threshold)
-  real_only = config.curriculum.schedule in curriculum.REAL_ONLY_SCHEDULES
-  rows = [] if real_only else accepted_rows(config, workdir)
-  synthetic = (spectrum_store.to_labeled_images(
-      rows, train.class_names, spectrum_root(config, workdir)) if rows else None)
-  hard_rows = wd.read_jsonl(hard_path(config, workdir))
-  hard_ids = {row["source_id"] for row in hard_rows} if hard_rows else None
+  rows = synthetic_rows
+  synthetic = (spectrum_store.to_labeled_images(rows, train.class_names, synthetic_root)
+               if rows else None)
   spec = curriculum.CurriculumSpec.from_config(
       config.curriculum, train=train, groups=groups, synthetic_rows=rows,
       seed=config.seed, hard_ids=hard_ids,
-      rows_per_image=(len(config.train.clip_templates)
-                      if config.train.model == clip_trainer.MODEL else 1))
+      rows_per_image=len(config.train.clip_templates) if config.train.model == clip_trainer.MODEL else 1)
   return Data(train=train, eval_splits={name: splits[name] for name in eval_names},
               synthetic=synthetic, groups=groups, spec=spec,
               accepted_ids=tuple(str(row["job_id"]) for row in rows))
@@ -246,12 +167,14 @@ class Trainer:
         image_size=self.image_size, on_bad_image=self.config.data.on_bad_image)
 
 
-def make_trainer(config, data, mesh, workdir):
-  """Returns the trainer `train.model` asks for: ClipTrainer for "clip", else Trainer."""
+def make_trainer(config, data, mesh, clip_model=None):
+  """Returns the trainer `train.model` asks for: ClipTrainer for "clip" (fine-tuning the CLIP
+  at `clip_model()`), else Trainer."""
   if config.train.model == clip_trainer.MODEL:
     if config.train.mixup_alpha > 0:
       raise ValueError("train.mixup_alpha > 0 needs a ResNet train.model; FLYP ('clip') has no mixup")
-    return clip_trainer.ClipTrainer(config, data.train.class_names, mesh, workdir)
+    models = clip_lib.load_clip(clip_model(), "float32")
+    return clip_trainer.ClipTrainer(config, data.train.class_names, mesh, None, models=models)
   if config.train.loss == clip_trainer.LOSS:
     raise ValueError(f"train.loss='flyp' needs train.model='clip', got {config.train.model!r}")
   return Trainer(config, data.train.class_counts(), mesh)
@@ -277,178 +200,286 @@ def validation_probs(trainer, state, data):
   return np.stack(probs).astype(np.float32)
 
 
-def train_and_evaluate(config, workdir):
-  """Trains with the configured curriculum; returns the final metrics dict.
+@dataclasses.dataclass
+class Progress:
+  """Where a run stands: the epoch, the batches done in it, the best epoch so far and the
+  epoch's running sums. Every checkpoint keeps it as its meta (`to_meta` / `from_meta`)."""
+  epoch: int = 0
+  batches_done: int = 0
+  segment_start: int = 0
+  mid_epoch: bool = False
+  best_epoch: int = -1
+  best_val: float = -1.0
+  best: dict = dataclasses.field(default_factory=dict)
+  plan: dict | None = None
+  epoch_loss_sum: float = 0.0
+  epoch_acc_sum: float = 0.0
+  history: list | None = None  # the metrics rows of the finished epochs
 
-  Writes workdir/ckpt (orbax), workdir/metrics.jsonl, workdir/tb (TensorBoard),
-  workdir/predictions.npz (best-val epoch) and workdir/train_result.json.
-  Returns {"preempted": True, ...} early when asked to stop (SIGTERM or a
-  multi-host preemption notice) after saving a mid-epoch checkpoint. With
+  @classmethod
+  def from_meta(cls, meta):
+    """Returns the Progress a checkpoint's meta dict records."""
+    return cls(**{f.name: meta[f.name] for f in dataclasses.fields(cls) if f.name in meta})
+
+  def to_meta(self):
+    """Returns the checkpoint meta dict (no "history" before the first epoch ends)."""
+    meta = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    if self.history is None:
+      del meta["history"]
+    return meta
+
+  def restart_epoch(self, plan=False):
+    """Zeroes the batch count, segment start and running sums (and the plan when `plan`)."""
+    self.batches_done, self.segment_start = 0, 0
+    self.epoch_loss_sum, self.epoch_acc_sum = 0.0, 0.0
+    if plan:
+      self.plan = None
+
+
+@dataclasses.dataclass
+class Segment:
+  """A stretch of training records fed by one loader: a whole plain epoch, or one stretch of
+  an adaptive run's phase stream (several make an epoch)."""
+  picks: object
+  plan_summary: dict
+  stream: bool
+  resumed: bool  # restored mid-way from a checkpoint
+  iterator: object = None
+  num_steps: int = 0  # the epoch's batch index this segment ends at
+  epoch_steps: int = 0  # the epoch's batches in all
+
+
+@dataclasses.dataclass
+class Run:
+  """The fixed parts of one training run."""
+  config: object
+  data: Data
+  trainer: object
+  ckpt: object
+  out_dir: pathlib.Path
+  writer: object
+  select_key: str
+  sources: list
+  stream_steps: int
+
+
+def train(config, data, out_dir, clip_model=None):
+  """Trains on `data` (a `Data`) with the configured curriculum; returns the final metrics dict.
+
+  Writes into directory `out_dir`: ckpt/ (orbax), metrics.jsonl, tb/ (TensorBoard),
+  predictions.npz (best-val epoch) and train_result.json. Returns
+  {"preempted": True, ...} early when asked to stop (SIGTERM or a multi-host
+  preemption notice) after saving a mid-epoch checkpoint. With
   `train.epochs=0` it evaluates `train.init_checkpoint` as it is (`evaluate_as_is`).
+  `clip_model()` returns the CLIP to fine-tune (`train.model == "clip"`).
   """
-  workdir = pathlib.Path(workdir)
   tc = config.train
+  out_dir = pathlib.Path(out_dir)
   mesh = parallel.make_mesh(config.mesh.shape)
-  data = load_data(config, workdir)
-  provenance.check_stage(
-      workdir, "train", config, train_fingerprint(config, workdir, data.accepted_ids),
-      target=wd.path(workdir, wd.PROVENANCE % "train"),
-      outputs=[wd.path(workdir, name) for name in TRAIN_OUTPUTS])
   sources = [data.train] + ([data.synthetic] if data.synthetic is not None else [])
-  trainer = make_trainer(config, data, mesh, workdir)
+  trainer = make_trainer(config, data, mesh, clip_model)
   trainer.train_step = progress.first_call_notice(trainer.train_step, "the train step")
   select_key = f"{config.eval.select_split}/{config.eval.select_metric}"
   if tc.epochs == 0:
-    return evaluate_as_is(trainer, data, workdir, select_key)
-  ckpt = checkpoint_lib.Checkpointer(wd.path(workdir, wd.CKPT), tc.keep_checkpoints).watch_sigterm()
-  main = wd.is_main_process()
-
-  resuming = ckpt.latest_step() is not None
-  state = trainer.initial_state(load_init=not resuming)
-  cstate = data.spec.initial_state()
-  meta = {"epoch": 0, "batches_done": 0, "segment_start": 0, "mid_epoch": False,
-          "best_epoch": -1, "best_val": -1.0,
-          "best": {}, "plan": None, "epoch_loss_sum": 0.0, "epoch_acc_sum": 0.0}
-  resume_picks = None
-  latest = None
-  restored = ckpt.restore_latest(state, cstate) if resuming else None
-  if restored is not None:
-    latest, meta, resume_picks, state, cstate = restored
-    logging.info("resumed from checkpoint %d: epoch %d, batch %d", latest,
-                 meta["epoch"], meta["batches_done"])
-  metrics_path = wd.path(workdir, wd.METRICS)
-  history = restore_metrics(metrics_path, meta, ckpt.directory, write=main)
-  writer = _tb_writer(workdir, int(state.step) if latest is not None else None) if main else None
-
-  shard = (jax.process_index(), jax.process_count())
-  # Adaptive: its curriculum epochs are stretches of a phase stream (curriculum.next_segment),
-  # cut where the curriculum measures its validation images; each epoch as long as a plain one.
-  stream_steps = curriculum.epoch_steps(data.spec, trainer.train_picks, tc.batch_size)
-  epoch = meta["epoch"]
+    return evaluate_as_is(trainer, data, out_dir, select_key)
+  ckpt = checkpoint_lib.Checkpointer(wd.path(out_dir, wd.CKPT), tc.keep_checkpoints).watch_sigterm()
+  writer = None
   try:
-    while epoch < tc.epochs:
-      mid_epoch = bool(meta["mid_epoch"]) and resume_picks is not None
-      stream = curriculum.in_stream(data.spec, epoch)
-      if mid_epoch:
-        picks, plan_summary = resume_picks, meta["plan"]
-      elif stream:
-        if meta["batches_done"] == 0:
-          meta.update(plan=None, epoch_loss_sum=0.0, epoch_acc_sum=0.0)
-        cstate, picks, segment = curriculum.next_segment(
-            data.spec, cstate, steps_left=stream_steps - meta["batches_done"],
-            batch_size=tc.batch_size, records_fn=trainer.train_picks,
-            measure=lambda: validation_probs(trainer, state, data))
-        plan_summary = curriculum.merge_summaries(meta["plan"], segment)
-        meta["segment_start"] = meta["batches_done"]
-      else:
-        cstate, plan = curriculum.plan_epoch(data.spec, cstate, epoch)
-        picks, plan_summary = trainer.train_picks(plan.picks, epoch), plan.summary()
-        meta.update(batches_done=0, segment_start=0, epoch_loss_sum=0.0, epoch_acc_sum=0.0)
-      resume_picks = None
-      segment_start = meta.get("segment_start", 0)
-      num_steps = segment_start + len(picks) // tc.batch_size
-      epoch_steps = stream_steps if stream else num_steps
-      if num_steps == 0:
-        logging.warning("epoch %d: %d samples < train.batch_size=%d, no step taken",
-                        epoch, len(picks), tc.batch_size)
-        iterator = None
-      else:
-        iterator = iter(pipeline.train_loader(
-            sources, picks, image_size=trainer.image_size, batch_size=tc.batch_size,
-            seed=config.seed, epoch=epoch * _SEGMENT_SEEDS + segment_start if stream else epoch,
-            shuffle=not stream, augment=config.data.augment, shard=shard,
-            num_workers=config.data.num_workers, on_bad_image=config.data.on_bad_image,
-            mean=trainer.mean, std=trainer.std, recipe=transforms.recipe_for(tc.model),
-            crop_scale=config.data.crop_scale, color_jitter=config.data.color_jitter))
-      if mid_epoch:
-        iterator = ckpt.restore_iterator(latest, iterator)
-      batch_index = meta["batches_done"]
-      step = int(state.step)
-      lr = optim.learning_rate(tc, step, epoch / tc.epochs)
-      # Running sums stay on device (float32), so steps dispatch without a host sync.
-      sums = {"loss": np.float32(meta["epoch_loss_sum"]),
-              "accuracy": np.float32(meta["epoch_acc_sum"])}
-      if meta["batches_done"] == 0 or mid_epoch:  # a stream epoch spans several segments
-        started, first_batch = time.time(), batch_index
-      train_bar = progress.bar(num_steps * tc.batch_size, f"epoch {epoch} ({epoch + 1}/{tc.epochs})",
-                               initial=batch_index * tc.batch_size)
-      for batch in iterator if iterator is not None else ():
-        if batch_index >= num_steps:
-          break
-        lr = optim.learning_rate(tc, step, (epoch + batch_index / epoch_steps) / tc.epochs)
-        images = trainer.batch_inputs(batch, sources, epoch)
-        state, step_metrics = trainer.train_step(state, parallel.put_batch(images, mesh), lr)
-        sums = {k: sums[k] + step_metrics[k] for k in sums}
-        batch_index += 1
-        train_bar.update(tc.batch_size)
-        if writer is not None and step % tc.log_every_steps == 0:
-          writer.add_scalar("train/step_loss", float(step_metrics["loss"]), step)
-          writer.add_scalar("train/lr", lr, step)
-        step += 1
-        if batch_index >= epoch_steps:
-          continue  # the epoch-end checkpoint follows
-        preempted = ckpt.preempted(step)
-        if preempted or (tc.checkpoint_every_steps > 0 and step % tc.checkpoint_every_steps == 0):
-          meta.update(epoch=epoch, batches_done=batch_index, segment_start=segment_start,
-                      mid_epoch=True, plan=plan_summary,
-                      epoch_loss_sum=float(sums["loss"]), epoch_acc_sum=float(sums["accuracy"]))
-          ckpt.save(step, state=state, curriculum=cstate, data_iter=iterator, picks=picks,
-                    meta=meta)
-        if preempted:
-          train_bar.close()
-          logging.warning("preempted: saved epoch %d after batch %d (step %d)", epoch,
-                          batch_index, step)
-          return {"preempted": True, "epoch": epoch, "batches_done": batch_index}
-      train_bar.close()
-      meta.update(batches_done=batch_index, epoch_loss_sum=float(sums["loss"]),
-                  epoch_acc_sum=float(sums["accuracy"]))
-      if stream and batch_index < epoch_steps:  # the epoch goes on with the stream's next segment
-        meta.update(plan=plan_summary, mid_epoch=False)
-        continue
-      train_seconds = time.time() - started
-      row = {"epoch": epoch, "step": int(state.step), "lr": lr,
-             "loss": meta["epoch_loss_sum"] / max(batch_index, 1),
-             "train_accuracy": meta["epoch_acc_sum"] / max(batch_index, 1)}
-      row.update(plan_summary)
-      outs = {}
-      for name, split in data.eval_splits.items():
-        split_row, outs[name] = evaluate(trainer, state, split, data.groups, name)
-        row.update(split_row)
-      if row[select_key] > meta["best_val"]:
-        prefixes = tuple(f"{name}/" for name in data.eval_splits)
-        meta.update(best_val=row[select_key], best_epoch=epoch,
-                    best={k: v for k, v in row.items() if k.startswith(prefixes)})
-        if main:
-          _save_predictions(wd.path(workdir, wd.PREDICTIONS), epoch, outs)
-      row["best_epoch"] = meta["best_epoch"]
-      images = (batch_index - first_batch) * tc.batch_size
-      if main:
-        wd.append_jsonl(metrics_path, [row])
-        wd.append_jsonl(wd.path(workdir, wd.TIMINGS), [
-            {"epoch": epoch, "images": images, "seconds": train_seconds}])
-        _log_tb(writer, row)
-      logging.info("%s", epoch_line(row, tc.epochs, data.eval_splits, images,
-                                    time.time() - started, train_seconds))
-      history.append(row)
-      meta.update(history=history, epoch=epoch + 1, batches_done=0, segment_start=0,
-                  mid_epoch=False, plan=None, epoch_loss_sum=0.0, epoch_acc_sum=0.0)
-      ckpt.save(int(state.step), state=state, curriculum=cstate, data_iter=iterator,
-                picks=picks, meta=meta, selection_value=row[select_key])
-      epoch += 1
-    rebuild_predictions(wd.path(workdir, wd.PREDICTIONS), ckpt, trainer, data, meta,
-                        (state, cstate), write=main)
-    result = {"epochs": tc.epochs, "best_epoch": meta["best_epoch"],
-              "selected_on": select_key, **meta["best"]}
-    if main:
-      wd.atomic_write_json(wd.path(workdir, wd.TRAIN_RESULT), result)
-    return result
+    state, cstate, where, resume, history = _start(trainer, data, ckpt, out_dir)
+    if wd.is_main_process():
+      writer = _tb_writer(out_dir, int(state.step) if resume is not None else None)
+    # Adaptive: its curriculum epochs are stretches of a phase stream (curriculum.next_segment),
+    # cut where the curriculum measures its validation images; each epoch as long as a plain one.
+    run = Run(config, data, trainer, ckpt, out_dir, writer, select_key, sources,
+              curriculum.epoch_steps(data.spec, trainer.train_picks, tc.batch_size))
+    return _train_epochs(run, state, cstate, where, resume, history)
   finally:
     ckpt.close()
     if writer is not None:
       writer.close()
 
 
-def evaluate_as_is(trainer, data, workdir, select_key):
+def _start(trainer, data, ckpt, out_dir):
+  """Returns (train state, curriculum state, Progress, (checkpoint step, picks) or None,
+  metrics rows of the finished epochs): the initial ones, or the newest checkpoint's, with
+  out_dir's metrics.jsonl rebuilt from its meta."""
+  resuming = ckpt.latest_step() is not None
+  state = trainer.initial_state(load_init=not resuming)
+  cstate = data.spec.initial_state()
+  meta, resume = Progress().to_meta(), None
+  restored = ckpt.restore_latest(state, cstate) if resuming else None
+  if restored is not None:
+    latest, meta, picks, state, cstate = restored
+    resume = (latest, picks)
+    logging.info("resumed from checkpoint %d: epoch %d, batch %d", latest,
+                 meta["epoch"], meta["batches_done"])
+  history = restore_metrics(wd.path(out_dir, wd.METRICS), meta, ckpt.directory,
+                            write=wd.is_main_process())
+  return state, cstate, Progress.from_meta(meta), resume, history
+
+
+def _train_epochs(run, state, cstate, where, resume, history):
+  """Returns the final metrics dict after training segment by segment from `where` to the
+  last epoch; the end of an epoch evaluates and checkpoints (`_end_epoch`)."""
+  tc = run.config.train
+  clock = None
+  while where.epoch < tc.epochs:
+    cstate, segment = _next_segment(run, state, cstate, where, resume)
+    resume = None
+    if where.batches_done == 0 or segment.resumed:  # a stream epoch spans several segments
+      clock = (time.time(), where.batches_done)
+    state, lr, preempted = _train_segment(run, state, cstate, where, segment)
+    if preempted:
+      return {"preempted": True, "epoch": where.epoch, "batches_done": where.batches_done}
+    if segment.stream and where.batches_done < segment.epoch_steps:
+      where.plan, where.mid_epoch = segment.plan_summary, False  # the stream's next segment
+      continue
+    _end_epoch(run, state, cstate, where, segment, lr, clock, history)
+  rebuild_predictions(wd.path(run.out_dir, wd.PREDICTIONS), run.ckpt, run.trainer, run.data,
+                      where.to_meta(), (state, cstate), write=wd.is_main_process())
+  result = {"epochs": tc.epochs, "best_epoch": where.best_epoch,
+            "selected_on": run.select_key, **where.best}
+  if wd.is_main_process():
+    wd.atomic_write_json(wd.path(run.out_dir, wd.TRAIN_RESULT), result)
+  return result
+
+
+def _next_segment(run, state, cstate, where, resume):
+  """Returns (curriculum state, the Segment to train next): the checkpoint's picks when
+  resuming mid-segment, the phase stream's next stretch, or a plain epoch's plan."""
+  tc, spec, epoch = run.config.train, run.data.spec, where.epoch
+  resumed = where.mid_epoch and resume is not None
+  stream = curriculum.in_stream(spec, epoch)
+  if resumed:
+    picks, plan_summary = resume[1], where.plan
+  elif stream:
+    if where.batches_done == 0:
+      where.restart_epoch(plan=True)
+    cstate, picks, stretch = curriculum.next_segment(
+        spec, cstate, steps_left=run.stream_steps - where.batches_done,
+        batch_size=tc.batch_size, records_fn=run.trainer.train_picks,
+        measure=lambda: validation_probs(run.trainer, state, run.data))
+    plan_summary = curriculum.merge_summaries(where.plan, stretch)
+    where.segment_start = where.batches_done
+  else:
+    cstate, plan = curriculum.plan_epoch(spec, cstate, epoch)
+    picks, plan_summary = run.trainer.train_picks(plan.picks, epoch), plan.summary()
+    where.restart_epoch()
+  segment = Segment(picks, plan_summary, stream, resumed)
+  segment.num_steps = where.segment_start + len(picks) // tc.batch_size
+  segment.epoch_steps = run.stream_steps if stream else segment.num_steps
+  if segment.num_steps == 0:
+    logging.warning("epoch %d: %d samples < train.batch_size=%d, no step taken",
+                    epoch, len(picks), tc.batch_size)
+  else:
+    segment.iterator = iter(_loader(run, segment, epoch, where.segment_start))
+  if resumed:
+    segment.iterator = run.ckpt.restore_iterator(resume[0], segment.iterator)
+  return cstate, segment
+
+
+def _loader(run, segment, epoch, segment_start):
+  """Returns the train loader of `segment`: a stream segment's is seeded by its first batch."""
+  config, trainer = run.config, run.trainer
+  dc = config.data
+  return pipeline.train_loader(
+      run.sources, segment.picks, image_size=trainer.image_size,
+      batch_size=config.train.batch_size, seed=config.seed,
+      epoch=epoch * _SEGMENT_SEEDS + segment_start if segment.stream else epoch,
+      shuffle=not segment.stream, augment=dc.augment,
+      shard=(jax.process_index(), jax.process_count()), num_workers=dc.num_workers,
+      on_bad_image=dc.on_bad_image, mean=trainer.mean, std=trainer.std,
+      recipe=transforms.recipe_for(config.train.model), crop_scale=dc.crop_scale,
+      color_jitter=dc.color_jitter)
+
+
+def _train_segment(run, state, cstate, where, segment):
+  """Returns (train state, last learning rate, preempted) after the segment's steps.
+
+  Each step is an event point: TensorBoard every `train.log_every_steps`, a
+  mid-epoch checkpoint every `train.checkpoint_every_steps` or on preemption.
+  """
+  tc, epoch, mesh = run.config.train, where.epoch, run.trainer.mesh
+  batch_index, step = where.batches_done, int(state.step)
+  lr = optim.learning_rate(tc, step, epoch / tc.epochs)
+  # Running sums stay on device (float32), so steps dispatch without a host sync.
+  sums = {"loss": np.float32(where.epoch_loss_sum), "accuracy": np.float32(where.epoch_acc_sum)}
+  bar = progress.bar(segment.num_steps * tc.batch_size, f"epoch {epoch} ({epoch + 1}/{tc.epochs})",
+                     initial=batch_index * tc.batch_size)
+  for batch in segment.iterator if segment.iterator is not None else ():
+    if batch_index >= segment.num_steps:
+      break
+    lr = optim.learning_rate(tc, step, (epoch + batch_index / segment.epoch_steps) / tc.epochs)
+    images = run.trainer.batch_inputs(batch, run.sources, epoch)
+    state, step_metrics = run.trainer.train_step(state, parallel.put_batch(images, mesh), lr)
+    sums = {k: sums[k] + step_metrics[k] for k in sums}
+    batch_index += 1
+    bar.update(tc.batch_size)
+    if run.writer is not None and step % tc.log_every_steps == 0:
+      run.writer.add_scalar("train/step_loss", float(step_metrics["loss"]), step)
+      run.writer.add_scalar("train/lr", lr, step)
+    step += 1
+    if batch_index >= segment.epoch_steps:
+      continue  # the epoch-end checkpoint follows
+    preempted = run.ckpt.preempted(step)
+    if preempted or (tc.checkpoint_every_steps > 0 and step % tc.checkpoint_every_steps == 0):
+      where.mid_epoch, where.plan = True, segment.plan_summary
+      _record_batches(where, batch_index, sums)
+      run.ckpt.save(step, state=state, curriculum=cstate, data_iter=segment.iterator,
+                    picks=segment.picks, meta=where.to_meta())
+    if preempted:
+      bar.close()
+      logging.warning("preempted: saved epoch %d after batch %d (step %d)", epoch,
+                      batch_index, step)
+      return state, lr, True
+  bar.close()
+  _record_batches(where, batch_index, sums)
+  return state, lr, False
+
+
+def _record_batches(where, batch_index, sums):
+  where.batches_done = batch_index
+  where.epoch_loss_sum, where.epoch_acc_sum = float(sums["loss"]), float(sums["accuracy"])
+
+
+def _end_epoch(run, state, cstate, where, segment, lr, clock, history):
+  """Evaluates the finished epoch on every eval split, appends its metrics row, keeps the
+  best epoch's predictions and checkpoints; moves `where` to the next epoch."""
+  tc, epoch, out_dir = run.config.train, where.epoch, run.out_dir
+  started, first_batch = clock
+  train_seconds = time.time() - started
+  batches = where.batches_done
+  row = {"epoch": epoch, "step": int(state.step), "lr": lr,
+         "loss": where.epoch_loss_sum / max(batches, 1),
+         "train_accuracy": where.epoch_acc_sum / max(batches, 1)}
+  row.update(segment.plan_summary)
+  outs = {}
+  for name, split in run.data.eval_splits.items():
+    split_row, outs[name] = evaluate(run.trainer, state, split, run.data.groups, name)
+    row.update(split_row)
+  if row[run.select_key] > where.best_val:
+    prefixes = tuple(f"{name}/" for name in run.data.eval_splits)
+    where.best_val, where.best_epoch = row[run.select_key], epoch
+    where.best = {k: v for k, v in row.items() if k.startswith(prefixes)}
+    if wd.is_main_process():
+      _save_predictions(wd.path(out_dir, wd.PREDICTIONS), epoch, outs)
+  row["best_epoch"] = where.best_epoch
+  images = (batches - first_batch) * tc.batch_size
+  if wd.is_main_process():
+    wd.append_jsonl(wd.path(out_dir, wd.METRICS), [row])
+    wd.append_jsonl(wd.path(out_dir, wd.TIMINGS), [
+        {"epoch": epoch, "images": images, "seconds": train_seconds}])
+    _log_tb(run.writer, row)
+  logging.info("%s", epoch_line(row, tc.epochs, run.data.eval_splits, images,
+                                time.time() - started, train_seconds))
+  history.append(row)
+  where.history, where.epoch, where.mid_epoch = history, epoch + 1, False
+  where.restart_epoch(plan=True)
+  run.ckpt.save(int(state.step), state=state, curriculum=cstate, data_iter=segment.iterator,
+                picks=segment.picks, meta=where.to_meta(), selection_value=row[run.select_key])
+
+
+def evaluate_as_is(trainer, data, out_dir, select_key):
   """Returns the result of `train.epochs=0`: `train.init_checkpoint` evaluated as it is.
 
   Writes what a trained run writes (one metrics row as epoch 0, no step taken,
@@ -463,9 +494,9 @@ def evaluate_as_is(trainer, data, workdir, select_key):
   result = {"epochs": 0, "best_epoch": 0, "selected_on": select_key, "evaluated_as_is": True,
             **{k: v for k, v in row.items() if "/" in k}}
   if wd.is_main_process():
-    _save_predictions(wd.path(workdir, wd.PREDICTIONS), 0, outs)
-    wd.atomic_write_text(wd.path(workdir, wd.METRICS), _json_line(row))
-    wd.atomic_write_json(wd.path(workdir, wd.TRAIN_RESULT), result)
+    _save_predictions(wd.path(out_dir, wd.PREDICTIONS), 0, outs)
+    wd.atomic_write_text(wd.path(out_dir, wd.METRICS), _json_line(row))
+    wd.atomic_write_json(wd.path(out_dir, wd.TRAIN_RESULT), result)
   logging.info("train.epochs=0: %s evaluated as it is | %s", trainer.config.train.init_checkpoint,
                " ".join(f"{k} {100 * v:.1f}" for k, v in result.items()
                         if k.endswith("/all")))
@@ -563,9 +594,9 @@ def _json_line(row):
   return json.dumps(row, sort_keys=True) + "\n"
 
 
-def _tb_writer(workdir, purge_step):
+def _tb_writer(out_dir, purge_step):
   import tensorboardX  # pylint: disable=g-import-not-at-top
-  return tensorboardX.SummaryWriter(str(wd.path(workdir, wd.TENSORBOARD)), purge_step=purge_step)
+  return tensorboardX.SummaryWriter(str(wd.path(out_dir, wd.TENSORBOARD)), purge_step=purge_step)
 
 
 def _log_tb(writer, row):

@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from discl_jax.diffusion import digit_training
+import digit_training
 from discl_jax.scoring import clip
 
 MAX_LOGIT_SCALE = 100.0
