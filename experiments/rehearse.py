@@ -389,10 +389,12 @@ def build_sd(family, quick, folder):
 
 
 def make_sampler(models, slots, scheduler, attention=None):
-  """Returns a 50-step SpectrumSampler; `attention` is passed only when given (else its default)."""
+  """Returns a 50-step SpectrumSampler on one device (the slot memory model is per device);
+  `attention` is passed only when given (else its default)."""
   extra = {} if attention is None else {"attention": attention}
   return sampler_lib.SpectrumSampler(models, num_inference_steps=50, guidance_scale=10.0,
-                                     scheduler=scheduler, slots=slots, **extra)
+                                     scheduler=scheduler, slots=slots,
+                                     mesh=parallel.make_mesh((1,)), **extra)
 
 
 def rehearse_vae(results, family, models, size, args):
