@@ -11,7 +11,7 @@ import tomllib
 import pytest
 
 from discl_jax import digit_models
-from discl_jax.diffusion import unet
+from discl_jax.models import unet
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
