@@ -113,13 +113,13 @@ def write_tiny_pipeline(root, family):
   if family == "sd":
     tok = tiny.write_tokenizer(root / "tokenizer")
     unet_cfg, vae_cfg, text_cfg = tiny.sd_configs(
-        len(tok.encoder), tok.bos_token_id, tok.eos_token_id)
+        len(tok.get_vocab()), tok.bos_token_id, tok.eos_token_id)
     text = {"text_encoder": (CLIPTextModel, text_cfg)}
     scheduler = models.SD_SCHEDULER_CONFIG
   else:
     tok = tiny.write_tokenizer(root / "tokenizer_2", pad_token="!")
     unet_cfg, vae_cfg, text_cfgs = tiny.sdxl_configs(
-        family, len(tok.encoder), tok.bos_token_id, tok.eos_token_id)
+        family, len(tok.get_vocab()), tok.bos_token_id, tok.eos_token_id)
     vae_cfg = dict(vae_cfg, force_upcast=True)
     text = {"text_encoder_2": (CLIPTextModelWithProjection, text_cfgs["text_encoder_2"])}
     scheduler = models.SDXL_SCHEDULER_CONFIG
