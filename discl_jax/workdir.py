@@ -10,6 +10,7 @@ import fcntl
 import json
 import os
 import pathlib
+import shutil
 import tempfile
 
 import jax
@@ -132,6 +133,23 @@ def atomic_write_bytes(target, data):
 def atomic_write_text(target, text):
   """Writes `text` (utf-8) to `target` atomically; returns the Path."""
   return atomic_write_bytes(target, text.encode("utf-8"))
+
+
+def atomic_folder(target, write):
+  """Calls write(staging folder) and moves it to `target` in one rename (replacing it);
+  returns the Path. A failed write leaves `target` as it was and no staging folder."""
+  target = pathlib.Path(target)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  staging = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+  try:
+    write(staging)
+    if target.exists():
+      shutil.rmtree(target)
+    os.replace(staging, target)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  return target
 
 
 def atomic_write_json(target, obj):

@@ -44,6 +44,7 @@ import digit_clip_training
 import digit_training
 from discl_jax import parallel
 from discl_jax import seeding
+from discl_jax import workdir as wd
 from discl_jax.data import digits
 from discl_jax.diffusion import models as sd_models
 from discl_jax.diffusion import sampler as sampler_lib
@@ -286,22 +287,6 @@ def train_unet(args, size, pool, latents, context_table, caption_labels, schedul
 
 # ---------------------------------------------------------------- saving
 
-def _staged(target, write):
-  """Calls write(staging_dir) and moves the result to `target` (replacing it); returns target."""
-  target = pathlib.Path(target)
-  target.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-  try:
-    write(staging)
-    if target.exists():
-      shutil.rmtree(target)
-    os.replace(staging, target)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
-  return target
-
-
 def save_clip(target, model, params, tokenizer):
   """Writes the CLIP in the transformers layout (+ tokenizer, preprocessor config); returns the path."""
 
@@ -310,7 +295,7 @@ def save_clip(target, model, params, tokenizer):
     tokenizer.save_pretrained(str(folder))
     tiny.write_preprocessor(folder, IMAGE_SIZE)
 
-  return _staged(target, write)
+  return wd.atomic_folder(target, write)
 
 
 def save_sd(target, *, tokenizer, text_encoder, text_params, vae, vae_params, unet, unet_params,
@@ -324,7 +309,7 @@ def save_sd(target, *, tokenizer, text_encoder, text_params, vae, vae_params, un
     tokenizer.save_pretrained(str(root / "tokenizer"))
     sd_models.write_pipeline_files(root, scheduler_config)
 
-  return _staged(target, write)
+  return wd.atomic_folder(target, write)
 
 
 def sha256_files(root):

@@ -9,7 +9,6 @@ import json
 import os
 import pathlib
 import shutil
-import tempfile
 
 import jax
 import numpy as np
@@ -242,23 +241,15 @@ def build_clip(path, seed=0, weights_format="msgpack", config=None):
   """
   if weights_format not in ("msgpack", "safetensors"):
     raise ValueError(f"weights_format must be msgpack or safetensors, got {weights_format!r}")
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-  try:
+
+  def write(staging):
     tokenizer = write_tokenizer(staging, words=())
     entries = config or clip_config(len(tokenizer.get_vocab()), tokenizer.bos_token_id,
                                     tokenizer.eos_token_id)
     module = clip_lib.CLIPModel(clip_lib.clip_config(entries))
     clip_lib.save_clip_model(staging, module, _init(module, seed, "clip"), weights_format)
     write_preprocessor(staging, module.config.vision_config.image_size)
-    if path.exists():
-      shutil.rmtree(path)
-    os.replace(staging, path)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
-  return path
+  return wd.atomic_folder(path, write)
 
 
 # ---------------------------------------------------------------- built once per workdir
