@@ -42,7 +42,8 @@ With `--imbalance_ratios` (the study): one spectrum and one set of bases per
 ratio (the long-tailed train split and its Few classes change with the ratio;
 the val and test splits do not: `digits.partition` depends on the split seed
 alone), the demo's ratio in WORKDIR itself (so a workdir of the one-ratio table
-is reused) and every other one in WORKDIR/ratioR. Writes
+is reused) and every other one in WORKDIR/ratioR; a workdir keeps that layout
+when the demo's ratio changes later. Writes
 OUT/digits_lt_ratios.{json,md,png}: a table per ratio, the paired difference
 DisCL - resampling per seed (same seed, same base) with its mean, std and
 standard error, flagged where the mean exceeds twice the standard error, and
@@ -74,8 +75,9 @@ GROUPS = ("many", "medium", "few", "all")
 PAIRED_GROUPS = ("few", "all")
 SPECTRUM_STAGES = ("hard", "prompts", "generate", "score")
 EPOCHS_REPORTED = {"test/": "val-chosen", "last/": "last"}
-# Workdirs made before the ratio was recorded hold runs at the demo's ratio of then.
-RECORDED_DEFAULTS = {"demo_imbalance_ratio": 20.0, "overrides": {}}
+# Workdirs made before the root's ratio was recorded hold runs at the demo's ratio of then.
+RECORDED_DEFAULTS = {"overrides": {}}
+ROOT_RATIO_BEFORE_RECORDING = 20.0
 
 
 def parse_args(argv):
@@ -144,7 +146,7 @@ def protocol_of(args):
           "losses": list(_csv(args.losses, LOSSES, "losses")),
           "schedules": list(_csv(args.schedules, SCHEDULES, "schedules")),
           "fixed_levels": _floats(args.fixed_levels, "fixed_levels", 0.0, 1.0),
-          "imbalance_ratios": ratios, "demo_imbalance_ratio": demo_ratio,
+          "imbalance_ratios": ratios, "root_imbalance_ratio": demo_ratio,
           "base_epochs": args.base_epochs, "epochs": args.epochs,
           "curriculum_epochs": args.curriculum_epochs, "learning_rate": args.learning_rate}
 
@@ -154,10 +156,17 @@ def check_protocol(workdir, protocol):
 
   Runs already in `workdir` were made under the recorded settings; seeds,
   losses, schedules, fixed levels and ratios may be added, every other setting must match.
+  The ratio whose runs live in WORKDIR itself (`root_imbalance_ratio`, the demo's when the
+  workdir was made) stays the recorded one when the demo's ratio changes.
   """
+  recorded = table_runs.recorded_protocol(workdir)
+  if recorded is not None:
+    protocol["root_imbalance_ratio"] = recorded.get(
+        "root_imbalance_ratio", recorded.get("demo_imbalance_ratio", ROOT_RATIO_BEFORE_RECORDING))
   table_runs.check_protocol(
       workdir, protocol,
-      addable=("seeds", "losses", "schedules", "fixed_levels", "imbalance_ratios"),
+      addable=("seeds", "losses", "schedules", "fixed_levels", "imbalance_ratios",
+               "root_imbalance_ratio"),
       recorded_defaults=RECORDED_DEFAULTS)
 
 
@@ -205,8 +214,9 @@ def shared_spectrum(config, spectrum_dir):
 
 
 def ratio_dir(workdir, ratio, protocol):
-  """Returns the folder of ratio `ratio`'s spectrum, bases and runs: WORKDIR for the demo's."""
-  if float(ratio) == protocol["demo_imbalance_ratio"]:
+  """Returns the folder of ratio `ratio`'s spectrum, bases and runs: WORKDIR for the root's
+  ratio (the demo's when the workdir was made), else WORKDIR/ratioR."""
+  if float(ratio) == protocol["root_imbalance_ratio"]:
     return pathlib.Path(workdir)
   return pathlib.Path(workdir) / f"ratio{float(ratio):g}"
 

@@ -60,6 +60,12 @@ def apply_overrides(config, overrides):
   return config
 
 
+def recorded_protocol(workdir):
+  """Returns the protocol dict recorded in workdir/protocol.json, or None before the first run."""
+  path = pathlib.Path(workdir) / PROTOCOL
+  return json.loads(path.read_text()) if path.exists() else None
+
+
 def check_protocol(workdir, protocol, addable=("seeds",), recorded_defaults=None):
   """Returns None after recording `protocol` in workdir/protocol.json, or ValueError naming
   a key that differs from the recorded one (keys in `addable` may change: runs are added).
@@ -69,7 +75,7 @@ def check_protocol(workdir, protocol, addable=("seeds",), recorded_defaults=None
   """
   path = pathlib.Path(workdir) / PROTOCOL
   if path.exists():
-    recorded = {**(recorded_defaults or {}), **json.loads(path.read_text())}
+    recorded = {**(recorded_defaults or {}), **recorded_protocol(workdir)}
     for key, value in protocol.items():
       if key not in addable and recorded.get(key) != value:
         raise ValueError(f"{path}: its runs used {key}={recorded.get(key)!r}, not {value!r}; "

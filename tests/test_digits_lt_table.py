@@ -107,16 +107,23 @@ def test_a_workdir_keeps_its_protocol(table, tmp_path):
                                            "--seeds=0,1,2,3"))  # more seeds: fine
   with pytest.raises(ValueError, match=r"protocol\.json: its runs used epochs=4, not 6"):
     table.check_protocol(tmp_path, _protocol(table, "--epochs=6", "--curriculum_epochs=2"))
-  # Ratios are added; a record made before the demo's ratio was recorded was made at 20.
+  # Ratios are added; a record made before the root's ratio was recorded holds 20 there.
   recorded = json.loads((tmp_path / "protocol.json").read_text())
-  del recorded["demo_imbalance_ratio"]
+  del recorded["root_imbalance_ratio"]
   (tmp_path / "protocol.json").write_text(json.dumps(recorded))
-  table.check_protocol(tmp_path, _protocol(table, "--epochs=4", "--curriculum_epochs=2",
-                                           "--imbalance_ratios=20,100"))
-  recorded["demo_imbalance_ratio"] = 100.0  # its root runs were made at another ratio
-  (tmp_path / "protocol.json").write_text(json.dumps(recorded))
-  with pytest.raises(ValueError, match="its runs used demo_imbalance_ratio=100.0, not 20.0"):
-    table.check_protocol(tmp_path, _protocol(table, "--epochs=4", "--curriculum_epochs=2"))
+  protocol = _protocol(table, "--epochs=4", "--curriculum_epochs=2", "--imbalance_ratios=20,100")
+  table.check_protocol(tmp_path, protocol)
+  assert table.ratio_dir(tmp_path, 20.0, protocol) == tmp_path
+  # A workdir made when the demo's ratio was 100 keeps 100 in its root, under
+  # either the old key or the new, and the demo's ratio of now in its own folder.
+  for key in ("demo_imbalance_ratio", "root_imbalance_ratio"):
+    recorded = {k: v for k, v in recorded.items() if k != "root_imbalance_ratio"}
+    recorded[key] = 100.0
+    (tmp_path / "protocol.json").write_text(json.dumps(recorded))
+    protocol = _protocol(table, "--epochs=4", "--curriculum_epochs=2")
+    table.check_protocol(tmp_path, protocol)
+    assert table.ratio_dir(tmp_path, 100.0, protocol) == tmp_path
+    assert table.ratio_dir(tmp_path, 20.0, protocol) == tmp_path / "ratio20"
 
 
 def test_smoke_table_runs_every_stage_and_resumes(table, tmp_path):
