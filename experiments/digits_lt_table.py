@@ -58,11 +58,15 @@ import time
 
 from absl import logging
 
+import numpy as np
+
 import table_runs
 from discl_jax import config as config_lib
 from discl_jax import host_devices
 from discl_jax import pipeline
 from discl_jax import workdir as wd
+from discl_jax.data import datasets
+from discl_jax.evaluation import metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "demo.py"
@@ -268,6 +272,9 @@ def summarize(runs, protocol, prefix="test/"):
       for group in GROUPS:
         row[f"{group}_mean"], row[f"{group}_std"] = table_runs.mean_std(
             [100.0 * r[f"{prefix}{group}"] for r in mine])
+      if prefix == "test/":
+        row["per_class_mean"] = [float(a) for a in np.mean(
+            [r["test_per_class"] for r in mine], axis=0) * 100.0]
       rows.append(row)
   return rows
 
@@ -318,6 +325,17 @@ def to_markdown(rows):
   return "\n".join(lines) + "\n"
 
 
+def per_class_markdown(rows, class_names, class_counts):
+  """Returns the markdown table of `rows`' per-class test top-1 (%, mean over seeds, val-chosen
+  epoch), each column headed by the class and its train images at this ratio."""
+  head = " | ".join(f"{name} ({count})" for name, count in zip(class_names, class_counts))
+  lines = [f"| method | {head} |", "|---|" + "---:|" * len(class_names)]
+  for row in rows:
+    lines.append(f"| {row['method']} | "
+                 + " | ".join(f"{a:.0f}" for a in row["per_class_mean"]) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def _paired_cell(stats):
   se = "–" if stats["se"] is None else f"{stats['se']:.1f}"
   flag = " **\\***" if stats["beyond_2se"] else ""
@@ -344,7 +362,9 @@ def study_markdown(ratio_tables, pairs, protocol):
     parts.append(f"#### digits-LT, imbalance ratio {t['imbalance_ratio']:g}\n\n"
                  f"Test top-1 (%), mean ± std over seeds {protocol['seeds']}, at the epoch "
                  f"chosen on val:\n\n{to_markdown(t['table'])}\nAt the last epoch:\n\n"
-                 f"{to_markdown(t['table_last_epoch'])}")
+                 f"{to_markdown(t['table_last_epoch'])}\nPer class (train images in "
+                 "brackets), mean over the seeds, val-chosen epoch:\n\n"
+                 f"{per_class_markdown(t['table'], t['class_names'], t['class_counts'])}")
   parts.append(f"#### DisCL − resampling, paired by seed\n\n{paired_markdown(pairs)}")
   return "\n".join(parts)
 
@@ -397,10 +417,15 @@ def plot_ratios(ratio_tables, protocol, path):
 
 
 def run_record(result, run_dir, **keys):
-  """Returns one method run's record: `keys`, its val top-1 and its Many / Medium / Few / All
-  test top-1 at the val-chosen, best test and last epochs."""
+  """Returns one method run's record: `keys`, its val top-1, its Many / Medium / Few / All
+  test top-1 at the val-chosen, best test and last epochs, and its per-class test top-1 at
+  the val-chosen epoch."""
   chosen = table_runs.selected_rows(run_dir)
+  with np.load(pathlib.Path(run_dir) / wd.PREDICTIONS) as saved:
+    per_class = metrics.per_class_accuracy(saved["test_pred"], saved["test_label"],
+                                           int(saved["test_label"].max()) + 1)
   return {**keys, "best_epoch": result["best_epoch"],
+          "test_per_class": [float(a) for a in per_class],
           "best_test_epoch": chosen["test"]["epoch"], "val/all": chosen["val"]["val/all"],
           **{f"test/{g}": result[f"test/{g}"] for g in GROUPS},
           **{f"best_test/{g}": chosen["test"][f"test/{g}"] for g in GROUPS},
@@ -444,7 +469,10 @@ def ratio_tables_of(runs, protocol):
   tables = []
   for ratio in protocol["imbalance_ratios"]:
     mine = [r for r in runs if r["imbalance_ratio"] == ratio]
-    tables.append({"imbalance_ratio": ratio, "table": summarize(mine, protocol),
+    train = datasets.load(demo_config(protocol, ratio=ratio).data)["train"]
+    tables.append({"imbalance_ratio": ratio, "class_names": list(train.class_names),
+                   "class_counts": [int(n) for n in train.class_counts()],
+                   "table": summarize(mine, protocol),
                    "table_last_epoch": summarize(mine, protocol, prefix="last/"),
                    "table_best_test_epoch": summarize(mine, protocol, prefix="best_test/")})
   return tables

@@ -22,10 +22,11 @@ def _protocol(table, *extra):
 def test_summary_is_mean_and_sample_std_over_seeds(table):
   protocol = _protocol(table, "--losses=ce", "--schedules=none,syn_to_real")
   runs = [{"loss": "ce", "schedule": "none", "seed": s, "test/many": 1.0,
-           "test/medium": m, "test/few": f, "test/all": 0.5}
+           "test/medium": m, "test/few": f, "test/all": 0.5, "test_per_class": [1.0, f]}
           for s, m, f in [(0, 0.9, 0.2), (1, 0.8, 0.4), (2, 0.7, 0.6)]]
   runs.append({"loss": "ce", "schedule": "syn_to_real", "seed": 0, "test/many": 0.5,
-               "test/medium": 0.5, "test/few": 0.5, "test/all": 0.5})
+               "test/medium": 0.5, "test/few": 0.5, "test/all": 0.5,
+               "test_per_class": [0.5, 0.25]})
   rows = table.summarize(runs, protocol)
   assert [r["method"] for r in rows] == ["CE", "CE + DisCL syn_to_real"]
   assert rows[0]["medium_mean"] == pytest.approx(80.0)
@@ -34,6 +35,10 @@ def test_summary_is_mean_and_sample_std_over_seeds(table):
   markdown = table.to_markdown(rows)
   assert "| CE | 100.0 ± 0.0 | 80.0 ± 10.0 | 40.0 ± 20.0 | 50.0 ± 0.0 |" in markdown
   assert markdown.count("\n") == 4
+  assert rows[0]["per_class_mean"] == pytest.approx([100.0, 40.0])  # mean over the seeds
+  per_class = table.per_class_markdown(rows, ["zero", "one"], [120, 6])
+  assert "| method | zero (120) | one (6) |" in per_class
+  assert "| CE + DisCL syn_to_real | 50 | 25 |" in per_class
 
 
 def test_fixed_row_is_its_best_level_on_val_and_differences_pair_seeds(table):
@@ -45,7 +50,7 @@ def test_fixed_row_is_its_best_level_on_val_and_differences_pair_seeds(table):
     return {"imbalance_ratio": 100.0, "loss": "ce", "schedule": schedule, "level": level,
             "seed": seed, "val/all": val, **{f"{p}{g}": 0.5 for p in ("test/", "last/")
                                               for g in table.GROUPS},
-            "test/few": few, "last/few": few}
+            "test/few": few, "last/few": few, "test_per_class": [0.5, few]}
   runs = [run("resample", None, s, 0.9, f) for s, f in [(0, 0.40), (1, 0.50), (2, 0.60)]]
   runs += [run("fixed", 0.1, s, 0.8, 0.99) for s in range(3)]  # best on test, worse on val
   runs += [run("fixed", 0.5, s, 0.85, f) for s, f in [(0, 0.50), (1, 0.58), (2, 0.72)]]
