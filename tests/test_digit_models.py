@@ -38,13 +38,14 @@ def test_digit_clip_zero_shot_accuracy_on_a_fixed_test_batch():
 
 
 def test_base_classifier_loads_through_init_checkpoint_and_is_trained():
-  """The demo's starting point: measured 0.868 test top-1 (Few 0.58) when it was made."""
+  """The demo's starting point: measured 0.570 test top-1 (Many 0.95, Few 0.18) when it was
+  made; chance is 0.1."""
   config = config_lib.load_file(DEMO_CONFIG)
   assert config.train.init_checkpoint == digit_models.path("classifier")
   splits = datasets.load(config.data)
   trainer = loop.Trainer(config, splits["train"].class_counts(), parallel.make_mesh())
   out = trainer.predict(trainer.initial_state(), splits["test"])
-  assert np.mean(out["pred"] == out["label"]) >= 0.8
+  assert np.mean(out["pred"] == out["label"]) == pytest.approx(0.57, abs=0.01)
 
 
 def test_demo_refuses_a_split_the_shipped_models_trained_on():

@@ -95,15 +95,15 @@ def test_bad_arguments_are_named(table):
 def test_every_run_is_at_its_ratio_with_the_overrides(table):
   protocol = _protocol(table, "--set=curriculum.tail_share=0.3", "--imbalance_ratios=20,100")
   assert protocol["overrides"] == {"curriculum.tail_share": "0.3"}
-  base = table.base_config("ce", 1, protocol, 100.0)
-  fixed = table.method_config("balanced_softmax", "fixed", 2, protocol, "/b/ckpt", 100.0, 0.3)
+  base = table.base_config("ce", 1, protocol, 20.0)
+  fixed = table.method_config("balanced_softmax", "fixed", 2, protocol, "/b/ckpt", 20.0, 0.3)
   for c in (base, fixed):
-    assert c.data.imbalance_ratio == 100.0 and c.curriculum.tail_share == 0.3
+    assert c.data.imbalance_ratio == 20.0 and c.curriculum.tail_share == 0.3
   assert base.curriculum.schedule == "none" and base.seed == 1
   assert fixed.curriculum.levels == (0.3,) and fixed.train.init_checkpoint == "/b/ckpt"
-  assert table.demo_config(protocol).data.imbalance_ratio == 20.0
-  assert table.ratio_dir("/w", 20.0, protocol) == pathlib.Path("/w")
-  assert table.ratio_dir("/w", 100.0, protocol) == pathlib.Path("/w/ratio100")
+  assert table.demo_config(protocol).data.imbalance_ratio == 100.0  # the demo's
+  assert table.ratio_dir("/w", 100.0, protocol) == pathlib.Path("/w")
+  assert table.ratio_dir("/w", 20.0, protocol) == pathlib.Path("/w/ratio20")
 
 
 def test_a_workdir_keeps_its_protocol(table, tmp_path):
@@ -119,16 +119,16 @@ def test_a_workdir_keeps_its_protocol(table, tmp_path):
   protocol = _protocol(table, "--epochs=4", "--curriculum_epochs=2", "--imbalance_ratios=20,100")
   table.check_protocol(tmp_path, protocol)
   assert table.ratio_dir(tmp_path, 20.0, protocol) == tmp_path
-  # A workdir made when the demo's ratio was 100 keeps 100 in its root, under
-  # either the old key or the new, and the demo's ratio of now in its own folder.
+  # A workdir made when the demo's ratio was 50 keeps 50 in its root, under
+  # either the old key or the new, and the demo's ratio of now (100) in its own folder.
   for key in ("demo_imbalance_ratio", "root_imbalance_ratio"):
     recorded = {k: v for k, v in recorded.items() if k != "root_imbalance_ratio"}
-    recorded[key] = 100.0
+    recorded[key] = 50.0
     (tmp_path / "protocol.json").write_text(json.dumps(recorded))
     protocol = _protocol(table, "--epochs=4", "--curriculum_epochs=2")
     table.check_protocol(tmp_path, protocol)
-    assert table.ratio_dir(tmp_path, 100.0, protocol) == tmp_path
-    assert table.ratio_dir(tmp_path, 20.0, protocol) == tmp_path / "ratio20"
+    assert table.ratio_dir(tmp_path, 50.0, protocol) == tmp_path
+    assert table.ratio_dir(tmp_path, 100.0, protocol) == tmp_path / "ratio100"
 
 
 def test_smoke_table_runs_every_stage_and_resumes(table, tmp_path):
@@ -152,7 +152,8 @@ def test_smoke_table_runs_every_stage_and_resumes(table, tmp_path):
              (work / "runs" / "ce" / "text_only" / "seed0" / "metrics.jsonl").read_text().splitlines()]
   assert metrics[0]["num_synthetic"] > 0 and metrics[0]["curriculum_levels"] == [0.0]
   # The resampling baseline: real images only, sampled as the text-only run's real
-  # images (non-tail subsampled, the tail share held with real tail images).
+  # images (the demo keeps every non-tail image, curriculum.nontail_fraction=1.0, and
+  # holds the tail share with real tail images drawn again: more than the plain epoch).
   plain, resampled = (
       [json.loads(line) for line in
        (work / "runs" / "ce" / name / "seed0" / "metrics.jsonl").read_text().splitlines()]
@@ -160,7 +161,7 @@ def test_smoke_table_runs_every_stage_and_resumes(table, tmp_path):
   for row in resampled:
     assert row["num_synthetic"] == 0 and row["curriculum_phase"] == "real"
     assert row["num_real"] == metrics[0]["num_real"] + metrics[0]["num_synthetic"]
-    assert row["num_real"] < plain[0]["num_real"]
+    assert row["num_real"] > plain[0]["num_real"]
   assert [r["method"] for r in report["table"]] == [
       "CE", "CE + resampling", "CE + DisCL text_only"]
   for row in report["table"]:
@@ -189,24 +190,24 @@ def test_smoke_table_runs_every_stage_and_resumes(table, tmp_path):
   assert [r["trained_now"] for r in subset["runs"]] == [False]
   assert subset["table"] == report["table"][1:2]
   # The study: a second ratio beside the demo's, whose finished runs above are read back.
-  study_args = args[:-4] + ["--schedules=resample,text_only", "--imbalance_ratios=20,10",
+  study_args = args[:-4] + ["--schedules=resample,text_only", "--imbalance_ratios=100,10",
                             "--base_epochs=1", "--epochs=2", "--curriculum_epochs=1"]
   study = table.main(study_args, compile_cache=False)
   assert [(r["imbalance_ratio"], r["schedule"], r["trained_now"]) for r in study["runs"]] == [
       (10.0, "resample", True), (10.0, "text_only", True),
-      (20.0, "resample", False), (20.0, "text_only", False)]
+      (100.0, "resample", False), (100.0, "text_only", False)]
   ratio10 = work / "ratio10"
   config = json.loads((ratio10 / "runs" / "ce" / "text_only" / "seed0" / "config.json").read_text())
   assert config["train"]["data"]["imbalance_ratio"] == 10.0
   assert config["train"]["data"]["spectrum_dir"] == str((ratio10 / "spectrum" / "spectrum").resolve())
   assert config["train"]["train"]["init_checkpoint"] == str(ratio10 / "base" / "ce" / "seed0" / "ckpt")
-  assert [t["imbalance_ratio"] for t in study["ratios"]] == [10.0, 20.0]
+  assert [t["imbalance_ratio"] for t in study["ratios"]] == [10.0, 100.0]
   assert study["ratios"][1]["table"] == report["table"][1:]
   assert [r["method"] for r in study["ratios"][0]["table"]] == [
       "CE + resampling", "CE + DisCL text_only"]
   pairs = study["paired_differences"]
   assert [(p["imbalance_ratio"], p["epoch"]) for p in pairs] == [
-      (10.0, "val-chosen"), (10.0, "last"), (20.0, "val-chosen"), (20.0, "last")]
+      (10.0, "val-chosen"), (10.0, "last"), (100.0, "val-chosen"), (100.0, "last")]
   by_key = {(r["imbalance_ratio"], r["schedule"]): r for r in study["runs"]}
   for pair in pairs:
     discl, resampled = (by_key[(pair["imbalance_ratio"], s)] for s in ("text_only", "resample"))

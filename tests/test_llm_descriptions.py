@@ -136,8 +136,8 @@ def _discl_prompts(work, stub):
 def test_discl_prompts_from_an_llm_resume_after_a_failure(tmp_path, stub):
   work = tmp_path / "work"
   config = config_lib.load_file(ROOT / "configs" / "demo.py")
-  pipeline.run_stages(config, work, ("hard",))  # the Few classes: seven, eight, nine
-  # First run: classes are asked in sorted order; "nine" is refused (401) after "eight".
+  pipeline.run_stages(config, work, ("hard",))  # the Few classes: five, six, seven, eight, nine
+  # First run: classes are asked in sorted order; "nine" is refused (401) after "five".
   stub.script["nine"] = [401]
   failed = _discl_prompts(work, stub)
   assert failed.returncode != 0
@@ -145,8 +145,8 @@ def test_discl_prompts_from_an_llm_resume_after_a_failure(tmp_path, stub):
   assert last.startswith("discl: LLMError: class 'nine', endpoint http://127.0.0.1:")
   assert "HTTP 401" in last
   cache = json.loads((work / prompts_stage.LLM_DESCRIPTIONS).read_text())
-  assert stub.asked() == ["eight", "nine"]
-  assert list(cache) == ["eight"] and not (work / wd.PROMPTS).exists()
+  assert stub.asked() == ["eight", "five", "nine"]
+  assert list(cache) == ["eight", "five"] and not (work / wd.PROMPTS).exists()
   assert {r["model"] for r in stub.requests} == {"gpt-3.5-turbo-0125"}
   assert {r["auth"] for r in stub.requests} == {None}  # no key: none sent
   assert stub.requests[0]["content"] == llm.request_text("eight")
@@ -154,9 +154,9 @@ def test_discl_prompts_from_an_llm_resume_after_a_failure(tmp_path, stub):
   stub.script["nine"] = [429]
   done = _discl_prompts(work, stub)
   assert done.returncode == 0, done.stderr[-2000:]
-  assert stub.asked()[2:] == ["nine", "nine", "seven"]
+  assert stub.asked()[3:] == ["nine", "nine", "seven", "six"]
   document = json.loads((work / wd.PROMPTS).read_text())
-  for name in ("seven", "eight", "nine"):
+  for name in ("five", "six", "seven", "eight", "nine"):
     assert document["classes"][name] == [
         f"a 8k real photo: a {name} in scene {k}" for k in range(1, 11)]
   assert all(p.startswith("a 8k real photo: ") for per_seed in document["sources"].values()

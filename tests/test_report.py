@@ -71,8 +71,8 @@ def test_eval_stage_writes_report_and_curves(tmp_path):
   assert "| 2 | synthetic | 0.30 | 100 | 20 |" in text
   assert "| 4 | real | real | 100 | 0 |" in text
   assert "schedule `syn_to_real`" in text
-  # digits-LT demo: class "nine" is Few with 6 training images; always wrong here.
-  assert "| nine | few | 6 | 5 | 0.00 |" in text
+  # digits-LT demo (ratio 100): class "nine" is Few with 1 training image; always wrong here.
+  assert "| nine | few | 1 | 5 | 0.00 |" in text
   assert "| zero | many | 120 | 5 | 100.00 |" in text
   assert f"]({report.CURVES})" in text
   with Image.open(curves_path) as image:

@@ -93,6 +93,7 @@ def test_main_fine_tunes_from_an_ldmlr_pth(tmp_path):
 
 def test_a_failed_model_load_records_nothing_and_the_corrected_rerun_works(tmp_path):
   config = _demo()
+  config.data.imbalance_ratio = 20.0
   config.data.few_threshold = 7          # one Few class: the 6 images of "nine"
   config.diffusion.update(strengths=(1.0,), seeds_per_level=1, num_inference_steps=2,
                           slots=2, grid_sources=0)
