@@ -66,6 +66,7 @@ from discl_jax import host_devices
 from discl_jax import pipeline
 from discl_jax import workdir as wd
 from discl_jax.data import datasets
+from discl_jax.data import digits
 from discl_jax.evaluation import metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -423,7 +424,7 @@ def run_record(result, run_dir, **keys):
   chosen = table_runs.selected_rows(run_dir)
   with np.load(pathlib.Path(run_dir) / wd.PREDICTIONS) as saved:
     per_class = metrics.per_class_accuracy(saved["test_pred"], saved["test_label"],
-                                           int(saved["test_label"].max()) + 1)
+                                           len(digits.CLASS_NAMES))
   return {**keys, "best_epoch": result["best_epoch"],
           "test_per_class": [float(a) for a in per_class],
           "best_test_epoch": chosen["test"]["epoch"], "val/all": chosen["val"]["val/all"],
